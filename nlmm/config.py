@@ -1,0 +1,312 @@
+"""Typed configuration: dataclasses, YAML loading, `--set key.sub=value` overrides, validation.
+
+The model's hyper-parameters sit at the top level so that the original guide's flat config
+(`d_model`, `n_heads`, `cms_levels`, ...) loads exactly as written; `data:` and `train:` are
+structured sections that add what the flat form lacks.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nlmm.errors import NlmmError
+
+OPTIMIZERS = ("adamw", "sgd", "dmgd", "muon", "universal_anderson")
+MODALITIES = ("image", "text", "audio")
+PAIRS = ("i2t", "i2a", "t2a")
+
+
+class ConfigError(NlmmError, ValueError):
+    """A config problem, phrased as one sentence that names the key and the file."""
+
+
+def _f(default: Any = dataclasses.MISSING, *, min: float | None = None, max: float | None = None,
+       choices: tuple[Any, ...] | None = None, help: str = "", factory: Any = None) -> Any:
+    meta = {"min": min, "max": max, "choices": choices, "help": help}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CMSLevel:
+    name: str = _f("fast", help="level name, used in metrics (lr/<name>)")
+    chunk_size: int = _f(1, min=1, help="update this level every chunk_size global steps")
+    lr: float = _f(1e-3, min=0.0, help="learning rate of this level")
+    optimizer: str = _f("adamw", choices=OPTIMIZERS)
+    weight_decay: float = _f(0.01, min=0.0)
+
+
+@dataclass
+class Depth:
+    text: int = _f(2, min=0)
+    image: int = _f(2, min=0)
+    audio: int = _f(2, min=0)
+
+
+@dataclass
+class TTTConfig:
+    enable: bool = _f(False, help="adapt low-rank adapters at evaluation/search time")
+    eta: float = _f(1e-3, min=0.0)
+    max_steps: int = _f(3, min=0)
+    adapter_rank: int = _f(8, min=1)
+
+
+@dataclass
+class PrecisionConfig:
+    amp: str = _f("bf16", choices=("none", "bf16", "fp16"), help="autocast dtype on CUDA")
+    grad_clip: float = _f(1.0, min=0.0, help="max global grad norm per level; 0 disables")
+
+
+@dataclass
+class DataConfig:
+    image_size: int = _f(224, min=16, help="side of the square images in the cache")
+    sample_rate: int = _f(16000, min=8000)
+    n_mels: int = _f(80, min=8)
+    win_length: int = _f(400, min=16, help="STFT window in samples (25 ms at 16 kHz)")
+    hop_length: int = _f(160, min=1, help="STFT hop in samples (10 ms at 16 kHz)")
+    max_audio_seconds: float = _f(10.0, min=0.5)
+    text_max_len: int = _f(64, min=4)
+    augment: bool = _f(True, help="random crop + flip of images on each batch")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(30, min=1)
+    batch_size: int = _f(32, min=2)
+    lr: float | None = _f(None, min=0.0, help="lr of the fastest level; others keep their ratio")
+    optimizer: str | None = _f(None, choices=OPTIMIZERS + (None,), help="one optimizer for all levels")
+    schedule: str = _f("cosine", choices=("cosine", "constant"))
+    warmup_steps: int = _f(100, min=0)
+    accumulate: int = _f(1, min=1, help="micro-batches per optimizer step")
+    eval_every: int = _f(1, min=1, help="evaluate every N epochs")
+    eval_split: str = _f("dev", choices=("dev", "test"))
+    checkpoint_every: int = _f(0, min=0, help="also keep a checkpoint every N epochs (0: only last/best)")
+    seed: int = _f(0)
+    num_workers: int = _f(0, min=0)
+    grad_checkpointing: bool = _f(False)
+    loss_weights: dict[str, float] = _f(factory=lambda: {"i2t": 1.0, "i2a": 1.0, "t2a": 1.0})
+    log_every: int = _f(10, min=1, help="write step metrics every N steps")
+
+
+def _default_levels() -> list[CMSLevel]:
+    return [CMSLevel("fast", 1, 1e-3), CMSLevel("mid", 8, 5e-4), CMSLevel("slow", 32, 2.5e-4)]
+
+
+@dataclass
+class Config:
+    d_model: int = _f(256, min=8)
+    n_heads: int = _f(4, min=1)
+    ffn_mult: int = _f(4, min=1)
+    L_mem: int = _f(16, min=0, help="slots of the shared multimodal memory")
+    depth: Depth = _f(factory=Depth)
+    cms_levels: list[CMSLevel] = _f(factory=_default_levels)
+    ttt: TTTConfig = _f(factory=TTTConfig)
+    precision: PrecisionConfig = _f(factory=PrecisionConfig)
+    max_position_embeddings: int = _f(512, min=8)
+    vocab_size: int = _f(8000, min=64, help="upper bound of the BPE vocabulary")
+    train_steps: int | None = _f(None, min=1, help="stop after this many optimizer steps")
+    embed_dim: int = _f(256, min=8, help="width of the shared retrieval space")
+    mixer: str = _f("softmax", choices=("softmax", "linear"))
+    linear_chunk: int = _f(64, min=1, help="chunk length of the parallel linear attention")
+    patch_size: int = _f(16, min=2)
+    audio_stride: int = _f(4, min=1, help="time subsampling of mel frames by the audio stem")
+    dropout: float = _f(0.0, min=0.0, max=1.0)
+    data: DataConfig = _f(factory=DataConfig)
+    train: TrainConfig = _f(factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, source: str = "<config>") -> None:
+        """Cross-field checks that a single field's range cannot express."""
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"{source}: d_model={self.d_model} must be divisible by n_heads="
+                              f"{self.n_heads}; pick values such as d_model=256, n_heads=4.")
+        if not self.cms_levels:
+            raise ConfigError(f"{source}: cms_levels must list at least one level.")
+        names = [lvl.name for lvl in self.cms_levels]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{source}: cms_levels names must be unique, got {names}.")
+        if self.data.image_size % self.patch_size:
+            raise ConfigError(f"{source}: data.image_size={self.data.image_size} must be a multiple "
+                              f"of patch_size={self.patch_size}.")
+        bad = set(self.train.loss_weights) - set(PAIRS)
+        if bad:
+            raise ConfigError(f"{source}: train.loss_weights has unknown pair {sorted(bad)[0]!r}; "
+                              f"allowed: {', '.join(PAIRS)}.")
+
+
+# --------------------------------------------------------------------------- building
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}.")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}.")
+        return _build(tp, value, source, prefix=key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}.")
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}.")
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{source}: {key} must be {_type_name(tp)}, got {value!r}.")
+
+
+def _build(cls: type, raw: dict[str, Any], source: str, prefix: str = "") -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in raw:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else \
+                f"; allowed keys: {', '.join(prefix + n for n in fields)}"
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}.")
+    kwargs = {}
+    for name, fld in fields.items():
+        if name not in raw:
+            continue
+        key = prefix + name
+        value = _coerce(raw[name], hints[name], key, source)
+        meta = fld.metadata
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            allowed = ", ".join(str(c) for c in meta["choices"] if c is not None)
+            raise ConfigError(f"{source}: {key} must be one of {allowed}, got {value!r}.")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if meta.get("min") is not None and value < meta["min"]:
+                raise ConfigError(f"{source}: {key} must be >= {meta['min']}, got {value!r}.")
+            if meta.get("max") is not None and value > meta["max"]:
+                raise ConfigError(f"{source}: {key} must be <= {meta['max']}, got {value!r}.")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like key.sub=value, e.g. train.lr=5e-4.")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r} has an empty key; write it as key.sub=value.")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings to a raw config mapping (returns a new mapping)."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            if isinstance(node, list):
+                try:
+                    node = node[int(part)]
+                except (ValueError, IndexError):
+                    raise ConfigError(f"--set {text!r}: '{part}' is not an index of that list.") from None
+                continue
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            node = nxt
+        last = path[-1]
+        if isinstance(node, list):
+            try:
+                node[int(last)] = value
+            except (ValueError, IndexError):
+                raise ConfigError(f"--set {text!r}: '{last}' is not an index of that list.") from None
+        else:
+            node[last] = value
+    return out
+
+
+def config_from_dict(raw: dict[str, Any] | None, source: str = "<config>",
+                     overrides: list[str] | None = None) -> Config:
+    raw = dict(raw or {})
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source = f"{source} with --set"
+    cfg = _build(Config, raw, source)
+    cfg.validate(source)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when `path` is None) and apply overrides."""
+    if path is None:
+        return config_from_dict({}, "<defaults>", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass one of the files in configs/.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax and retry.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values.")
+    return config_from_dict(raw, str(path), overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

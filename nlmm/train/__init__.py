@@ -1,0 +1,1 @@
+"""Training: loop, losses wiring, retrieval metrics, checkpoints, launcher, worker entry point."""
