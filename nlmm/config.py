@@ -310,3 +310,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Load `configs/<name>.yaml` by name, or a YAML file by path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        for folder in (Path.cwd() / "configs", CONFIG_DIR):
+            candidate = folder / f"{name_or_path}.yaml"
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise ConfigError(f"no config named {str(name_or_path)!r}; pass a YAML path or one of: "
+                              f"{', '.join(names)}.")
+    return load_config(path, overrides)

@@ -1,0 +1,394 @@
+"""The `nlmm` command line: parse, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+import nlmm
+from nlmm.errors import NlmmError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="nlmm",
+    help="Train and use tri-modal (image · text · speech) Nested-Learning retrieval models.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+data_app = typer.Typer(help="Get, check and prepare corpora (Flickr8k + FACC layout).",
+                       no_args_is_help=True)
+runs_app = typer.Typer(help="List, inspect, stop, delete and compare training runs.",
+                       no_args_is_help=True)
+model_app = typer.Typer(help="Inspect model configurations.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(runs_app, name="runs")
+app.add_typer(model_app, name="model")
+
+_state = {"debug": False}
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Optim(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+    dmgd = "dmgd"
+    muon = "muon"
+    universal_anderson = "universal_anderson"
+
+
+class Split(str, Enum):
+    train = "train"
+    dev = "dev"
+    test = "test"
+    all = "all"
+
+
+class Modality(str, Enum):
+    image = "image"
+    text = "text"
+    audio = "audio"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"nlmm {nlmm.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+# ------------------------------------------------------------------------------------ data
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the corpus into.")] = Path("data/synth"),
+    images: Annotated[int, typer.Option("--images", "-n", min=8, help="Number of images.")] = 120,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+    engine: Annotated[str, typer.Option(help="Speech: builtin (same on every machine), espeak "
+                                        "(espeak-ng when installed) or auto.")] = "builtin",
+    overwrite: Annotated[bool, typer.Option(help="Replace a corpus already in --out.")] = False,
+) -> None:
+    """Write an offline synthetic corpus in exactly the Flickr8k + FACC layout."""
+    from nlmm.data.synth import synth_corpus
+
+    counts = synth_corpus(out, n_images=images, seed=seed, engine=engine, overwrite=overwrite)
+    console.print(f"[green]wrote[/] {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+@data_app.command("download")
+def data_download(
+    dataset: Annotated[str, typer.Argument(help="Dataset to fetch (flickr8k).")] = "flickr8k",
+    dest: Annotated[Path, typer.Option("--dest", help="Where to unpack it.")] = Path("data/flickr8k"),
+    keep_archives: Annotated[bool, typer.Option(help="Keep the archives (about 5 GB) after "
+                                                "unpacking.")] = False,
+) -> None:
+    """Download Flickr8k images, captions and FACC spoken captions (resumable, verified)."""
+    from nlmm.data.download import download_flickr8k
+
+    _only_flickr8k(dataset)
+    path = download_flickr8k(dest, keep_archives=keep_archives)
+    console.print(f"[green]ready[/] {path}")
+
+
+@data_app.command("check")
+def data_check(
+    root: Annotated[Path, typer.Argument(help="Corpus folder in the Flickr8k + FACC layout.")],
+    decode: Annotated[bool, typer.Option(help="Decode every image and wav to find corrupt files.")] = True,
+) -> None:
+    """Count images, captions, wavs and usable triples per split, and list every defect."""
+    from nlmm.data.flickr import check_corpus
+
+    report = check_corpus(root, decode=decode)
+    console.print(report.to_table())
+    if not report.usable:
+        raise NlmmError(f"{root} holds no usable image–caption pair; fix the defects listed above.")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    root: Annotated[Path, typer.Argument(help="Corpus folder in the Flickr8k + FACC layout.")],
+    config: Annotated[str, typer.Option("--config", "-c", help="Config name or YAML path.")] = "flickr8k",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.sub=value.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even when the cache is fresh.")] = False,
+) -> None:
+    """Decode images, compute log-mels and tokenize captions once, into a versioned cache."""
+    from nlmm.config import resolve_config
+    from nlmm.data.cache import prepare
+
+    cfg = resolve_config(config, set_ or [])
+    cache = prepare(root, cfg.data, cfg.vocab_size, force=force)
+    console.print(f"[green]cache ready[/] {cache.path}")
+
+
+# ----------------------------------------------------------------------------------- train
+
+@app.command("train")
+def train(
+    dataset: Annotated[str, typer.Argument(help="Dataset to train on (flickr8k).")] = "flickr8k",
+    data: Annotated[Optional[Path], typer.Option("--data", "--data_dir", "--data-dir",
+                                                 help="Corpus folder (default ./data/flickr8k, "
+                                                      "downloaded when absent).")] = None,
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Use (and create) the offline "
+                                            "synthetic corpus in ./data/synth.")] = False,
+    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Config name in configs/ "
+                                                  "or a YAML path (default flickr8k, or tiny_cpu "
+                                                  "with --synthetic).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.sub=value.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (with --resume: epochs to add).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "--batch_size", min=2)] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Learning rate of the fastest level.")] = None,
+    optimizer: Annotated[Optional[Optim], typer.Option(help="One optimizer for every level.")] = None,
+    device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
+    name: Annotated[Optional[str], typer.Option(help="Run name (default: generated).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Start the run and return at once.")] = False,
+    resume: Annotated[Optional[str], typer.Option(help="Continue RUN from its last checkpoint.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", min=1, help="Evaluate every N epochs.")] = None,
+    accumulate: Annotated[Optional[int], typer.Option(min=1, help="Micro-batches per optimizer step.")] = None,
+    image_size: Annotated[Optional[int], typer.Option("--image-size", "--image_size", min=16)] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
+    grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "--num_workers", min=0)] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard scalars.")] = False,
+) -> None:
+    """Prepare the corpus if needed, start a training run as a subprocess and follow it."""
+    from nlmm.train.launcher import TrainRequest, follow, launch
+
+    _only_flickr8k(dataset)
+    overrides = list(set_ or [])
+    for key, value in (("train.epochs", epochs), ("train.batch_size", batch_size), ("train.lr", lr),
+                       ("train.optimizer", optimizer.value if optimizer else None),
+                       ("train.seed", seed), ("train.eval_every", eval_every),
+                       ("train.accumulate", accumulate), ("data.image_size", image_size),
+                       ("train.grad_checkpointing", grad_checkpointing),
+                       ("train.num_workers", num_workers), ("train_steps", steps)):
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if amp is not None:
+        overrides.append(f"precision.amp={'bf16' if amp else 'none'}")
+    request = TrainRequest(data=data, synthetic=synthetic, config=config, overrides=overrides,
+                           device=device.value, name=name, resume=resume,
+                           add_epochs=epochs if resume else None, tensorboard=tensorboard)
+    run = launch(request, console=console)
+    if detach:
+        console.print(f"started run [bold]{run.name}[/] (id {run.id}); follow it with "
+                      f"`nlmm dash` or `nlmm runs show {run.name}`")
+        return
+    code = follow(run.id, console=console)
+    raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------------------ runs
+
+@runs_app.command("ls")
+def runs_ls(
+    status: Annotated[Optional[str], typer.Option(help="Only runs with this status.")] = None,
+) -> None:
+    """List runs with status, progress and best mean R@1."""
+    from nlmm.reports import runs_table
+
+    console.print(runs_table(status=status))
+
+
+@runs_app.command("show")
+def runs_show(run: Annotated[str, typer.Argument(help="Run name or id.")]) -> None:
+    """Show a run: status, config summary, latest metrics, checkpoints."""
+    from nlmm.reports import run_details
+
+    console.print(run_details(run))
+
+
+@runs_app.command("stop")
+def runs_stop(
+    run: Annotated[str, typer.Argument(help="Run name or id.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the checkpoint.")] = 120.0,
+) -> None:
+    """Stop a running run: it checkpoints, then ends with status `stopped`."""
+    from nlmm.train.launcher import stop
+
+    status = stop(run, timeout=timeout)
+    console.print(f"run {run}: {status}")
+
+
+@runs_app.command("rm")
+def runs_rm(
+    runs: Annotated[list[str], typer.Argument(help="Run names or ids.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete runs: their rows in the store and their folders under runs/."""
+    from nlmm.train.launcher import remove
+
+    if not yes and not typer.confirm(f"Delete {', '.join(runs)} and their checkpoints?"):
+        raise typer.Exit(1)
+    for ref in runs:
+        remove(ref)
+        console.print(f"deleted {ref}")
+
+
+@runs_app.command("compare")
+def runs_compare(runs: Annotated[list[str], typer.Argument(help="Run names or ids.")]) -> None:
+    """Best retrieval figures of several runs side by side."""
+    from nlmm.reports import compare_table
+
+    console.print(compare_table(runs))
+
+
+# ------------------------------------------------------------------------------- model/eval
+
+@model_app.command("info")
+def model_info(
+    config: Annotated[str, typer.Option("--config", "-c", help="Config name or YAML path.")] = "flickr8k",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
+) -> None:
+    """Parameters per part and per CMS level, FLOPs per triple, memory at a batch size."""
+    from nlmm.config import resolve_config
+    from nlmm.reports import model_info_table
+
+    console.print(model_info_table(resolve_config(config, set_ or []), batch_size))
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[str, typer.Argument(help="Run name/id or checkpoint path.")],
+    split: Annotated[str, typer.Option(help="dev or test.")] = "test",
+    ttt: Annotated[bool, typer.Option("--ttt", help="Also evaluate with test-time training.")] = False,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Recall@1/5/10 in all six directions on a split (with and without TTT)."""
+    from nlmm.reports import eval_table
+    from nlmm.train.evaluate import evaluate_target
+
+    results = evaluate_target(target, split=split, ttt=ttt, device=device.value)
+    if as_json:
+        print(json.dumps(results))
+    else:
+        console.print(eval_table(results))
+
+
+@app.command("search")
+def search(
+    query: Annotated[Optional[str], typer.Argument(help="Text query.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Query with an image file.")] = None,
+    audio: Annotated[Optional[Path], typer.Option("--audio", help="Query with a WAV file.")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Run name/id (default: latest finished).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file.")] = None,
+    in_: Annotated[Optional[Modality], typer.Option("--in", help="Modality to retrieve.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Number of results.")] = 5,
+    split: Annotated[Split, typer.Option(help="Gallery split.")] = Split.test,
+    data: Annotated[Optional[Path], typer.Option(help="Corpus folder (default: the run's).")] = None,
+    ttt: Annotated[bool, typer.Option("--ttt", help="Adapt to the query first.")] = False,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
+) -> None:
+    """Retrieve images, captions or spoken captions with a trained checkpoint."""
+    from nlmm.reports import search_table
+    from nlmm.search import SearchRequest, run_search
+
+    request = SearchRequest(text=query, image=image, audio=audio, run=run, checkpoint=checkpoint,
+                            target=in_.value if in_ else None, k=k, split=split.value, data=data,
+                            ttt=ttt, device=device.value)
+    hits = run_search(request, console=err_console)
+    if as_json:
+        for hit in hits:
+            print(json.dumps(hit.to_dict()))
+    else:
+        console.print(search_table(hits))
+
+
+@app.command("export")
+def export(
+    target: Annotated[str, typer.Argument(help="Run name/id or checkpoint path.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
+) -> None:
+    """Write a self-contained inference bundle (safetensors weights, config, tokenizer)."""
+    from nlmm.export import export_bundle
+
+    path = export_bundle(target, out)
+    console.print(f"[green]exported[/] {path}")
+
+
+@app.command("plot")
+def plot(
+    runs: Annotated[list[str], typer.Argument(help="Run names or ids.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("training_progress.png"),
+) -> None:
+    """Plot losses and Recall@K curves of runs into a PNG (the guide's results plots)."""
+    from nlmm.plots import plot_runs
+
+    path = plot_runs(runs, out)
+    console.print(f"[green]wrote[/] {path}")
+
+
+@app.command("dash")
+def dash(
+    db: Annotated[Optional[str], typer.Option(help="Store URL (default runs/nlmm.db or NLMM_DB_URL).")] = None,
+    run: Annotated[Optional[str], typer.Option(help="Open this run's view first.")] = None,
+) -> None:
+    """Open the live Textual dashboard: runs, curves, GPU stats, checkpoints, search."""
+    from console.app import run_dashboard
+
+    run_dashboard(db_url=db, run=run)
+
+
+def _only_flickr8k(dataset: str) -> None:
+    if dataset.lower() != "flickr8k":
+        raise NlmmError(f"unknown dataset {dataset!r}; the supported dataset is flickr8k "
+                        "(use --synthetic for the offline corpus).")
+
+
+def main() -> None:
+    """Entry point: user errors as one red sentence, tracebacks only with --debug."""
+    try:
+        app(standalone_mode=False)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code or 0)
+    except typer.Abort:
+        err_console.print("[yellow]aborted[/]")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except Exception as exc:  # the one place that turns exceptions into exit codes
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if _state["debug"] or "--debug" in sys.argv:
+            raise
+        if isinstance(exc, NlmmError):
+            err_console.print(f"[bold red]error:[/] {exc}")
+        else:
+            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} "
+                              "(rerun with --debug for the traceback)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
