@@ -1,0 +1,55 @@
+"""The metrics store: runs, metrics, checkpoints and system samples in one SQL database."""
+
+from nlmm.paths import default_db_url, run_dir, runs_dir
+from nlmm.store.engine import create_store_engine, current_url, get_engine, read_session, write_session
+from nlmm.store.migrations import LATEST_VERSION, MIGRATIONS, Migration, migrate, schema_version
+from nlmm.store.models import (
+    BEST_METRIC_KEY,
+    BLOCK_STEPS,
+    CHECKPOINT_KINDS,
+    ENDED_STATUSES,
+    RUN_STATUSES,
+    Checkpoint,
+    Metric,
+    MetricBlock,
+    Run,
+    SchemaVersion,
+    SystemSample,
+)
+from nlmm.store.queries import (
+    add_system_samples,
+    best_checkpoint,
+    best_metric,
+    create_run,
+    delete_run,
+    find_run,
+    get_run,
+    heartbeat,
+    last_checkpoint,
+    latest_metrics,
+    latest_run,
+    list_checkpoints,
+    list_runs,
+    mark_lost,
+    metric_keys,
+    metric_series,
+    metric_series_many,
+    record_checkpoint,
+    set_status,
+    system_samples,
+    unique_run_name,
+    update_run,
+)
+from nlmm.store.writer import MetricWriter
+
+__all__ = [
+    "BEST_METRIC_KEY", "BLOCK_STEPS", "CHECKPOINT_KINDS", "ENDED_STATUSES", "LATEST_VERSION",
+    "MIGRATIONS", "RUN_STATUSES", "Checkpoint", "Metric", "MetricBlock", "MetricWriter",
+    "Migration", "Run", "SchemaVersion", "SystemSample", "add_system_samples", "best_checkpoint",
+    "best_metric", "create_run", "create_store_engine", "current_url", "default_db_url",
+    "delete_run", "find_run", "get_engine", "get_run", "heartbeat", "last_checkpoint",
+    "latest_metrics", "latest_run", "list_checkpoints", "list_runs", "mark_lost", "metric_keys",
+    "metric_series", "metric_series_many", "migrate", "read_session", "record_checkpoint",
+    "run_dir", "runs_dir", "schema_version", "set_status", "system_samples", "unique_run_name",
+    "update_run", "write_session",
+]
