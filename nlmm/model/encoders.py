@@ -1,0 +1,138 @@
+"""Per-modality encoders: a stem that turns the input into tokens, NL blocks, pooling, head.
+
+An encoder is used in three steps so that test-time adaptation can edit the tokens between
+them: `tokens(x, mask)` (stem, no position), `trunk(tokens, mask, slots)` (positions, blocks,
+final norm) and `embed(states, mask)` (attention pooling, projection, L2 normalisation).
+
+Stems:
+- text: token embeddings; learned positions up to max_position_embeddings.
+- image: patchify convolution (kernel = stride = patch_size); learned positions per patch.
+- audio: 1-D convolutions over time with the mel bins as channels, strides multiplying to
+  audio_stride (stride-2 stages, then one stage for any odd remainder), so a 10 s clip at a
+  10 ms hop and stride 4 becomes 250 tokens; fixed sinusoidal positions, so every length up
+  to max_position_embeddings is handled alike. Padded frames are zeroed before every
+  convolution and the mask is subsampled with it, so a valid output sees exactly what it would
+  see at the end of an unpadded clip (the convolution's own zero padding).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from nlmm.config import Config
+from nlmm.errors import NlmmError
+from nlmm.model.block import NLBlock
+from nlmm.model.layers import AttentionPool, sinusoidal_positions, trunc_normal
+
+
+class TextStem(nn.Module):
+    def __init__(self, vocab_size: int, d_model: int) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, d_model)
+
+    def forward(self, ids: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return self.tokens(ids), mask
+
+
+class ImageStem(nn.Module):
+    def __init__(self, patch_size: int, d_model: int) -> None:
+        super().__init__()
+        self.patchify = nn.Conv2d(3, d_model, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, image: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return self.patchify(image).flatten(2).transpose(1, 2), mask
+
+
+def audio_stem_strides(total: int) -> list[int]:
+    """Split the total time stride into conv stages: 4 -> [2, 2], 6 -> [2, 3], 1 -> [1]."""
+    strides = []
+    while total % 2 == 0 and total > 1:
+        strides.append(2)
+        total //= 2
+    if total > 1 or not strides:
+        strides.append(total)
+    return strides
+
+
+class AudioStem(nn.Module):
+    def __init__(self, n_mels: int, d_model: int, stride: int) -> None:
+        super().__init__()
+        self.strides = audio_stem_strides(stride)
+        # kernel 2*(s//2)+1 with padding s//2 gives ceil(T/s) outputs, matching mask[:, ::s].
+        self.convs = nn.ModuleList(
+            nn.Conv1d(n_mels if i == 0 else d_model, d_model, kernel_size=2 * (s // 2) + 1,
+                      stride=s, padding=s // 2)
+            for i, s in enumerate(self.strides))
+
+    def forward(self, mel: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        x = mel[:, 0]
+        for i, (conv, s) in enumerate(zip(self.convs, self.strides)):
+            if mask is not None:
+                x = x * mask[:, None, :].to(x.dtype)
+                mask = mask[:, ::s]
+            x = conv(x)
+            if i < len(self.convs) - 1:
+                x = F.gelu(x)
+        return x.transpose(1, 2), mask
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: Config, stem: nn.Module, depth: int, n_positions: int,
+                 learned_positions: bool) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.stem = stem
+        if learned_positions:
+            self.positions = nn.Parameter(trunc_normal(torch.empty(n_positions, d)))
+        else:
+            self.register_buffer("positions", sinusoidal_positions(n_positions, d), persistent=False)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(NLBlock(cfg) for _ in range(depth))
+        self.norm = nn.LayerNorm(d)
+        self.pool = AttentionPool(d, cfg.n_heads)
+        self.head = nn.Linear(d, cfg.embed_dim, bias=False)
+        self.grad_checkpointing = cfg.train.grad_checkpointing
+
+    def tokens(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Stem output (B, N, d) before positions, and the token-level mask (None = all valid)."""
+        return self.stem(x, mask)
+
+    def trunk(self, tokens: Tensor, mask: Tensor | None, slots: Tensor | None,
+              probe: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Token states after the blocks and final norm, plus the last block's read entropy."""
+        n = tokens.shape[1]
+        if n > self.positions.shape[0]:
+            raise NlmmError(f"input gives {n} tokens but the model has {self.positions.shape[0]} "
+                            f"positions; shorten the input or raise max_position_embeddings.")
+        # The residual stream stays fp32 under autocast (conv stems emit bf16); block outputs
+        # are added to it in bf16 -> fp32 promotion, as in nanoGPT.
+        x = self.drop(tokens.float() + self.positions[:n])
+        entropy = None
+        for i, block in enumerate(self.blocks):
+            want = probe and i == len(self.blocks) - 1
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, entropy = checkpoint(block, x, mask, slots, want, use_reentrant=False)
+            else:
+                x, entropy = block(x, mask, slots, want)
+        return self.norm(x), entropy
+
+    def embed(self, states: Tensor, mask: Tensor | None) -> Tensor:
+        """(B, N, d) token states -> (B, embed_dim) L2-normalised fp32 embeddings."""
+        return F.normalize(self.head(self.pool(states, mask)).float(), dim=-1)
+
+
+def build_encoder(modality: str, cfg: Config) -> Encoder:
+    d = cfg.d_model
+    depth = getattr(cfg.depth, modality)
+    if modality == "text":
+        return Encoder(cfg, TextStem(cfg.vocab_size, d), depth, cfg.max_position_embeddings, True)
+    if modality == "image":
+        n_patches = (cfg.data.image_size // cfg.patch_size) ** 2
+        return Encoder(cfg, ImageStem(cfg.patch_size, d), depth, n_patches, True)
+    if modality == "audio":
+        stem = AudioStem(cfg.data.n_mels, d, cfg.audio_stride)
+        return Encoder(cfg, stem, depth, cfg.max_position_embeddings, False)
+    raise NlmmError(f"unknown modality {modality!r}; use one of image, text, audio.")

@@ -1,0 +1,248 @@
+"""NL-MM: three encoders (text, image, audio) that meet in a shared memory and one embedding space.
+
+Reading order: the state object, the model's construction and initialisation, input checks,
+`encode` (one modality to embeddings) and `encode_ttt` (the same after test-time training),
+`forward` (a batch to embeddings and the pairwise contrastive losses), and the parameter
+grouping by CMS level that the level scheduler consumes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from nlmm.config import MODALITIES, PAIRS, Config
+from nlmm.errors import NlmmError
+from nlmm.model.encoders import build_encoder
+from nlmm.model.layers import INIT_STD, trunc_normal
+from nlmm.model.losses import INIT_LOGIT_SCALE, contrastive_loss, logit_scale_value
+from nlmm.model.memory import SharedMemory
+from nlmm.model.ttt import MASK_TOKEN_ID, adapt_and_encode
+
+if TYPE_CHECKING:
+    from nlmm.optim import LevelScheduler
+
+PAIR_MODALITIES = {"i2t": ("image", "text"), "i2a": ("image", "audio"), "t2a": ("text", "audio")}
+
+
+@dataclass
+class NLMMState:
+    """Cheap per-forward diagnostics (detached scalars; reading them as floats syncs a GPU).
+
+    memory_entropy: mean entropy (nats) of the last block's shared-memory read, over heads and
+        valid tokens, per encoded modality; log(L_mem) means the slots are read uniformly.
+    tokens: number of valid tokens that entered each encoder.
+    rows: number of rows encoded per modality (audio counts only rows that have audio).
+    """
+
+    memory_entropy: dict[str, Tensor] = field(default_factory=dict)
+    tokens: dict[str, Tensor] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+class NLMM(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.memory = SharedMemory(cfg.L_mem, cfg.d_model) if cfg.L_mem > 0 else None
+        self.encoders = nn.ModuleDict({m: build_encoder(m, cfg) for m in MODALITIES})
+        self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
+        self.apply(self._init_weights)
+        self._scale_residual_outputs()
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            trunc_normal(module.weight)
+
+    def _scale_residual_outputs(self) -> None:
+        """GPT-2 scaled init: each projection writing into the residual stream gets std
+        0.02/sqrt(number of residual branches of its encoder), so the stream's variance does not
+        grow with depth. Not zero: every weight then gets a gradient from the first step."""
+        for encoder in self.encoders.values():
+            branches = sum(2 + len(block.cms.levels) for block in encoder.blocks)
+            std = INIT_STD / math.sqrt(max(branches, 1))
+            for block in encoder.blocks:
+                outs = [block.mixer.out] + [level.mlp.down for level in block.cms.levels]
+                if block.memory is not None:
+                    outs.append(block.memory.out)
+                for linear in outs:
+                    trunc_normal(linear.weight, std)
+
+    def memory_slots(self) -> Tensor | None:
+        return None if self.memory is None else self.memory.slots
+
+    # ----------------------------------------------------------------------- inputs
+
+    def _checked_input(self, modality: str, x: Tensor, mask: Tensor | None) -> Tensor | None:
+        """Validate shapes; returns the boolean mask to use (None for images)."""
+        cfg = self.cfg
+        if modality == "text":
+            if x.dim() != 2 or x.dtype.is_floating_point:
+                raise NlmmError(f"text must be (batch, length) integer token ids, got {tuple(x.shape)} "
+                                f"{x.dtype}; tokenize it with the run's tokenizer.")
+            mask = x != 0 if mask is None else mask.bool()
+        elif modality == "image":
+            size = cfg.data.image_size
+            if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != size or x.shape[3] != size:
+                raise NlmmError(f"images must be (batch, 3, {size}, {size}) for this model, got "
+                                f"{tuple(x.shape)}; resize them to data.image_size={size}.")
+            return None
+        elif modality == "audio":
+            if x.dim() != 4 or x.shape[1] != 1 or x.shape[2] != cfg.data.n_mels:
+                raise NlmmError(f"audio must be (batch, 1, {cfg.data.n_mels}, frames) log-mel, got "
+                                f"{tuple(x.shape)}; compute features with data.n_mels={cfg.data.n_mels}.")
+            mask = torch.ones(x.shape[0], x.shape[3], dtype=torch.bool, device=x.device) \
+                if mask is None else mask.bool()
+        else:
+            raise NlmmError(f"unknown modality {modality!r}; use one of image, text, audio.")
+        if mask.shape != (x.shape[0], x.shape[-1]):
+            raise NlmmError(f"{modality} mask has shape {tuple(mask.shape)} but the input needs "
+                            f"{(x.shape[0], x.shape[-1])}; pass one flag per token/frame.")
+        if not bool(mask.any(dim=1).all()):
+            raise NlmmError(f"a {modality} row has no valid token/frame; drop such rows before encoding.")
+        return mask
+
+    # ----------------------------------------------------------------------- encoding
+
+    def _encode(self, modality: str, x: Tensor, mask: Tensor | None,
+                probe: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+        encoder = self.encoders[modality]
+        tokens, token_mask = encoder.tokens(x, mask)
+        states, entropy = encoder.trunk(tokens, token_mask, self.memory_slots(), probe)
+        if token_mask is None:
+            n_tokens = torch.tensor(tokens.shape[0] * tokens.shape[1], device=tokens.device)
+            mean_entropy = None if entropy is None else entropy.mean()
+        else:
+            n_tokens = token_mask.sum()
+            mean_entropy = None if entropy is None else (entropy * token_mask).sum() / n_tokens
+        return encoder.embed(states, token_mask), mean_entropy, n_tokens
+
+    def encode(self, modality: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, embed_dim) L2-normalised fp32 embeddings of one modality.
+
+        text: (B, L) ids with mask (B, L) (default: ids != 0); image: (B, 3, S, S);
+        audio: (B, 1, n_mels, T) with frame mask (B, T) (default: all frames valid).
+        """
+        mask = self._checked_input(modality, x, mask)
+        return self._encode(modality, x, mask, probe=False)[0]
+
+    def encode_ttt(self, modality: str, x: Tensor, mask: Tensor | None = None, *,
+                   mask_id: int = MASK_TOKEN_ID) -> Tensor:
+        """`encode` after test-time training: per-query low-rank adapters take
+        cfg.ttt.max_steps SGD steps of size cfg.ttt.eta on the query's own self-supervised loss
+        (text: masked tokens replaced by `mask_id`, the tokenizer's [MASK] id), embed the query,
+        and are discarded; the model is left unchanged. Works under torch.no_grad() (gradients
+        are enabled inside), not under torch.inference_mode(). See nlmm.model.ttt.
+        """
+        mask = self._checked_input(modality, x, mask)
+        return adapt_and_encode(self, modality, x, mask, steps=self.cfg.ttt.max_steps,
+                                eta=self.cfg.ttt.eta, mask_id=mask_id).embeddings
+
+    # ----------------------------------------------------------------------- training forward
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], NLMMState]:
+        """Embeddings of every modality in the batch and the contrastive loss of every pair.
+
+        Audio is encoded only for rows with `has_audio` (default: rows whose audio_mask has a
+        valid frame); image-audio and text-audio losses use those rows on both sides.
+        `outputs["audio_rows"]` (B,) bool says which rows `emb_audio` belongs to. Every pair
+        present gets its `loss_<pair>`; `loss` averages them with cfg.train.loss_weights
+        (a pair missing from the weights counts 0), over the pairs present only.
+        """
+        present = [m for m in MODALITIES if m in batch]
+        if not present:
+            raise NlmmError("the batch holds none of the keys image, text, audio.")
+        size = batch[present[0]].shape[0]
+        device = batch[present[0]].device
+        image_ids = batch.get("image_ids")
+        if image_ids is None:
+            image_ids = torch.arange(size, device=device)
+        outputs: dict[str, Tensor] = {}
+        state = NLMMState()
+        embeddings: dict[str, Tensor] = {}
+
+        audio_rows = None
+        for modality in present:
+            x, mask = batch[modality], batch.get(f"{modality}_mask")
+            if modality == "audio":
+                has_audio = batch.get("has_audio")
+                if has_audio is None:
+                    has_audio = mask.bool().any(dim=1) if mask is not None else \
+                        torch.ones(size, dtype=torch.bool, device=device)
+                audio_rows = has_audio.bool()
+                outputs["audio_rows"] = audio_rows
+                x = x[audio_rows]
+                mask = None if mask is None else mask[audio_rows]
+                if x.shape[0] == 0:
+                    continue
+            mask = self._checked_input(modality, x, mask)
+            emb, entropy, n_tokens = self._encode(modality, x, mask, probe=True)
+            embeddings[modality] = outputs[f"emb_{modality}"] = emb
+            state.rows[modality] = x.shape[0]
+            state.tokens[modality] = n_tokens.detach()
+            if entropy is not None:
+                state.memory_entropy[modality] = entropy.detach()
+
+        weighted, weight_sum = None, 0.0
+        for pair in PAIRS:
+            a, b = PAIR_MODALITIES[pair]
+            if a not in embeddings or b not in embeddings:
+                continue
+            emb_a, ids = embeddings[a], image_ids
+            if b == "audio":
+                if embeddings["audio"].shape[0] < 2:
+                    continue  # one row has no negatives: the loss would be a constant zero
+                emb_a, ids = emb_a[audio_rows], image_ids[audio_rows]
+            loss = contrastive_loss(emb_a, embeddings[b], ids, ids, self.logit_scale)
+            outputs[f"loss_{pair}"] = loss
+            weight = float(self.cfg.train.loss_weights.get(pair, 0.0))
+            if weight > 0:
+                weighted = loss * weight if weighted is None else weighted + loss * weight
+                weight_sum += weight
+        if weighted is None:
+            raise NlmmError("the batch gives no modality pair with a positive loss weight; it needs "
+                            "two modalities (audio on at least two rows) weighted in train.loss_weights.")
+        outputs["loss"] = weighted / weight_sum
+        outputs["temperature"] = 1.0 / logit_scale_value(self.logit_scale).detach()
+        return outputs, state
+
+    # ----------------------------------------------------------------------- optimisation
+
+    def level_params(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by CMS level name; everything outside the CMS chains (stems,
+        mixers, memory, norms, heads, temperature) goes to the fastest level. Adapters are not
+        trainable and are left out."""
+        levels = self.cfg.cms_levels
+        fastest = min(levels, key=lambda level: level.chunk_size).name
+        owner: dict[int, str] = {}
+        for encoder in self.encoders.values():
+            for block in encoder.blocks:
+                for name, level in zip(block.cms.names, block.cms.levels):
+                    for p in level.parameters():
+                        owner[id(p)] = name
+        groups: dict[str, list[nn.Parameter]] = {level.name: [] for level in levels}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups[owner.get(id(p), fastest)].append(p)
+        return groups
+
+    def configure_scheduler(self, cfg: Config) -> LevelScheduler:
+        """The per-level multi-frequency optimiser for this model's parameter groups."""
+        from nlmm.optim import LevelScheduler, exclude_from_muon
+
+        # Orthogonalised updates suit weight matrices that map features to features; lookup
+        # tables (tokens, positions, memory slots, pooling queries) and output heads keep
+        # Adam-style per-entry steps, as in the Muon reference setup.
+        exclude_from_muon(*(p for name, p in self.named_parameters()
+                            if name.endswith(("positions", "tokens.weight", "slots", "pool.query",
+                                              "head.weight"))))
+        return LevelScheduler.from_config(self.level_params(), cfg)

@@ -1,0 +1,10 @@
+"""Optimizers of the CMS levels and the scheduler that steps each level at its own frequency."""
+
+from nlmm.optim.anderson import UniversalAnderson
+from nlmm.optim.dmgd import DMGD
+from nlmm.optim.factory import SGDW, build_optimizer
+from nlmm.optim.levels import Level, LevelScheduler
+from nlmm.optim.muon import Muon, exclude_from_muon, newton_schulz
+
+__all__ = ["DMGD", "SGDW", "Level", "LevelScheduler", "Muon", "UniversalAnderson",
+           "build_optimizer", "exclude_from_muon", "newton_schulz"]
