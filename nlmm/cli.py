@@ -120,7 +120,7 @@ def data_check(
     """Count images, captions, wavs and usable triples per split, and list every defect."""
     from nlmm.data.flickr import check_corpus
 
-    report = check_corpus(root, decode=decode)
+    report = check_corpus(root, decode=decode, progress=True)
     console.print(report.to_table())
     if not report.usable:
         raise NlmmError(f"{root} holds no usable image–caption pair; fix the defects listed above.")
@@ -139,6 +139,7 @@ def data_prepare(
 
     cfg = resolve_config(config, set_ or [])
     cache = prepare(root, cfg.data, cfg.vocab_size, force=force)
+    console.print(cache.report().to_table())
     console.print(f"[green]cache ready[/] {cache.path}")
 
 

@@ -1,0 +1,1 @@
+"""Flickr8k + FACC data: corpus reader, features, tokenizer, prepared cache and batch loaders."""

@@ -1,0 +1,69 @@
+"""Self-contained inference bundles: safetensors weights, config and tokenizer in one folder.
+
+Loading a bundle needs only `nlmm` installed (no store, no run folder, no data cache):
+
+    from nlmm.export import load_bundle
+    bundle = load_bundle("bundle/")
+    ids, lens = bundle.tokenizer.encode_batch(["a dog runs"], bundle.cfg.data.text_max_len)
+    emb = bundle.model.encode("text", torch.as_tensor(ids).long(), torch.as_tensor(ids) != 0)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import nlmm
+from nlmm.config import Config, load_config, save_config
+from nlmm.data.tokenizer import TextTokenizer
+from nlmm.errors import NlmmError
+from nlmm.model import NLMM
+
+WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.yaml", "tokenizer.json", "bundle.json"
+
+
+@dataclass
+class Bundle:
+    model: NLMM
+    cfg: Config
+    tokenizer: TextTokenizer
+    meta: dict
+
+
+def export_bundle(target: str, out: Path) -> Path:
+    """Write the best checkpoint of a run (or a checkpoint file) as a bundle in `out`."""
+    from nlmm.inference import load_for_inference
+
+    loaded = load_for_inference(target, device="cpu")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # safetensors refuses shared storage (tied weights); clone so every tensor owns its memory
+    state = {k: v.detach().contiguous().clone() for k, v in loaded.model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    save_config(loaded.cfg, out / CONFIG)
+    loaded.tokenizer.save(out / TOKENIZER)
+    progress = loaded.payload.get("progress", {})
+    meta = {"nlmm_version": nlmm.__version__, "source": str(loaded.checkpoint_path),
+            "step": progress.get("global_step"), "metrics": loaded.payload.get("metrics", {}),
+            "embed_dim": loaded.cfg.embed_dim}
+    (out / META).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Model (eval mode), config and tokenizer from a folder written by `export_bundle`."""
+    path = Path(path)
+    missing = [n for n in (WEIGHTS, CONFIG, TOKENIZER) if not (path / n).is_file()]
+    if missing:
+        raise NlmmError(f"{path} is not a complete nlmm bundle (missing {', '.join(missing)}); "
+                        "write one with `nlmm export RUN --out DIR`.")
+    cfg = load_config(path / CONFIG)
+    model = NLMM(cfg)
+    model.load_state_dict(load_file(str(path / WEIGHTS)))
+    model.to(device).eval()
+    meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
+    return Bundle(model, cfg, TextTokenizer.load(path / TOKENIZER), meta)

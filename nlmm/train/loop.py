@@ -1,0 +1,228 @@
+"""The training loop: cached batches → NL-MM → level scheduler, with evaluation and checkpoints.
+
+Everything that touches processes, signals or the store's run status lives in `worker.py`;
+this module only needs a metric sink and a stop flag, so tests can drive it in-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from nlmm.config import Config
+from nlmm.data.cache import PreparedCache
+from nlmm.data.loader import TrainLoader
+from nlmm.model import NLMM
+from nlmm.train.checkpoint import save_checkpoint
+from nlmm.train.evaluate import evaluate_split
+
+LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a")
+
+
+class MetricSink(Protocol):
+    def log(self, step: int, epoch: int, values: dict[str, float]) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint so a resume continues exactly."""
+    global_step: int = 0
+    epoch: int = 0  # 0-based epoch being trained
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    best_metric: float = -1.0
+    last_eval: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CheckpointEvent:
+    path: Path
+    kind: str  # last | best | epoch
+    progress: Progress
+    metrics: dict[str, float]
+    nbytes: int
+
+
+def resolve_device(name: str) -> torch.device:
+    from nlmm.errors import NlmmError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NlmmError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu "
+                        "or auto.")
+    return torch.device(name)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warmup over `warmup` steps, then cosine decay to 0 at `total` (or constant)."""
+    if warmup and step <= warmup:
+        return step / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    done = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+class Trainer:
+    """Owns the model, scheduler and data of one run."""
+
+    def __init__(self, cfg: Config, cache: PreparedCache, device: torch.device, run_dir: Path,
+                 sink: MetricSink, on_checkpoint: Callable[[CheckpointEvent], None] | None = None,
+                 stop_event: threading.Event | None = None, log: Callable[[str], None] = print):
+        self.cfg, self.cache, self.device, self.run_dir = cfg, cache, device, Path(run_dir)
+        self.sink, self.on_checkpoint, self.log = sink, on_checkpoint, log
+        self.stop_event = stop_event or threading.Event()
+        torch.manual_seed(cfg.train.seed)
+        self.model = NLMM(cfg).to(device)
+        self.sched = self.model.configure_scheduler(cfg)
+        self.progress = Progress()
+        self.batches_per_epoch = len(self._loader(0))
+        self.steps_per_epoch = self.batches_per_epoch // cfg.train.accumulate
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the train split has fewer than batch_size x accumulate = "
+                             f"{cfg.train.batch_size * cfg.train.accumulate} examples; lower "
+                             "--batch-size or --accumulate")
+        planned = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(planned, cfg.train_steps) if cfg.train_steps else planned
+
+    # ------------------------------------------------------------------ state
+
+    def _loader(self, epoch: int, start_batch: int = 0) -> TrainLoader:
+        cfg = self.cfg
+        max_frames = int(cfg.data.max_audio_seconds * cfg.data.sample_rate / cfg.data.hop_length) + 1
+        return TrainLoader(self.cache, "train", cfg.train.batch_size, seed=cfg.train.seed,
+                           epoch=epoch, shuffle=True, drop_last=True, device=self.device,
+                           augment=cfg.data.augment, max_audio_frames=max_frames,
+                           start_batch=start_batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        p = self.progress
+        return {"model": self.model.state_dict(), "scheduler": self.sched.state_dict(),
+                "progress": {"global_step": p.global_step, "epoch": p.epoch,
+                             "batch_in_epoch": p.batch_in_epoch, "best_metric": p.best_metric,
+                             "last_eval": p.last_eval},
+                "config": self.cfg.to_dict(), "tokenizer": self.cache.tokenizer.to_json(),
+                "data": {"cache": str(self.cache.path), "key": self.cache.key,
+                         "params": self.cache.manifest.get("params", {})},
+                "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.sched.load_state_dict(payload["scheduler"])
+        self.progress = Progress(**payload["progress"])
+        torch.set_rng_state(payload["rng"])
+
+    def checkpoint(self, kind: str, metrics: dict[str, float] | None = None) -> CheckpointEvent:
+        name = {"last": "last.pt", "best": "best.pt"}.get(kind, f"epoch_{self.progress.epoch:03d}.pt")
+        path = self.run_dir / "checkpoints" / name
+        payload = self.state_dict()
+        payload["metrics"] = metrics or {}
+        nbytes = save_checkpoint(path, payload)
+        event = CheckpointEvent(path, kind, Progress(**vars(self.progress)), metrics or {}, nbytes)
+        if self.on_checkpoint:
+            self.on_checkpoint(event)
+        return event
+
+    # ------------------------------------------------------------------ steps
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        amp = self.cfg.precision.amp
+        if self.device.type != "cuda" or amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def _step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over `accumulate` micro-batches; returns detached losses."""
+        self.model.train()
+        totals: dict[str, torch.Tensor] = {}
+        n = len(batches)
+        for batch in batches:
+            with self._autocast():
+                outputs, _ = self.model(batch)
+            self.sched.scale_loss(outputs["loss"] / n).backward()
+            for key in LOSS_KEYS + ("temperature",):
+                if key in outputs:
+                    value = outputs[key].detach().float() / n
+                    totals[key] = totals[key] + value if key in totals else value
+        step = self.progress.global_step + 1
+        self.sched.set_lr_factor(lr_factor(step, self.total_steps, self.cfg.train.warmup_steps,
+                                           self.cfg.train.schedule))
+        self.sched.step_all(step)
+        if not self.sched.last_step_skipped:
+            # an fp16 overflow retries the same step number, so slow levels keep their rhythm
+            self.progress.global_step = step
+        return totals
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        with self._autocast():
+            return evaluate_split(self.model, self.cache, split, self.device)
+
+    def fit(self) -> str:
+        """Train until the planned steps are done or a stop is requested; returns
+        "finished" or "stopped". The last checkpoint is always written before returning."""
+        cfg, p = self.cfg, self.progress
+        acc = cfg.train.accumulate
+        log_every = cfg.train.log_every
+        window: dict[str, torch.Tensor] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        while p.global_step < self.total_steps and p.epoch < cfg.train.epochs:
+            loader = self._loader(p.epoch, start_batch=p.batch_in_epoch)
+            pending: list[dict[str, torch.Tensor]] = []
+            for batch in loader:
+                pending.append(batch)
+                if len(pending) < acc:
+                    continue
+                losses = self._step(pending)
+                p.batch_in_epoch += len(pending)
+                pending = []
+                for key, value in losses.items():
+                    window[key] = window[key] + value if key in window else value
+                window_steps += 1
+                if p.global_step % log_every == 0 or p.global_step == self.total_steps:
+                    elapsed = max(time.perf_counter() - window_start, 1e-9)
+                    values = {k: float(v) / window_steps for k, v in window.items()}
+                    values["triples_per_s"] = window_steps * acc * cfg.train.batch_size / elapsed
+                    values.update({f"lr/{k}": v for k, v in self.sched.lrs().items()})
+                    self.sink.log(p.global_step, p.epoch, values)
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                if self.stop_event.is_set():
+                    self.checkpoint("last")
+                    return "stopped"
+                if p.global_step >= self.total_steps:
+                    break
+            epoch_done = p.batch_in_epoch >= self.steps_per_epoch * acc
+            if epoch_done:
+                p.epoch += 1
+                p.batch_in_epoch = 0
+            if epoch_done and (p.epoch % cfg.train.eval_every == 0 or p.global_step >= self.total_steps):
+                self._evaluate_and_keep()
+            elif p.global_step >= self.total_steps:
+                self._evaluate_and_keep()
+            if cfg.train.checkpoint_every and epoch_done and p.epoch % cfg.train.checkpoint_every == 0:
+                self.checkpoint("epoch", p.last_eval)
+            self.checkpoint("last", p.last_eval)
+            if self.stop_event.is_set():
+                return "stopped"
+        test = self.evaluate("test")
+        self.sink.log(p.global_step, p.epoch, {f"test/{k}": v for k, v in test.items()})
+        self.log("test " + " ".join(f"{k}={v:.1f}" for k, v in test.items() if k.endswith("_r1")))
+        return "finished"
+
+    def _evaluate_and_keep(self) -> None:
+        p = self.progress
+        metrics = self.evaluate(self.cfg.train.eval_split)
+        p.last_eval = metrics
+        self.sink.log(p.global_step, p.epoch, metrics)
+        self.log(f"epoch {p.epoch} step {p.global_step} " +
+                 " ".join(f"{k}={v:.1f}" for k, v in metrics.items() if k.endswith("_r1")))
+        if metrics.get("mean_r1", -1.0) > p.best_metric:
+            p.best_metric = metrics["mean_r1"]
+            self.checkpoint("best", metrics)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a hand-written Flickr8k + FACC corpus and its prepared cache."""
+
+from __future__ import annotations
+
+import pytest
+from corpus_factory import PublicCorpus, write_public_corpus
+
+from nlmm.config import DataConfig
+
+TINY_VOCAB = 300
+
+
+def tiny_data_config() -> DataConfig:
+    """Small images and short clips: the whole cache builds in about a second."""
+    return DataConfig(image_size=32, max_audio_seconds=2.0, text_max_len=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> PublicCorpus:
+    """13 images (6 train / 3 dev / 3 test / 1 in no split), 5 captions each, a wav per caption
+    of the 12 split images. Read-only: tests that break files copy it first."""
+    return write_public_corpus(tmp_path_factory.mktemp("tiny") / "flickr8k")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_corpus: PublicCorpus, tmp_path_factory: pytest.TempPathFactory):
+    """The prepared cache of `tiny_corpus` (kept outside the corpus folder)."""
+    from nlmm.data.cache import prepare
+
+    return prepare(tiny_corpus.root, tiny_data_config(), TINY_VOCAB,
+                   cache_dir=tmp_path_factory.mktemp("tiny_cache") / "cache", workers=1,
+                   progress=False)
+
+
+SYNTH_IMAGES = 240
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory):
+    """The offline synthetic corpus (builtin voice, same bytes on every machine)."""
+    from nlmm.data.synth import synth_corpus
+
+    root = tmp_path_factory.mktemp("synth") / "corpus"
+    synth_corpus(root, n_images=SYNTH_IMAGES, seed=0, engine="builtin", progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synth_cache(synth_root):
+    """`synth_root` prepared with the tiny_cpu data settings."""
+    from nlmm.config import resolve_config
+    from nlmm.data.cache import prepare
+
+    cfg = resolve_config("tiny_cpu")
+    return prepare(synth_root, cfg.data, cfg.vocab_size, progress=False)
+
+
+@pytest.fixture(autouse=True)
+def isolated_store(tmp_path, monkeypatch):
+    """Every test gets its own runs/ folder and SQLite store, so nothing leaks into ./runs."""
+    monkeypatch.setenv("NLMM_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.delenv("NLMM_DB_URL", raising=False)
+    return tmp_path / "runs"

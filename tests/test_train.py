@@ -1,0 +1,106 @@
+"""Training in-process on the synthetic corpus: learning, evaluation, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from nlmm.config import resolve_config
+from nlmm.train.checkpoint import load_checkpoint
+from nlmm.train.loop import Trainer, lr_factor
+
+
+class ListSink:
+    def __init__(self):
+        self.rows: list[tuple[int, int, dict[str, float]]] = []
+
+    def log(self, step, epoch, values):
+        self.rows.append((step, epoch, dict(values)))
+
+    def last(self, key):
+        return [v[key] for _, _, v in self.rows if key in v][-1]
+
+
+def small_cfg(*extra):
+    return resolve_config("tiny_cpu", ["d_model=64", "embed_dim=64", "n_heads=4", "L_mem=4",
+                                       "depth={text: 1, image: 1, audio: 1}", "train.batch_size=16",
+                                       "train.log_every=2", *extra])
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(5, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(70, 100, 10, "constant") == 1.0
+
+
+def test_training_learns_retrieval_well_above_chance(synth_cache, tmp_path):
+    cfg = small_cfg("train.epochs=8", "train.warmup_steps=10")
+    sink = ListSink()
+    trainer = Trainer(cfg, synth_cache, torch.device("cpu"), tmp_path, sink, log=lambda m: None)
+    assert trainer.fit() == "finished"
+    n_test_images = len(synth_cache.split_images("test"))
+    chance = 100.0 / n_test_images  # R@1 chance level of every direction: one image in N
+    test_r1 = sink.last("test/mean_r1")
+    print(f"test mean R@1 {test_r1:.1f}%, chance {chance:.1f}%")
+    assert test_r1 >= 5 * chance, f"test mean R@1 {test_r1:.1f}% < 5x chance ({5 * chance:.1f}%)"
+    losses = [v["loss"] for _, _, v in sink.rows if "loss" in v]
+    assert losses[-1] < 0.7 * losses[0]
+    for key in ("loss_i2t", "loss_i2a", "loss_t2a", "triples_per_s", "lr/fast", "lr/slow",
+                "i2t_r1", "a2t_r10", "mean_r1", "temperature"):
+        assert any(key in v for _, _, v in sink.rows), key
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert (tmp_path / "checkpoints" / "best.pt").is_file()
+
+
+def _weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_two_epochs_equal_one_plus_resume_plus_one(synth_cache, tmp_path):
+    extra = ("train.schedule=constant", "train.warmup_steps=0", "train.eval_every=5")
+    cfg2 = small_cfg("train.epochs=2", *extra)
+    straight = Trainer(cfg2, synth_cache, torch.device("cpu"), tmp_path / "a", ListSink(),
+                       log=lambda m: None)
+    straight.fit()
+
+    cfg1 = small_cfg("train.epochs=1", *extra)
+    first = Trainer(cfg1, synth_cache, torch.device("cpu"), tmp_path / "b", ListSink(),
+                    log=lambda m: None)
+    first.fit()
+    payload = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert payload["progress"]["global_step"] == first.steps_per_epoch
+    resumed = Trainer(small_cfg("train.epochs=2", *extra), synth_cache, torch.device("cpu"),
+                      tmp_path / "b", ListSink(), log=lambda m: None)
+    resumed.load_state_dict(payload)
+    resumed.fit()
+    assert resumed.progress.global_step == straight.progress.global_step
+    a, b = _weights(straight.model), _weights(resumed.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_stop_mid_epoch_checkpoints_and_resumes_at_that_step(synth_cache, tmp_path):
+    cfg = small_cfg("train.epochs=2", "train.schedule=constant", "train.warmup_steps=0")
+    stop = threading.Event()
+
+    class StopAfter(ListSink):
+        def log(self, step, epoch, values):
+            super().log(step, epoch, values)
+            if step >= 4:
+                stop.set()
+
+    trainer = Trainer(cfg, synth_cache, torch.device("cpu"), tmp_path, StopAfter(),
+                      stop_event=stop, log=lambda m: None)
+    assert trainer.fit() == "stopped"
+    payload = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert payload["progress"]["global_step"] == 4
+    assert payload["progress"]["batch_in_epoch"] == 4
+    again = Trainer(cfg, synth_cache, torch.device("cpu"), tmp_path, ListSink(), log=lambda m: None)
+    again.load_state_dict(payload)
+    assert again.progress.global_step == 4
+    for key, value in _weights(trainer.model).items():
+        torch.testing.assert_close(again.model.state_dict()[key], value)
