@@ -38,8 +38,9 @@ def runs_table(status: str | None = None) -> Table | Text:
     if not runs:
         return Text("no runs yet: start one with `nlmm train flickr8k` (or `--synthetic` offline)")
     table = Table(title="runs")
-    for col in ("id", "name", "status", "progress", "epoch", "best mean R@1", "device", "elapsed"):
-        table.add_column(col, justify="right" if col in ("id", "epoch", "best mean R@1") else "left")
+    for col in ("id", "name", "status", "progress", "epoch", "best R@1", "device", "elapsed"):
+        table.add_column(col, justify="right" if col in ("id", "epoch", "best R@1") else "left",
+                         no_wrap=col == "name")
     for run in runs:
         progress = f"{run.step or 0}/{run.steps_total}" if run.steps_total else str(run.step or 0)
         best = f"{run.best_metric:.1f}" if run.best_metric is not None else "-"

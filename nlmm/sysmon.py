@@ -111,7 +111,10 @@ class SystemMonitor:
     def _loop(self) -> None:
         # psutil measures CPU between two calls of the same thread; the first only sets the start.
         psutil.cpu_percent(interval=None)
-        while not self._stop.wait(self.interval_s):
+        # the first sample comes after a second, so even a short run has one
+        delay = min(1.0, self.interval_s)
+        while not self._stop.wait(delay):
+            delay = self.interval_s
             rows = sample_system()
             for row in rows:
                 row["run_id"] = self.run_id

@@ -72,9 +72,9 @@ def _prepare_corpus(req: TrainRequest, cfg: Config, console: Console | None):
 
 def launch(req: TrainRequest, console: Console | None = None) -> store.Run:
     """Register (or reopen, for --resume) a run and start its worker process."""
-    resolve_device(req.device)  # fail before any work when CUDA was asked for but is absent
+    device = str(resolve_device(req.device))  # fails before any work when CUDA is absent
     if req.resume:
-        run = _reopen(req)
+        run = _reopen(req, device)
     else:
         cfg = resolve_config(req.config or ("tiny_cpu" if req.synthetic else "flickr8k"),
                              req.overrides)
@@ -86,14 +86,14 @@ def launch(req: TrainRequest, console: Console | None = None) -> store.Run:
         folder = store.run_dir(name)
         folder.mkdir(parents=True, exist_ok=True)
         save_config(cfg, folder / "config.yaml")
-        run = store.create_run(name, cfg.to_dict(), str(cache.path), req.device,
+        run = store.create_run(name, cfg.to_dict(), str(cache.path), device,
                                epochs_total=cfg.train.epochs, steps_total=None,
                                log_path=str(folder / "train.log"))
     _spawn(run)
     return store.get_run(run.id)
 
 
-def _reopen(req: TrainRequest) -> store.Run:
+def _reopen(req: TrainRequest, device: str) -> store.Run:
     run = store.get_run(req.resume)
     if run.status in ACTIVE and _alive(run.pid):
         raise NlmmError(f"run {run.name} is still {run.status}; stop it first with "
@@ -114,7 +114,7 @@ def _reopen(req: TrainRequest) -> store.Run:
     if req.overrides:
         cfg_dict = config_from_dict(cfg_dict, f"run {run.name}", req.overrides).to_dict()
     store.update_run(run.id, config=json.dumps(cfg_dict), epochs_total=cfg_dict["train"]["epochs"],
-                     device=req.device if req.device != "auto" else run.device, error=None)
+                     device=device, error=None)
     store.set_status(run.id, "queued")
     return store.get_run(run.id)
 

@@ -172,7 +172,8 @@ class Trainer:
         acc = cfg.train.accumulate
         log_every = cfg.train.log_every
         window: dict[str, torch.Tensor] = {}
-        window_steps, window_start = 0, time.perf_counter()
+        # throughput counts training time only: evaluation and checkpoints reset the tick
+        window_steps, window_time, tick = 0, 0.0, time.perf_counter()
         while p.global_step < self.total_steps and p.epoch < cfg.train.epochs:
             loader = self._loader(p.epoch, start_batch=p.batch_in_epoch)
             pending: list[dict[str, torch.Tensor]] = []
@@ -181,18 +182,20 @@ class Trainer:
                 if len(pending) < acc:
                     continue
                 losses = self._step(pending)
+                now = time.perf_counter()
+                window_time, tick = window_time + now - tick, now
                 p.batch_in_epoch += len(pending)
                 pending = []
                 for key, value in losses.items():
                     window[key] = window[key] + value if key in window else value
                 window_steps += 1
                 if p.global_step % log_every == 0 or p.global_step == self.total_steps:
-                    elapsed = max(time.perf_counter() - window_start, 1e-9)
                     values = {k: float(v) / window_steps for k, v in window.items()}
-                    values["triples_per_s"] = window_steps * acc * cfg.train.batch_size / elapsed
+                    values["triples_per_s"] = (window_steps * acc * cfg.train.batch_size
+                                               / max(window_time, 1e-9))
                     values.update({f"lr/{k}": v for k, v in self.sched.lrs().items()})
                     self.sink.log(p.global_step, p.epoch, values)
-                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                    window, window_steps, window_time = {}, 0, 0.0
                 if self.stop_event.is_set():
                     self.checkpoint("last")
                     return "stopped"
@@ -209,6 +212,7 @@ class Trainer:
             if cfg.train.checkpoint_every and epoch_done and p.epoch % cfg.train.checkpoint_every == 0:
                 self.checkpoint("epoch", p.last_eval)
             self.checkpoint("last", p.last_eval)
+            tick = time.perf_counter()
             if self.stop_event.is_set():
                 return "stopped"
         test = self.evaluate("test")

@@ -1,0 +1,123 @@
+"""The `nlmm` command as a user runs it: real subprocesses, a real SQLite store, real workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nlmm import store
+
+NLMM = [sys.executable, "-m", "nlmm.cli"]
+SMALL = ["--set", "d_model=64", "--set", "embed_dim=64", "--set", "L_mem=4",
+         "--set", "depth={text: 1, image: 1, audio: 1}", "--set", "train.log_every=1"]
+
+
+def nlmm(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*NLMM, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def env(isolated_store, tmp_path):
+    return dict(os.environ, NLMM_RUNS_DIR=str(isolated_store), COLUMNS="200")
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def start_detached(name: str, synth_root: Path, env: dict, *extra: str) -> store.Run:
+    out = nlmm("train", "flickr8k", "--synthetic", "--data", str(synth_root), "--detach",
+               "--name", name, "--batch-size", "8", "--device", "cpu", *SMALL, *extra, env=env)
+    assert out.returncode == 0, out.stderr
+    assert name in out.stdout
+    return store.get_run(name)
+
+
+def test_help_version_and_errors_are_one_sentence(env, tmp_path):
+    out = nlmm("--help", env=env)
+    assert out.returncode == 0 and "train" in out.stdout and "search" in out.stdout
+    assert nlmm("--version", env=env).stdout.startswith("nlmm ")
+    bad = nlmm("train", "flickr8k", "--synthetic", "--set", "d_modle=3", env=env)
+    assert bad.returncode == 1
+    assert "unknown key 'd_modle'" in bad.stderr and "did you mean 'd_model'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    debug = nlmm("--debug", "runs", "show", "nope", env=env)
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    missing = nlmm("data", "check", str(tmp_path / "empty"), env=env)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+
+
+def test_detached_run_listed_stopped_with_checkpoint_and_resumed(synth_root, env):
+    run = start_detached("det", synth_root, env, "--epochs", "40")
+    wait_for(lambda: (store.get_run("det").step or 0) >= 3, 90, "the worker to take 3 steps")
+    listing = nlmm("runs", "ls", env=env)
+    assert "det" in listing.stdout and "running" in listing.stdout
+
+    stopped = nlmm("runs", "stop", "det", env=env)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    run = store.get_run("det")
+    assert run.status == "stopped"
+    last = store.last_checkpoint(run.id)
+    assert last is not None and Path(last.path).is_file()
+    stop_step = last.step
+    assert stop_step >= 3
+
+    resumed = nlmm("train", "--resume", "det", "--detach", "--device", "cpu", env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    wait_for(lambda: (store.get_run("det").step or 0) > stop_step + 1, 90, "steps after resume")
+    log = Path(run.log_path).read_text()
+    assert f"resumed from" in log and f"at step {stop_step}" in log
+    nlmm("runs", "stop", "det", env=env)
+    series = store.metric_series(run.id, "loss", max_points=10_000)
+    steps = [s for s, _ in series]
+    assert steps == sorted(set(steps)), "a step was logged twice"
+    assert steps[0] == 1 and max(steps) > stop_step
+
+
+def test_killed_worker_becomes_lost(synth_root, env):
+    run = start_detached("victim", synth_root, env, "--epochs", "40")
+    wait_for(lambda: store.get_run("victim").status == "running", 60, "the worker to start")
+    pid = store.get_run("victim").pid
+    os.kill(pid, signal.SIGKILL)
+    t0 = time.monotonic()
+
+    def is_lost():
+        out = nlmm("runs", "ls", env=env)
+        return "lost" in out.stdout
+
+    wait_for(is_lost, 20, "`nlmm runs ls` to show the run as lost")
+    assert time.monotonic() - t0 < 20
+    assert store.get_run(run.id).status == "lost"
+    rm = nlmm("runs", "rm", "victim", "--yes", env=env)
+    assert rm.returncode == 0
+    assert store.find_run("victim") is None
+    assert not Path(run.log_path).parent.exists()
+
+
+def test_foreground_train_follows_to_the_end_and_prints_a_summary(synth_root, env):
+    out = nlmm("train", "flickr8k", "--synthetic", "--data", str(synth_root), "--name", "fg",
+               "--batch-size", "16", "--steps", "6", "--device", "cpu", *SMALL, env=env,
+               timeout=300)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "finished" in out.stdout and "image→text" in out.stdout and "mean R@1" in out.stdout
+    run = store.get_run("fg")
+    assert run.status == "finished" and run.step == 6
+    keys = set(store.metric_keys(run.id))
+    expected = {f"{d}_r{k}" for d in ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t") for k in (1, 5, 10)}
+    assert expected | {"mean_r1", "loss", "loss_i2t", "loss_i2a", "loss_t2a", "triples_per_s",
+                       "lr/fast", "lr/mid", "lr/slow", "temperature"} <= keys
+    assert {f"test/{k}" for k in expected} <= keys
+    assert store.system_samples(run.id), "the worker records host stats"
