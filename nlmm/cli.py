@@ -173,14 +173,19 @@ def train(
     grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", "--num_workers", min=0)] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
-    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard scalars.")] = False,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard "
+                                              "scalars to runs/<run>/tensorboard.")] = False,
+    wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (offline "
+                                        "unless WANDB_API_KEY is set).")] = False,
 ) -> None:
     """Prepare the corpus if needed, start a training run as a subprocess and follow it."""
     from nlmm.train.launcher import TrainRequest, follow, launch
 
     _only_flickr8k(dataset)
     overrides = list(set_ or [])
-    for key, value in (("train.epochs", epochs), ("train.batch_size", batch_size), ("train.lr", lr),
+    # with --resume, --epochs means "this many more" and is handled by the launcher
+    for key, value in (("train.epochs", None if resume else epochs),
+                       ("train.batch_size", batch_size), ("train.lr", lr),
                        ("train.optimizer", optimizer.value if optimizer else None),
                        ("train.seed", seed), ("train.eval_every", eval_every),
                        ("train.accumulate", accumulate), ("data.image_size", image_size),
@@ -190,9 +195,12 @@ def train(
             overrides.append(f"{key}={json.dumps(value)}")
     if amp is not None:
         overrides.append(f"precision.amp={'bf16' if amp else 'none'}")
+    mirrors = [m for m, on in (("tensorboard", tensorboard), ("wandb", wandb)) if on]
+    if mirrors:
+        overrides.append(f"train.mirrors={json.dumps(mirrors)}")
     request = TrainRequest(data=data, synthetic=synthetic, config=config, overrides=overrides,
                            device=device.value, name=name, resume=resume,
-                           add_epochs=epochs if resume else None, tensorboard=tensorboard)
+                           add_epochs=epochs if resume else None)
     run = launch(request, console=console)
     if detach:
         console.print(f"started run [bold]{run.name}[/] (id {run.id}); follow it with "

@@ -96,6 +96,7 @@ class TrainConfig:
     grad_checkpointing: bool = _f(False)
     loss_weights: dict[str, float] = _f(factory=lambda: {"i2t": 1.0, "i2a": 1.0, "t2a": 1.0})
     log_every: int = _f(10, min=1, help="write step metrics every N steps")
+    mirrors: list[str] = _f(factory=list, help="also log to: tensorboard, wandb")
 
 
 def _default_levels() -> list[CMSLevel]:
@@ -140,6 +141,10 @@ class Config:
         if self.data.image_size % self.patch_size:
             raise ConfigError(f"{source}: data.image_size={self.data.image_size} must be a multiple "
                               f"of patch_size={self.patch_size}.")
+        for mirror in self.train.mirrors:
+            if mirror not in ("tensorboard", "wandb"):
+                raise ConfigError(f"{source}: train.mirrors holds {mirror!r}; allowed: "
+                                  "tensorboard, wandb.")
         bad = set(self.train.loss_weights) - set(PAIRS)
         if bad:
             raise ConfigError(f"{source}: train.loss_weights has unknown pair {sorted(bad)[0]!r}; "

@@ -43,7 +43,6 @@ class TrainRequest:
     name: str | None = None
     resume: str | None = None
     add_epochs: int | None = None
-    tensorboard: bool = False
 
 
 def _prepare_corpus(req: TrainRequest, cfg: Config, console: Console | None):

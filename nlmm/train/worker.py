@@ -64,6 +64,7 @@ def run_worker(run_id: int) -> int:
                             daemon=True)
     beat.start()
     writer = store.MetricWriter(run.id)
+    sink = writer
     monitor = None
     try:
         cfg = config_from_dict(json.loads(run.config), f"run {run.name}")
@@ -71,6 +72,11 @@ def run_worker(run_id: int) -> int:
         device = resolve_device(run.device)
         cache = PreparedCache.open(Path(run.data))
         run_dir = Path(run.log_path).parent if run.log_path else store.run_dir(run.name)
+        if cfg.train.mirrors:
+            from nlmm.train.mirrors import TeeSink, build_mirrors
+
+            sink = TeeSink(writer, build_mirrors(cfg.train.mirrors, run.name, run_dir,
+                                                 cfg.to_dict()))
         from nlmm.sysmon import SystemMonitor
 
         monitor = SystemMonitor(run.id)
@@ -79,11 +85,11 @@ def run_worker(run_id: int) -> int:
             _log(monitor.note)
 
         def on_checkpoint(ev: CheckpointEvent) -> None:
-            writer.flush()
+            sink.flush()
             store.record_checkpoint(run.id, ev.progress.global_step, ev.progress.epoch,
                                     str(ev.path), ev.kind, ev.metrics, ev.kind == "best", ev.nbytes)
 
-        trainer = Trainer(cfg, cache, device, run_dir, writer, on_checkpoint, stop_event, _log)
+        trainer = Trainer(cfg, cache, device, run_dir, sink, on_checkpoint, stop_event, _log)
         last = run_dir / "checkpoints" / "last.pt"
         if last.is_file():
             trainer.load_state_dict(load_checkpoint(last, map_location=device))
@@ -93,7 +99,7 @@ def run_worker(run_id: int) -> int:
         _log(f"training {run.name} on {device}: {trainer.total_steps} steps, "
              f"{trainer.steps_per_epoch} per epoch")
         status = trainer.fit()
-        writer.close()
+        sink.close()
         store.heartbeat(run.id, step=trainer.progress.global_step, epoch=trainer.progress.epoch)
         store.set_status(run.id, status)
         _log(f"run {run.name} {status}")
@@ -102,8 +108,8 @@ def run_worker(run_id: int) -> int:
         tb = traceback.format_exc()
         _log(tb)
         try:
-            writer.close()
-        except Exception:
+            sink.close()
+        except Exception:  # the failure being recorded matters more than the last metrics
             pass
         store.set_status(run.id, "failed", error=f"{type(exc).__name__}: {exc}\n\n{tb}")
         return 1
