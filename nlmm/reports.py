@@ -50,6 +50,10 @@ def runs_table(status: str | None = None) -> Table | Text:
     return table
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def recall_table(metrics: dict[str, float], title: str = "Recall@K (%)",
                  second: dict[str, float] | None = None, second_label: str = "TTT") -> Table:
     """Rows = the six directions, columns = R@1/5/10 (and the same with TTT when given)."""
@@ -64,14 +68,14 @@ def recall_table(metrics: dict[str, float], title: str = "Recall@K (%)",
     for d in DIRECTIONS:
         if f"{d}_r1" not in metrics:
             continue
-        row = [ARROWS[d]] + [f"{metrics[f'{d}_r{k}']:.1f}" for k in (1, 5, 10)]
+        row = [ARROWS[d]] + [_pct(metrics.get(f"{d}_r{k}")) for k in (1, 5, 10)]
         if second is not None:
-            row += [f"{second.get(f'{d}_r{k}', float('nan')):.1f}" for k in (1, 5, 10)]
+            row += [_pct(second.get(f"{d}_r{k}")) for k in (1, 5, 10)]
         table.add_row(*row)
     if "mean_r1" in metrics:
-        row = ["mean R@1", f"{metrics['mean_r1']:.1f}", "", ""]
+        row = ["mean R@1", _pct(metrics["mean_r1"]), "", ""]
         if second is not None:
-            row += [f"{second.get('mean_r1', float('nan')):.1f}", "", ""]
+            row += [_pct(second.get("mean_r1")), "", ""]
         table.add_row(*row, style="bold")
     return table
 

@@ -1,0 +1,1 @@
+"""The dashboard's screens: runs, one run, comparison, checkpoints, search, and the dialogs."""

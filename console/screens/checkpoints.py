@@ -1,0 +1,205 @@
+"""A run's checkpoints with their metrics; evaluate, export, resume from, or search with one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from rich.console import Group
+from rich.text import Text
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import Footer, Header, Static
+
+from console.screens.base import PollingScreen
+from console.widgets import cells
+from console.widgets.keyed_table import KeyedTable, Row
+from console.widgets.recall_grid import recall_grid
+from nlmm import store
+from nlmm.errors import NlmmError
+
+T = TypeVar("T")
+
+COLUMNS = (("best", "★"), ("kind", "kind"), ("step", "step"), ("epoch", "epoch"),
+           ("mean", "mean R@1"), ("i2t", "i2t R@1"), ("t2i", "t2i R@1"), ("size", "size"),
+           ("file", "file"))
+
+
+@dataclass(frozen=True)
+class CheckpointsSnapshot:
+    run: store.Run
+    checkpoints: list[store.Checkpoint]
+
+
+def checkpoint_row(ckpt: store.Checkpoint) -> Row:
+    metrics = ckpt.metrics or {}
+    return (str(ckpt.id), (
+        Text("★", style="bold yellow") if ckpt.is_best else Text(""),
+        ckpt.kind, str(ckpt.step), str(ckpt.epoch),
+        cells.recall(metrics.get("mean_r1")), cells.recall(metrics.get("i2t_r1")),
+        cells.recall(metrics.get("t2i_r1")), cells.size(ckpt.bytes), Path(ckpt.path).name))
+
+
+def export_folder(ckpt: store.Checkpoint) -> Path:
+    """`runs/<run>/export/<kind>-step<N>/`, beside the run's checkpoints folder."""
+    folder = Path(ckpt.path).parent
+    run_folder = folder.parent if folder.name == "checkpoints" else folder
+    return run_folder / "export" / f"{ckpt.kind}-step{ckpt.step}"
+
+
+class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
+    HELP = ("A run's checkpoints (★ marks the best). e evaluates the selected one on the test "
+            "split, x exports it as a bundle, r resumes the run, Enter or s searches with it.")
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("e", "evaluate", "Evaluate"),
+        Binding("x", "export", "Export"),
+        Binding("r", "resume", "Resume"),
+        Binding("s", "search_with", "Search"),
+    ]
+
+    def __init__(self, run_id: int) -> None:
+        super().__init__()
+        self.run_id = run_id
+        self.run: store.Run | None = None
+        self.checkpoints: dict[str, store.Checkpoint] = {}
+        self.results: dict[str, Any] = {}  # checkpoint id -> test results of an evaluation
+        self.busy = False
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield KeyedTable(COLUMNS, id="ckpt-table")
+        yield Static(id="ckpt-detail")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "checkpoints"
+        super().on_mount()
+
+    # ---- data
+
+    def fetch(self) -> CheckpointsSnapshot:
+        return CheckpointsSnapshot(store.get_run(self.run_id), store.list_checkpoints(self.run_id))
+
+    def apply(self, snapshot: CheckpointsSnapshot) -> None:
+        self.run = snapshot.run
+        self.sub_title = f"{snapshot.run.name} · checkpoints"
+        self.checkpoints = {str(c.id): c for c in snapshot.checkpoints}
+        self.query_one("#ckpt-table", KeyedTable).sync(
+            [checkpoint_row(c) for c in snapshot.checkpoints])
+        self._show_detail()
+
+    def selected(self) -> store.Checkpoint | None:
+        key = self.query_one("#ckpt-table", KeyedTable).current_key
+        return None if key is None else self.checkpoints.get(key)
+
+    def _show_detail(self) -> None:
+        detail = self.query_one("#ckpt-detail", Static)
+        ckpt = self.selected()
+        if ckpt is None:
+            detail.update(Text("no checkpoints yet: the worker saves one after each evaluation",
+                               style="dim"))
+            return
+        parts: list[Any] = [Text(ckpt.path, style="dim")]
+        if ckpt.metrics:
+            parts.append(recall_grid(ckpt.metrics, title=f"dev Recall@K (%) at step {ckpt.step}"))
+        result = self.results.get(str(ckpt.id))
+        if result is not None:
+            parts.append(recall_grid(result["metrics"], title=f"{result['split']} Recall@K (%)"))
+        detail.update(Group(*parts))
+
+    def on_data_table_row_highlighted(self, _event: KeyedTable.RowHighlighted) -> None:
+        self._show_detail()
+
+    def on_data_table_row_selected(self, event: KeyedTable.RowSelected) -> None:
+        event.stop()
+        self.action_search_with()
+
+    # ---- actions
+
+    def _require(self) -> store.Checkpoint | None:
+        """The selected checkpoint, marking the screen busy; None (with a notice) when there is
+        none or another action still runs."""
+        ckpt = self.selected()
+        if ckpt is None:
+            self.notify("no checkpoint selected", severity="warning")
+            return None
+        if self.busy:
+            self.notify("wait for the running action to finish", severity="warning")
+            return None
+        return ckpt
+
+    def action_evaluate(self) -> None:
+        ckpt = self._require()
+        if ckpt is not None:
+            self.busy = True
+            self.notify(f"evaluating step {ckpt.step} on the test split …")
+            self._evaluate(ckpt)
+
+    @work(thread=True, group="ckpt-action")
+    def _evaluate(self, ckpt: store.Checkpoint) -> None:
+        from nlmm.train.evaluate import evaluate_target
+
+        def done(result: dict[str, Any]) -> None:
+            self.results[str(ckpt.id)] = result
+            self._show_detail()
+            mean = result["metrics"].get("mean_r1")
+            self.notify(f"test mean R@1 {cells.recall(mean)} at step {ckpt.step}")
+
+        self._run_action(lambda: evaluate_target(ckpt.path, split="test"), done)
+
+    def action_export(self) -> None:
+        ckpt = self._require()
+        if ckpt is not None:
+            self.busy = True
+            self._export(ckpt)
+
+    @work(thread=True, group="ckpt-action")
+    def _export(self, ckpt: store.Checkpoint) -> None:
+        from nlmm.export import export_bundle
+
+        self._run_action(lambda: export_bundle(ckpt.path, export_folder(ckpt)),
+                         lambda out: self.notify(f"exported to {out}"))
+
+    def action_resume(self) -> None:
+        ckpt = self._require()
+        if ckpt is None or self.run is None:
+            return
+        if self.run.status in cells.ACTIVE_STATUSES:
+            self.notify(f"run {self.run.name} is {self.run.status}; stop it before resuming",
+                        severity="warning")
+            return
+        last = max(self.checkpoints.values(), key=lambda c: (c.step, c.id))
+        if ckpt.id != last.id:
+            self.notify(f"resuming continues from the run's latest checkpoint (step {last.step})")
+        self.busy = True
+        self._resume(self.run.name)
+
+    @work(thread=True, group="ckpt-action")
+    def _resume(self, run_name: str) -> None:
+        from nlmm.train.launcher import TrainRequest, launch
+
+        self._run_action(lambda: launch(TrainRequest(resume=run_name)),
+                         lambda run: self.notify(f"resumed {run.name}; its worker is starting"))
+
+    def action_search_with(self) -> None:
+        ckpt = self.selected()
+        if ckpt is None:
+            self.notify("no checkpoint selected", severity="warning")
+        else:
+            self.dash.open_search(checkpoint=Path(ckpt.path))
+
+    def _run_action(self, action: Callable[[], T], done: Callable[[T], None]) -> None:
+        """Run a blocking library call (in a worker thread) and report its outcome on the loop."""
+        try:
+            result = action()
+        except (NlmmError, OSError) as exc:
+            self.app.call_from_thread(self.notify, str(exc), severity="error")
+        else:
+            self.app.call_from_thread(done, result)
+        finally:
+            self.app.call_from_thread(setattr, self, "busy", False)

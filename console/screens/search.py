@@ -1,0 +1,144 @@
+"""Query a trained checkpoint with text, an image file or a WAV file and list what it retrieves.
+
+Queries go through `nlmm.search.Searcher.query`, the function behind `nlmm search`; the app keeps
+the last loaded Searcher so only the first query of a checkpoint pays for loading the model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, Select
+
+from console.widgets.keyed_table import KeyedTable, Row
+from nlmm.errors import NlmmError
+
+if TYPE_CHECKING:
+    from console.app import NlmmDash
+    from nlmm.search import SearchHit
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+AUDIO_SUFFIXES = (".wav",)
+TARGETS = (("auto", "auto"), ("images", "image"), ("captions", "text"), ("spoken captions", "audio"))
+COLUMNS = (("rank", "#"), ("score", "score"), ("modality", "kind"), ("file", "file"),
+           ("caption", "caption"))
+RESULTS = 10
+
+
+@dataclass(frozen=True)
+class Query:
+    text: str | None = None
+    image: Path | None = None
+    audio: Path | None = None
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.image else "audio" if self.audio else "text"
+
+
+def parse_query(raw: str) -> Query:
+    """A path to an image or WAV file queries with that file; anything else is a text query."""
+    value = raw.strip()
+    if not value:
+        raise NlmmError("the query is empty; type a few words or the path to an image or WAV file.")
+    suffix = Path(value).suffix.lower()
+    if suffix in IMAGE_SUFFIXES + AUDIO_SUFFIXES:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise NlmmError(f"query file {path} does not exist; check the path or type a text query.")
+        return Query(image=path) if suffix in IMAGE_SUFFIXES else Query(audio=path)
+    return Query(text=value)
+
+
+def hit_row(hit: SearchHit) -> Row:
+    file = Path(hit.path).name if hit.path else ("-" if hit.modality == "text" else hit.item)
+    return (str(hit.rank), (str(hit.rank), f"{hit.score:.3f}", hit.modality, file,
+                            hit.caption or ""))
+
+
+class SearchScreen(Screen[None]):
+    HELP = ("Type words, or the path to a .jpg/.png or .wav file, and press Enter. Ctrl+T picks "
+            "what to retrieve (auto: images for text and audio queries, captions for images).")
+
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("ctrl+t", "focus_target", "Target"),
+        Binding("ctrl+l", "focus_query", "Query", show=False),
+    ]
+
+    def __init__(self, run: str | None = None, checkpoint: Path | None = None) -> None:
+        super().__init__()
+        self.run_ref = run
+        self.checkpoint = checkpoint
+        self.hits: list[SearchHit] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="search-bar"):
+            yield Input(placeholder="text, or path to an image / WAV file", id="search-query")
+            yield Select[str](TARGETS, value="auto", allow_blank=False, id="search-target")
+        yield Label(self._model_label(), id="search-model")
+        yield KeyedTable(COLUMNS, id="search-results")
+        yield Label("Enter searches; the first query of a model loads it and indexes its gallery",
+                    id="search-status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "search"
+        self.query_one("#search-query", Input).focus()
+
+    def _model_label(self) -> str:
+        if self.checkpoint is not None:
+            return f"model: {self.checkpoint}"
+        if self.run_ref is not None:
+            return f"model: best checkpoint of run {self.run_ref}"
+        return "model: best checkpoint of the latest finished run"
+
+    def action_focus_target(self) -> None:
+        self.query_one("#search-target", Select).focus()
+
+    def action_focus_query(self) -> None:
+        self.query_one("#search-query", Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id != "search-query":
+            return
+        try:
+            query = parse_query(event.value)
+        except NlmmError as exc:
+            self.query_one("#search-status", Label).update(str(exc))
+            return
+        target = self.query_one("#search-target", Select).value
+        self.query_one("#search-status", Label).update(f"searching ({query.kind} query) …")
+        self._search(query, None if target == "auto" else str(target))
+
+    @work(thread=True, exclusive=True, group="search")
+    def _search(self, query: Query, target: str | None) -> None:
+        started = time.perf_counter()
+        try:
+            searcher = cast("NlmmDash", self.app).searcher_for(self.checkpoint, self.run_ref)
+            hits = searcher.query(text=query.text, image=query.image, audio=query.audio,
+                                  target=target, k=RESULTS)
+        except (NlmmError, OSError) as exc:
+            self.app.call_from_thread(self._show_error, str(exc))
+            return
+        seconds = time.perf_counter() - started
+        self.app.call_from_thread(self._show_hits, hits, str(searcher.loaded.checkpoint_path), seconds)
+
+    def _show_error(self, message: str) -> None:
+        self.query_one("#search-status", Label).update(message)
+
+    def _show_hits(self, hits: list[SearchHit], checkpoint: str, seconds: float) -> None:
+        self.hits = hits
+        self.query_one("#search-results", KeyedTable).sync([hit_row(hit) for hit in hits])
+        self.query_one("#search-model", Label).update(f"model: {checkpoint}")
+        self.query_one("#search-status", Label).update(
+            f"{len(hits)} results in {seconds:.2f} s" if hits else "no results")

@@ -1,0 +1,1 @@
+"""Widgets and cell formatters shared by the dashboard's screens."""

@@ -1,0 +1,88 @@
+"""Plain-text formatting of run fields for tables and headers.
+
+Every function that depends on the time takes `now` from the caller, so the app's injectable
+clock (fixed in snapshot tests) decides what "elapsed" and "ETA" read.
+"""
+
+from __future__ import annotations
+
+import time
+
+from nlmm import store
+
+ACTIVE_STATUSES = ("queued", "running")
+
+
+def duration(seconds: float | None) -> str:
+    """`H:MM:SS` (or `D d H:MM:SS` past a day); `-` when unknown."""
+    if seconds is None:
+        return "-"
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    text = f"{rest // 3600}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+    return f"{days}d {text}" if days else text
+
+
+def elapsed_seconds(run: store.Run, now: float) -> float | None:
+    """Seconds the run has trained: up to its end, or up to `now` while it is still active."""
+    if run.started_at is None:
+        return None
+    end = now if run.status in ACTIVE_STATUSES or run.ended_at is None else run.ended_at
+    return max(0.0, end - run.started_at)
+
+
+def progress_fraction(run: store.Run) -> float | None:
+    """Share of the planned steps done, or of the planned epochs when steps are unknown."""
+    if run.steps_total:
+        return min(1.0, (run.step or 0) / run.steps_total)
+    if run.epochs_total:
+        return min(1.0, (run.epoch or 0) / run.epochs_total)
+    return None
+
+
+def eta_seconds(run: store.Run, now: float) -> float | None:
+    """Time left at the average rate since the run started; None until there is a rate."""
+    if run.status != "running" or not run.steps_total or not run.step:
+        return None
+    spent = elapsed_seconds(run, now)
+    if not spent:
+        return None
+    return max(0, run.steps_total - run.step) * spent / run.step
+
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction * 100:.0f}%"
+
+
+def compact_count(n: int) -> str:
+    """1234 -> 1.2k, 1234567 -> 1.2M; short enough for a narrow column."""
+    if n < 10_000:
+        return str(n)
+    if n < 1_000_000:
+        return f"{n / 1000:.1f}k" if n < 100_000 else f"{n // 1000}k"
+    return f"{n / 1e6:.1f}M"
+
+
+def epoch_step(run: store.Run) -> str:
+    epochs = f"{run.epoch or 0}/{run.epochs_total or '?'}"
+    return f"{epochs} · {compact_count(run.step or 0)}"
+
+
+def recall(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.1f}"
+
+
+def local_time(stamp: float | None) -> str:
+    """`MM-DD HH:MM` in the local time zone; `-` when unset."""
+    if stamp is None:
+        return "-"
+    return time.strftime("%m-%d %H:%M", time.localtime(stamp))
+
+
+def size(n_bytes: int | None) -> str:
+    if not n_bytes:
+        return "-"
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes} B"

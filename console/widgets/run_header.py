@@ -1,0 +1,61 @@
+"""The top of the run screen: name, status, device, epoch/step, progress with ETA, and the error."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Label, ProgressBar, Static
+
+from console.widgets import cells
+from nlmm import store
+from nlmm.reports import status_text
+
+
+def summary_line(run: store.Run) -> Text:
+    parts = [Text(run.name, style="bold"), Text("  "), status_text(run.status),
+             Text(f"  {run.device or '-'}  epoch {run.epoch or 0}/{run.epochs_total or '?'}"
+                  f"  step {run.step or 0}/{run.steps_total or '?'}")]
+    if run.best_metric is not None:
+        parts.append(Text(f"  best R@1 {run.best_metric:.1f}"))
+    return Text.assemble(*parts)
+
+
+def timing_line(run: store.Run, now: float) -> str:
+    elapsed = cells.elapsed_seconds(run, now)
+    eta = cells.eta_seconds(run, now)
+    text = f"elapsed {cells.duration(elapsed)}"
+    if eta is not None:
+        text += f"  ETA {cells.duration(eta)}"
+    elif run.status == "running":
+        text += "  ETA -"
+    return text
+
+
+def error_text(run: store.Run) -> Text | None:
+    """The last lines of a failed run's error (a traceback ends with its message)."""
+    if not run.error:
+        return None
+    lines = run.error.strip().splitlines()
+    return Text("\n".join(lines[-3:]), style="bold red")
+
+
+class RunHeader(Vertical):
+    def compose(self) -> ComposeResult:
+        yield Static(id="run-summary")
+        with Horizontal(id="run-progress-row"):
+            yield ProgressBar(total=1000, show_eta=False, id="run-progress")
+            yield Label(id="run-timing")
+        yield Static(id="run-error")
+
+    def show(self, run: store.Run, now: float) -> None:
+        self.query_one("#run-summary", Static).update(summary_line(run))
+        bar = self.query_one("#run-progress", ProgressBar)
+        # A run without a planned length shows an empty bar, not the pulsing "unknown" one.
+        bar.update(progress=round((cells.progress_fraction(run) or 0.0) * 1000))
+        self.query_one("#run-timing", Label).update(timing_line(run, now))
+        error = self.query_one("#run-error", Static)
+        message = error_text(run)
+        error.display = message is not None
+        if message is not None:
+            error.update(message)
