@@ -174,18 +174,29 @@ def model_info_table(cfg: Config, batch_size: int) -> Group:
     parts = Table(title="parameters")
     parts.add_column("part")
     parts.add_column("params", justify="right")
-    for name, count in info["params_by_part"].items():
-        parts.add_row(name, f"{count:,}")
-    parts.add_row("total", f"{info['params_total']:,}", style="bold")
+    parts.add_column("fwd+bwd GFLOPs / triple", justify="right")
+    for name, count in info["params"].items():
+        if name == "trainable":
+            continue
+        flops = info["flops_per_triple"].get(name)
+        parts.add_row(name, f"{count:,}", "" if flops is None else f"{flops / 1e9:.2f}")
+    parts.add_row("trainable", f"{info['params']['trainable']:,}",
+                  f"{info['flops_per_triple']['total'] / 1e9:.2f}", style="bold")
     levels = Table(title="parameters per CMS level (optimizer groups)")
-    levels.add_column("level")
-    levels.add_column("chunk", justify="right")
-    levels.add_column("params", justify="right")
+    for col in ("level", "chunk", "optimizer", "lr", "params"):
+        levels.add_column(col, justify="left" if col in ("level", "optimizer") else "right")
     for lv in cfg.cms_levels:
-        levels.add_row(lv.name, str(lv.chunk_size), f"{info['params_by_level'].get(lv.name, 0):,}")
-    other = Text(f"forward+backward ≈ {info['flops_per_triple'] / 1e9:.2f} GFLOPs per triple; "
-                 f"training memory at batch {batch_size} ≈ {info['memory_bytes'] / 2**30:.2f} GiB")
-    return Group(parts, levels, other)
+        levels.add_row(lv.name, str(lv.chunk_size), cfg.train.optimizer or lv.optimizer,
+                       f"{lv.lr:g}", f"{info['params_per_level'].get(lv.name, 0):,}")
+    memory = Table(title=f"training memory at batch {batch_size} (estimate)")
+    memory.add_column("part")
+    memory.add_column("GiB", justify="right")
+    for name, nbytes in info["memory_bytes"].items():
+        memory.add_row(name, f"{nbytes / 2**30:.2f}", style="bold" if name == "total" else "")
+    tokens = ", ".join(f"{m} {n}" for m, n in info["tokens_per_triple"].items())
+    return Group(parts, levels, memory, Text(f"tokens per triple: {tokens} (audio "
+                                             f"{info['audio_seconds']:g} s, text "
+                                             f"{info['text_len']} tokens)"))
 
 
 def search_table(hits: list[Any]) -> Table | Text:

@@ -121,3 +121,16 @@ def test_foreground_train_follows_to_the_end_and_prints_a_summary(synth_root, en
                        "lr/fast", "lr/mid", "lr/slow", "temperature"} <= keys
     assert {f"test/{k}" for k in expected} <= keys
     assert store.system_samples(run.id), "the worker records host stats"
+
+
+def test_model_info_counts_the_real_parameters(env):
+    from nlmm.config import resolve_config
+    from nlmm.model import NLMM
+
+    out = nlmm("model", "info", "--config", "tiny_cpu", env=env)
+    assert out.returncode == 0, out.stderr
+    model = NLMM(resolve_config("tiny_cpu"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"{trainable:,}" in out.stdout
+    for level in ("fast", "mid", "slow"):
+        assert level in out.stdout
