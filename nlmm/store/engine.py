@@ -4,6 +4,11 @@ SQLite is set up for several processes at once: WAL (readers never block the wri
 busy timeout, and BEGIN IMMEDIATE for write transactions, so a writer takes the lock up front
 instead of failing with "database is locked" when it upgrades a read lock. Read sessions begin
 with a plain (deferred) BEGIN so the dashboard's polling never queues behind the worker.
+
+PostgreSQL (`NLMM_DB_URL=postgresql://user:password@host/db`, for several nodes logging to one
+server) needs no such setup: its row locks let writers of different runs proceed side by side.
+A URL without a driver uses psycopg 3 (`pip install nlmm[postgres]`) rather than SQLAlchemy's
+default psycopg2.
 """
 
 from __future__ import annotations
@@ -69,11 +74,18 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
+def _with_driver(url: URL) -> URL:
+    """`postgresql://` means psycopg 3 here, the driver nlmm depends on for PostgreSQL."""
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    return url
+
+
 def create_store_engine(url: str) -> Engine:
     """A new engine for `url`, configured for concurrent use; no schema work, no caching."""
     shown = url
     try:
-        parsed = make_url(url)
+        parsed = _with_driver(make_url(url))
         shown = parsed.render_as_string(hide_password=True)
         if parsed.get_backend_name() == "sqlite":
             database = _sqlite_file(parsed)
@@ -85,8 +97,9 @@ def create_store_engine(url: str) -> Engine:
             return engine
         return create_engine(parsed, pool_pre_ping=True)
     except (ArgumentError, NoSuchModuleError, ModuleNotFoundError) as exc:
+        hint = " (for PostgreSQL: pip install 'psycopg[binary]')" if "psycopg" in str(exc) else ""
         raise NlmmError(f"cannot use the database URL {shown} ({exc}); fix NLMM_DB_URL or install "
-                        f"its driver") from exc
+                        f"its driver{hint}") from exc
     except OSError as exc:
         raise NlmmError(f"cannot create the folder of the database {shown} ({exc}); set NLMM_RUNS_DIR "
                         f"or NLMM_DB_URL to a writable place") from exc
@@ -117,9 +130,14 @@ def get_engine(url: str | None = None) -> Engine:
             migrate(engine)
         except OperationalError as exc:
             engine.dispose()
+            if engine.dialect.name == "sqlite":
+                advice = ("check that its folder is writable and on a local disk (SQLite WAL does "
+                          "not work on network file systems)")
+            else:
+                advice = "check that the server is running and reachable and the login is right"
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             raise NlmmError(f"cannot open the store {engine.url.render_as_string(hide_password=True)} "
-                            f"({exc.orig}); check that its folder is writable and on a local disk "
-                            f"(SQLite WAL does not work on network file systems)") from exc
+                            f"({reason}); {advice}") from exc
         except BaseException:
             engine.dispose()
             raise

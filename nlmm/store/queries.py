@@ -37,6 +37,10 @@ from nlmm.store.models import (
 
 # Clock granularity and the gap between fork and the worker registering its pid.
 _PID_START_SLACK_S = 2.0
+# A run of this host is declared lost once its heartbeat (every second from the worker) is this
+# old and its process is gone; the process check rules out false alarms on a busy machine, so
+# the window only needs to cover a few missed beats, and a killed worker shows as lost within 10 s.
+LOST_AFTER_S = 5.0
 
 # DISTINCT over a million rows scans them all; hopping from key to next key is one index seek each.
 _KEYS_SQL = text("""
@@ -185,7 +189,7 @@ def _process_alive(pid: int | None, started_at: float | None) -> bool:
         return True
 
 
-def mark_lost(timeout_s: float = 10.0, engine: Engine | None = None) -> list[int]:
+def mark_lost(timeout_s: float = LOST_AFTER_S, engine: Engine | None = None) -> list[int]:
     """Mark `lost` the running runs of this host whose heartbeat is stale and whose process is gone.
 
     Runs of other hosts are left alone: their processes cannot be checked from here.
@@ -209,7 +213,7 @@ def mark_lost(timeout_s: float = 10.0, engine: Engine | None = None) -> list[int
 
 
 def list_runs(status: str | None = None, name_like: str | None = None, engine: Engine | None = None,
-              lost_after_s: float = 10.0) -> list[Run]:
+              lost_after_s: float = LOST_AFTER_S) -> list[Run]:
     """Runs, newest first; runs whose worker died unseen are marked `lost` first."""
     mark_lost(lost_after_s, engine=engine)
     query = select(Run).order_by(col(Run.created_at).desc(), col(Run.id).desc())

@@ -15,31 +15,56 @@ from nlmm.errors import NlmmError
 
 FORMAT = "nlmm-checkpoint"
 FORMAT_VERSION = 1
+_TEMP_MARK = ".tmp-"
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TEMP_MARK}{os.getpid()}")
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> int:
     """Write `payload` to `path` via a temp file, fsync and rename; returns the size in bytes.
 
     A crash at any moment leaves either the previous file or the new one, never a partial file
-    under the final name. On failure (disk full, ...) the temp file is removed and the error
-    propagates, so the caller keeps pointing at the last good checkpoint.
+    under the final name. A failed write (disk full, ...) removes the temp file and raises
+    NlmmError; the previous file at `path` is untouched, so the caller keeps pointing at it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_path(path)
     body = {"format": FORMAT, "format_version": FORMAT_VERSION, "nlmm_version": nlmm.__version__,
             **payload}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as fh:
             torch.save(body, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous file there is kept" if path.is_file() else "nothing was written"
+        raise NlmmError(f"could not write checkpoint {path} ({exc.strerror or exc}); {kept}, so "
+                        "free space or fix the folder's permissions and continue the run with "
+                        "`nlmm train --resume RUN`.") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path.stat().st_size
+
+
+def discard_partial_writes(folder: Path) -> list[Path]:
+    """Delete the temp files that writers killed mid-save left in `folder`; returns them.
+
+    Only call this while no process is saving into `folder` (a run's worker at start-up).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and _TEMP_MARK in p.name]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -53,17 +78,35 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _damaged(path: Path) -> str | None:
+    """Why the file is not an intact zip archive (torch.save's format), None when it is.
+
+    torch.load does not check the CRC32 that torch.save stores for every record, so a flipped
+    bit in the weights would load silently; reading the archive through zipfile checks them all.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, UnicodeDecodeError) as exc:
+        return type(exc).__name__
+    return None if bad is None else f"bad CRC in {bad}"
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint`; NlmmError when missing, damaged or foreign."""
     path = Path(path)
     if not path.is_file():
         raise NlmmError(f"checkpoint {path} does not exist; list checkpoints with `nlmm runs show RUN`.")
-    try:
-        body = torch.load(path, map_location=map_location, weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            AttributeError, ImportError, IndexError, KeyError, OSError) as exc:
-        raise NlmmError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); "
-                        "use another checkpoint of the run, e.g. best.pt or last.pt.") from None
+    damage = _damaged(path)
+    if damage is None:
+        try:
+            body = torch.load(path, map_location=map_location, weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+                AttributeError, ImportError, IndexError, KeyError, OSError) as exc:
+            damage = type(exc).__name__
+    if damage is not None:
+        raise NlmmError(f"checkpoint {path} is corrupt or truncated ({damage}); use another "
+                        "checkpoint of the run, e.g. best.pt or last.pt.")
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise NlmmError(f"{path} is not an nlmm checkpoint; pass a file from runs/<run>/checkpoints/.")
     if body.get("format_version", 0) > FORMAT_VERSION:

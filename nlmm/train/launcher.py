@@ -3,12 +3,18 @@
 A run is registered in the store first, then its worker is started as a separate process in its
 own session (`python -m nlmm.train.worker RUN_ID`), so a Ctrl-C in the terminal reaches only the
 follower, which then asks the worker to checkpoint and stop.
+
+Data-parallel runs (`--nproc`, `--nnodes`) start torchrun in module form
+(`python -m torch.distributed.run ... -m nlmm.train.worker RUN_ID`) instead. The first node
+(node rank 0) registers the run; every other node only prepares its own copy of the corpus and
+joins with `join()`, its ranks taking the run's configuration from rank 0.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
@@ -24,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from nlmm import store
 from nlmm.config import Config, config_from_dict, resolve_config, save_config
 from nlmm.errors import NlmmError
+from nlmm.train.checkpoint import load_checkpoint
 from nlmm.train.loop import resolve_device
 
 DEFAULT_DATA = Path("data/flickr8k")
@@ -43,6 +51,41 @@ class TrainRequest:
     name: str | None = None
     resume: str | None = None
     add_epochs: int | None = None
+    nproc: int = 1  # worker processes on this node (one per GPU)
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # host:port of node 0, for several nodes
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nnodes
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _check_distributed(req: TrainRequest, device: str) -> None:
+    if req.nproc < 1 or req.nnodes < 1:
+        raise NlmmError("--nproc and --nnodes must be at least 1.")
+    if not 0 <= req.node_rank < req.nnodes:
+        raise NlmmError(f"--node-rank must be between 0 and --nnodes - 1 = {req.nnodes - 1}, "
+                        f"got {req.node_rank}.")
+    if req.nnodes > 1 and not req.rdzv_endpoint:
+        raise NlmmError("several nodes need --rdzv-endpoint HOST:PORT, an address of node 0 that "
+                        "every node can reach.")
+    if req.rdzv_endpoint and not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", req.rdzv_endpoint):
+        raise NlmmError(f"--rdzv-endpoint must be HOST:PORT, got {req.rdzv_endpoint!r}.")
+    if device.startswith("cuda") and req.nproc > torch.cuda.device_count():
+        raise NlmmError(f"--nproc {req.nproc} asks for more processes than the "
+                        f"{torch.cuda.device_count()} GPU(s) of this node; use --nproc "
+                        f"{torch.cuda.device_count()} or fewer.")
+
+
+def _check_batch_split(batch_size: int, req: TrainRequest) -> None:
+    if batch_size % req.world_size:
+        raise NlmmError(f"the batch size {batch_size} is the global batch and must split evenly "
+                        f"over {req.world_size} processes; use a multiple of {req.world_size}.")
 
 
 def _prepare_corpus(req: TrainRequest, cfg: Config, console: Console | None):
@@ -66,17 +109,22 @@ def _prepare_corpus(req: TrainRequest, cfg: Config, console: Console | None):
             if console:
                 console.print(f"{root} holds no corpus yet: downloading Flickr8k + FACC")
             download_flickr8k(root)
-    return prepare(root, cfg.data, cfg.vocab_size, progress=console is not None)
+    return prepare(root, cfg.data, cfg.vocab_size, progress=console is not None,
+                   encoders=cfg.encoders)
 
 
 def launch(req: TrainRequest, console: Console | None = None) -> store.Run:
-    """Register (or reopen, for --resume) a run and start its worker process."""
+    """Register (or reopen, for --resume) a run and start its worker process(es)."""
     device = str(resolve_device(req.device))  # fails before any work when CUDA is absent
+    _check_distributed(req, device)
+    if req.node_rank > 0:
+        raise NlmmError("a node other than node 0 joins a run with join(), it does not launch one.")
     if req.resume:
         run = _reopen(req, device)
     else:
         cfg = resolve_config(req.config or ("tiny_cpu" if req.synthetic else "flickr8k"),
                              req.overrides)
+        _check_batch_split(cfg.train.batch_size, req)
         cache = _prepare_corpus(req, cfg, console)
         name = req.name or store.unique_run_name("synth" if req.synthetic else "flickr8k")
         if req.name and store.find_run(req.name) is not None:
@@ -88,8 +136,38 @@ def launch(req: TrainRequest, console: Console | None = None) -> store.Run:
         run = store.create_run(name, cfg.to_dict(), str(cache.path), device,
                                epochs_total=cfg.train.epochs, steps_total=None,
                                log_path=str(folder / "train.log"))
-    _spawn(run)
+    _spawn(run, req)
     return store.get_run(run.id)
+
+
+def join(req: TrainRequest, console: Console | None = None,
+         log_path: Path | None = None) -> subprocess.Popen:
+    """Node `req.node_rank` > 0 of a data-parallel run: prepare this node's corpus and start its
+    ranks, which wait for node 0 at the rendezvous endpoint. Returns the torchrun process.
+
+    The corpus is prepared with the config of `req.resume` when this node's store knows that run
+    (a shared PostgreSQL store), else with `req.config` and `req.overrides`, which must then be
+    those node 0 was started with. Output goes to `log_path`, else to this terminal.
+    """
+    device = str(resolve_device(req.device))
+    _check_distributed(req, device)
+    if req.node_rank == 0:
+        raise NlmmError("node 0 registers the run: start it with launch(), not join().")
+    known = store.find_run(req.resume) if req.resume else None
+    if known is not None:
+        cfg = config_from_dict(json.loads(known.config), f"run {known.name}", req.overrides)
+    else:
+        cfg = resolve_config(req.config or ("tiny_cpu" if req.synthetic else "flickr8k"),
+                             req.overrides)
+    cache = _prepare_corpus(req, cfg, console)
+    command = _torchrun_command(req, None, cache.path, device)
+    if log_path is None:
+        return subprocess.Popen(command, env=_worker_env(req), stdin=subprocess.DEVNULL)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, env=_worker_env(req), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
 
 
 def _reopen(req: TrainRequest, device: str) -> store.Run:
@@ -104,28 +182,48 @@ def _reopen(req: TrainRequest, device: str) -> store.Run:
         raise NlmmError(f"run {run.name} has no checkpoint to resume from ({last}); start a new "
                         "run instead.")
     cfg_dict = json.loads(run.config)
+    # Read in full now: a damaged file is one clear error here rather than a failed worker.
+    progress = load_checkpoint(last)["progress"]
     if req.add_epochs:
-        from nlmm.train.checkpoint import load_checkpoint
-
-        progress = load_checkpoint(last)["progress"]
         cfg_dict["train"]["epochs"] = progress["epoch"] + req.add_epochs
         cfg_dict["train_steps"] = None
     if req.overrides:
         cfg_dict = config_from_dict(cfg_dict, f"run {run.name}", req.overrides).to_dict()
+    _check_batch_split(cfg_dict["train"]["batch_size"], req)
     store.update_run(run.id, config=json.dumps(cfg_dict), epochs_total=cfg_dict["train"]["epochs"],
                      device=device, error=None)
     store.set_status(run.id, "queued")
     return store.get_run(run.id)
 
 
-def _spawn(run: store.Run) -> subprocess.Popen:
+def _torchrun_command(req: TrainRequest, run_id: int | None, cache: Path, device: str) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={req.nproc}",
+               f"--nnodes={req.nnodes}", f"--node-rank={req.node_rank}", "--max-restarts=0"]
+    # one node without an endpoint: torchrun picks a free local port itself
+    command += [f"--rdzv-endpoint={req.rdzv_endpoint}"] if req.rdzv_endpoint else ["--standalone"]
+    command += ["-m", "nlmm.train.worker"] + ([str(run_id)] if run_id is not None else [])
+    return command + ["--data", str(cache), "--device", device]
+
+
+def _worker_env(req: TrainRequest) -> dict[str, str]:
+    env = dict(os.environ, NLMM_DB_URL=store.current_url(), PYTHONUNBUFFERED="1")
+    if req.distributed:
+        # torchrun would otherwise set 1 thread per process (and say so in the log)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // req.nproc)))
+    return env
+
+
+def _spawn(run: store.Run, req: TrainRequest) -> subprocess.Popen:
     log_path = Path(run.log_path) if run.log_path else store.run_dir(run.name) / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, NLMM_DB_URL=store.current_url(), PYTHONUNBUFFERED="1")
+    if req.distributed:
+        command = _torchrun_command(req, run.id, Path(run.data), run.device)
+    else:
+        command = [sys.executable, "-m", "nlmm.train.worker", str(run.id)]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "nlmm.train.worker", str(run.id)],
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=_worker_env(req),
+                                start_new_session=True)
     _processes[run.id] = proc
     store.set_status(run.id, "queued", pid=proc.pid)
     return proc

@@ -1,9 +1,12 @@
 """Training worker process: `python -m nlmm.train.worker RUN_ID`.
 
-Started by the launcher (CLI or dashboard) as its own process and session. It reads the run's
+Started by the launcher (CLI or dashboard) as its own process and session, or once per device by
+torchrun for data-parallel runs. Rank 0 (the only process of a one-device run) reads the run's
 config from the store, trains, and reports everything back through the store: metrics in
 batched transactions, checkpoints, a heartbeat, and the final status (`finished`, `stopped`
-on SIGTERM/SIGINT after a checkpoint, `failed` with the traceback).
+on SIGTERM/SIGINT after a checkpoint, `failed` with a one-sentence reason and the traceback).
+The other ranks never touch the store: rank 0 sends them the configuration and any resumed
+state, and they open the feature cache given with --data (prepared on their own node).
 """
 
 from __future__ import annotations
@@ -17,20 +20,29 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-
 import torch
 
 from nlmm import store
 from nlmm.config import config_from_dict
 from nlmm.data.cache import PreparedCache
-from nlmm.train.checkpoint import load_checkpoint
+from nlmm.errors import NlmmError
+from nlmm.train import distributed
+from nlmm.train.checkpoint import discard_partial_writes, load_checkpoint
+from nlmm.train.distributed import DistContext
 from nlmm.train.loop import CheckpointEvent, Trainer, resolve_device
 
-HEARTBEAT_S = 2.0
+HEARTBEAT_S = 1.0
 
 
 def _log(msg: str) -> None:
     print(msg, flush=True)
+
+
+class NullSink:
+    """Where ranks other than 0 send their metrics: rank 0 logs the global figures."""
+
+    def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        pass
 
 
 def _heartbeat_loop(run_id: int, trainer_ref: list, stop: threading.Event) -> None:
@@ -46,7 +58,69 @@ def _heartbeat_loop(run_id: int, trainer_ref: list, stop: threading.Event) -> No
             _log(f"heartbeat failed: {exc}")
 
 
-def run_worker(run_id: int) -> int:
+def _set_threads(ctx: DistContext) -> None:
+    """All cores, shared by the processes of this node, unless OMP_NUM_THREADS says otherwise
+    (torch already follows it; on a busy machine fewer threads than cores train faster)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
+
+
+def _open_cache(path: Path, key: str | None) -> PreparedCache:
+    cache = PreparedCache.open(path)
+    if key is not None and cache.key != key:
+        raise NlmmError(f"the feature cache {path} (key {cache.key}) differs from rank 0's (key "
+                        f"{key}); start every node with the same corpus, --config and --set.")
+    return cache
+
+
+def run_worker(run_id: int | None, data: Path | None = None, device_name: str | None = None) -> int:
+    """Train one run (rank 0) or one rank's share of it; returns the process exit code."""
+    ctx = distributed.context_from_env()
+    if ctx.is_main and run_id is None:
+        _log("error: rank 0 needs the run id; start the first node without --node-rank "
+             "(or with --node-rank 0).")
+        return 2
+    try:
+        try:
+            device = distributed.init_process_group(ctx, resolve_device(device_name or "auto"))
+        except BaseException as exc:
+            if ctx.is_main:
+                _record_failure(run_id, exc)
+            raise
+        if ctx.is_main:
+            return _run_main(run_id, ctx, device)
+        return _run_follower(ctx, device, data)
+    finally:
+        distributed.destroy_process_group(ctx)
+
+
+def _record_failure(run_id: int, exc: BaseException) -> None:
+    """Log the traceback and mark the run failed with a one-sentence reason first."""
+    tb = traceback.format_exc()
+    reason = str(exc) if isinstance(exc, NlmmError) else f"{type(exc).__name__}: {exc}"
+    _log(tb)
+    _log(f"error: {reason}")
+    store.set_status(run_id, "failed", error=f"{reason}\n\n{tb}")
+
+
+def _run_follower(ctx: DistContext, device: torch.device, data: Path | None) -> int:
+    try:
+        spec, payload = distributed.broadcast_from_main(None, ctx, device)
+        _set_threads(ctx)
+        cfg = config_from_dict(spec["config"], f"run {spec['name']}")
+        cache = _open_cache(data or Path(spec["cache"]), spec["cache_key"])
+        trainer = Trainer(cfg, cache, device, Path(spec["run_dir"]), NullSink(),
+                          log=lambda _msg: None, dist=ctx)
+        if payload is not None:
+            trainer.load_state_dict(payload)
+        trainer.fit()
+        return 0
+    except BaseException:
+        _log(f"rank {ctx.rank}: {traceback.format_exc()}")
+        return 1
+
+
+def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
     run = store.get_run(run_id)
     stop_event = threading.Event()
 
@@ -67,11 +141,22 @@ def run_worker(run_id: int) -> int:
     sink = writer
     monitor = None
     try:
-        cfg = config_from_dict(json.loads(run.config), f"run {run.name}")
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-        device = resolve_device(run.device)
-        cache = PreparedCache.open(Path(run.data))
+        cfg_dict = json.loads(run.config)
+        cfg = config_from_dict(cfg_dict, f"run {run.name}")
+        _set_threads(ctx)
+        if not ctx.enabled:
+            device = resolve_device(run.device)
+        cache = _open_cache(Path(run.data), None)
         run_dir = Path(run.log_path).parent if run.log_path else store.run_dir(run.name)
+        for path in discard_partial_writes(run_dir / "checkpoints"):
+            _log(f"removed {path.name}, left by a worker that died while saving a checkpoint")
+        last = run_dir / "checkpoints" / "last.pt"
+        payload = load_checkpoint(last, map_location="cpu" if ctx.enabled else device) \
+            if last.is_file() else None
+        if ctx.enabled:
+            spec = {"name": run.name, "config": cfg_dict, "cache": run.data,
+                    "cache_key": cache.key, "run_dir": str(run_dir)}
+            distributed.broadcast_from_main((spec, payload), ctx, device)
         if cfg.train.mirrors:
             from nlmm.train.mirrors import TeeSink, build_mirrors
 
@@ -89,14 +174,15 @@ def run_worker(run_id: int) -> int:
             store.record_checkpoint(run.id, ev.progress.global_step, ev.progress.epoch,
                                     str(ev.path), ev.kind, ev.metrics, ev.kind == "best", ev.nbytes)
 
-        trainer = Trainer(cfg, cache, device, run_dir, sink, on_checkpoint, stop_event, _log)
-        last = run_dir / "checkpoints" / "last.pt"
-        if last.is_file():
-            trainer.load_state_dict(load_checkpoint(last, map_location=device))
+        trainer = Trainer(cfg, cache, device, run_dir, sink, on_checkpoint, stop_event, _log,
+                          dist=ctx)
+        if payload is not None:
+            trainer.load_state_dict(payload)
             _log(f"resumed from {last} at step {trainer.progress.global_step}")
         trainer_ref.append(trainer)
         store.update_run(run.id, steps_total=trainer.total_steps, epochs_total=cfg.train.epochs)
-        _log(f"training {run.name} on {device}: {trainer.total_steps} steps, "
+        where = f"{ctx.world_size} processes ({device.type})" if ctx.enabled else str(device)
+        _log(f"training {run.name} on {where}: {trainer.total_steps} steps, "
              f"{trainer.steps_per_epoch} per epoch")
         status = trainer.fit()
         sink.close()
@@ -105,13 +191,11 @@ def run_worker(run_id: int) -> int:
         _log(f"run {run.name} {status}")
         return 0
     except BaseException as exc:
-        tb = traceback.format_exc()
-        _log(tb)
         try:
             sink.close()
         except Exception:  # the failure being recorded matters more than the last metrics
             pass
-        store.set_status(run.id, "failed", error=f"{type(exc).__name__}: {exc}\n\n{tb}")
+        _record_failure(run.id, exc)
         return 1
     finally:
         beat_stop.set()
@@ -121,9 +205,12 @@ def run_worker(run_id: int) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nlmm.train.worker")
-    parser.add_argument("run_id", type=int)
+    parser.add_argument("run_id", type=int, nargs="?",
+                        help="the run to train (rank 0; other ranks get it from rank 0)")
+    parser.add_argument("--data", type=Path, help="this node's feature cache (ranks other than 0)")
+    parser.add_argument("--device", help="auto, cpu or cuda (default: the run's device)")
     args = parser.parse_args(argv)
-    sys.exit(run_worker(args.run_id))
+    sys.exit(run_worker(args.run_id, args.data, args.device))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,277 @@
+"""Data-parallel training over several processes and nodes (torchrun + DistributedDataParallel).
+
+torchrun starts one worker per device and sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE
+and the rendezvous address. W ranks with global batch B train exactly like one process with
+batch B:
+- every rank builds the same model from the same seed and reads the same global batches in the
+  same order (the loader's permutation depends on seed and epoch only); rank r trains on rows
+  [r*B/W, (r+1)*B/W) of each global batch. Image augmentation is drawn for the whole global
+  batch before slicing, so each row is augmented as it would be in one process;
+- the contrastive loss is computed on embeddings gathered from all ranks, with gradient, so the
+  negatives span the global batch (CLIP-style data parallelism). Every rank computes the same
+  global loss; the gather's backward sums the gradients of a rank's rows over all ranks (W
+  times the gradient of the one loss), and DDP's averaging over the W ranks cancels that W;
+- DDP averages gradients at the backward of the last micro-batch of a step (`no_sync` before
+  it), and every rank steps the level scheduler at the same global step with the same gradients;
+- a stop request (SIGTERM reaches rank 0) is OR-reduced after every step, so all ranks stop at
+  the same step and rank 0 checkpoints it;
+- evaluation: each rank embeds a contiguous share of every modality of the split, the shares are
+  gathered to all ranks, and every rank computes the same Recall@K (so all keep the same
+  progress, best metric included).
+Only rank 0 touches the store and writes checkpoints; it sends the run's configuration and any
+resumed state to the other ranks, so nodes other than the first need no access to the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from nlmm.config import PAIRS
+from nlmm.data.cache import PreparedCache
+from nlmm.data.loader import iter_modality, owner_images
+from nlmm.errors import NlmmError
+from nlmm.model import NLMM
+from nlmm.model.losses import contrastive_loss, logit_scale_value
+from nlmm.model.nlmm import PAIR_MODALITIES
+from nlmm.train.retrieval import retrieval_metrics
+
+MODALITIES = ("image", "text", "audio")
+# Long enough for rank 0 to write a large checkpoint or evaluate while the others wait.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits among the training processes (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = DistContext()
+
+
+def context_from_env() -> DistContext:
+    """The context torchrun describes in the environment (SINGLE when not started by torchrun)."""
+    env = os.environ
+    if "WORLD_SIZE" not in env:
+        return SINGLE
+    return DistContext(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                       local_rank=int(env.get("LOCAL_RANK", "0")),
+                       local_world_size=int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
+
+
+def init_process_group(ctx: DistContext, device: torch.device) -> torch.device:
+    """Join the other ranks (NCCL on CUDA, gloo on the CPU); returns this rank's device."""
+    if not ctx.enabled:
+        return device
+    if device.type == "cuda":
+        if ctx.local_rank >= torch.cuda.device_count():
+            raise NlmmError(f"local rank {ctx.local_rank} has no GPU: this node shows "
+                            f"{torch.cuda.device_count()}; lower --nproc to the number of GPUs.")
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    return device
+
+
+def destroy_process_group(ctx: DistContext) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_from_main(obj: Any, ctx: DistContext, device: torch.device) -> Any:
+    """Rank 0's `obj` on every rank (pickled; tensors inside should be on the CPU)."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
+    return box[0]
+
+
+def any_rank(flag: bool, ctx: DistContext, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one."""
+    if not ctx.enabled:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def wrap_model(model: NLMM, device: torch.device, ctx: DistContext) -> nn.Module | None:
+    """The DDP wrapper of `model` (None for one process).
+
+    find_unused_parameters: a rank whose slice holds no spoken caption does not run the audio
+    encoder, so its audio parameters get no gradient on that rank.
+    """
+    if not ctx.enabled:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def check_batch_size(batch_size: int, ctx: DistContext) -> None:
+    if batch_size % ctx.world_size:
+        raise NlmmError(f"train.batch_size={batch_size} is the global batch and must split evenly "
+                        f"over {ctx.world_size} processes; use a multiple of {ctx.world_size}.")
+
+
+def shard_batch(batch: dict[str, Tensor], ctx: DistContext) -> dict[str, Tensor]:
+    """This rank's contiguous slice of every row-indexed tensor of a global batch."""
+    if not ctx.enabled:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        rows = value.shape[0] // ctx.world_size
+        out[key] = value[ctx.rank * rows:(ctx.rank + 1) * rows]
+    return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """Concatenate equal-sized row blocks of all ranks in rank order; the backward hands each
+    rank the gradient of its own rows summed over every rank's loss."""
+
+    @staticmethod
+    def forward(ctx: Any, block: Tensor) -> Tensor:
+        parts = [torch.empty_like(block) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, block.contiguous())
+        ctx.rows, ctx.rank = block.shape[0], dist.get_rank()
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(block: Tensor) -> Tensor:
+    """All ranks' equal-sized (rows, ...) blocks, concatenated in rank order, with gradient."""
+    return _GatherRows.apply(block)
+
+
+def _gather_ragged(block: Tensor, ctx: DistContext) -> Tensor:
+    """All ranks' blocks of different row counts, concatenated in rank order (no gradient)."""
+    if block.dtype == torch.bool:  # gloo has no collectives on bool tensors
+        return _gather_ragged(block.to(torch.uint8), ctx).bool()
+    counts = torch.tensor([block.shape[0]], device=block.device)
+    all_counts = [torch.empty_like(counts) for _ in range(ctx.world_size)]
+    dist.all_gather(all_counts, counts)
+    sizes = [int(c.item()) for c in all_counts]
+    padded = block.new_zeros((max(sizes), *block.shape[1:]))
+    padded[:block.shape[0]] = block
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def global_batch_losses(outputs: dict[str, Tensor], shard: dict[str, Tensor], model: NLMM,
+                        ctx: DistContext) -> dict[str, Tensor]:
+    """The losses `model(global batch)` would give, from the forward outputs of this rank's shard.
+
+    Mirrors the pair losses of NLMM.forward on the gathered embeddings. Every rank must call it
+    with the same modalities in its shard (the loader always serves image, text and audio).
+    """
+    cfg = model.cfg
+    image_ids = _gather_ragged(shard["image_ids"], ctx)
+    embeddings: dict[str, Tensor] = {}
+    local: list[Tensor] = []
+    for modality in ("image", "text"):
+        if modality in shard:
+            local.append(outputs[f"emb_{modality}"])
+            embeddings[modality] = gather_rows(outputs[f"emb_{modality}"])
+    audio_rows = None
+    if "audio" in shard:
+        rows_here = outputs["audio_rows"]
+        # Scattered into one row per caption so that every rank sends a block of the same size.
+        full = torch.zeros(rows_here.shape[0], cfg.embed_dim, device=rows_here.device)
+        if "emb_audio" in outputs:
+            local.append(outputs["emb_audio"])
+            full = full.index_put((rows_here.nonzero().squeeze(1),), outputs["emb_audio"].float())
+        audio_rows = _gather_ragged(rows_here, ctx)
+        if bool(audio_rows.any()):
+            embeddings["audio"] = gather_rows(full)[audio_rows]
+    losses: dict[str, Tensor] = {}
+    weighted, weight_sum = None, 0.0
+    for pair in PAIRS:
+        a, b = PAIR_MODALITIES[pair]
+        if a not in embeddings or b not in embeddings:
+            continue
+        emb_a, ids = embeddings[a], image_ids
+        if b == "audio":
+            if embeddings["audio"].shape[0] < 2:
+                continue
+            emb_a, ids = emb_a[audio_rows], image_ids[audio_rows]
+        loss = contrastive_loss(emb_a, embeddings[b], ids, ids, model.logit_scale)
+        losses[f"loss_{pair}"] = loss
+        weight = float(cfg.train.loss_weights.get(pair, 0.0))
+        if weight > 0:
+            weighted = loss * weight if weighted is None else weighted + loss * weight
+            weight_sum += weight
+    if weighted is None:
+        raise NlmmError("the batch gives no modality pair with a positive loss weight; it needs "
+                        "two modalities (audio on at least two rows) weighted in train.loss_weights.")
+    # Each local embedding enters the loss, even one the global batch leaves out (a lone
+    # spoken caption), because DDP waits for a gradient of every parameter its forward used.
+    untouched = sum(e.sum() for e in local) * 0.0
+    losses["loss"] = weighted / weight_sum + untouched
+    losses["temperature"] = 1.0 / logit_scale_value(model.logit_scale).detach()
+    return losses
+
+
+def sync_context(ddp: nn.Module | None, last_micro_batch: bool) -> contextlib.AbstractContextManager:
+    """DDP averages gradients at the last micro-batch of a step only."""
+    if ddp is None or last_micro_batch:
+        return contextlib.nullcontext()
+    return ddp.no_sync()
+
+
+def evaluate_split_sharded(model: NLMM, cache: PreparedCache, split: str, device: torch.device,
+                           ctx: DistContext, batch_size: int = 128) -> dict[str, float]:
+    """`evaluate_split` with the embedding work shared by all ranks; the same figures on each."""
+    model.eval()
+    emb: dict[str, Tensor] = {}
+    owner: dict[str, Tensor] = {}
+    for modality in MODALITIES:
+        owners = owner_images(cache, split, modality)
+        if len(owners) == 0:
+            continue
+        chunks = math.ceil(len(owners) / batch_size)
+        first, stop = ctx.rank * chunks // ctx.world_size, (ctx.rank + 1) * chunks // ctx.world_size
+        mine = []
+        for index, (x, mask, _rows) in enumerate(iter_modality(cache, split, modality, batch_size,
+                                                                 device)):
+            if index >= stop:
+                break
+            if index >= first:
+                with torch.no_grad():
+                    mine.append(model.encode(modality, x, mask).float())
+        block = torch.cat(mine) if mine else torch.zeros(0, model.cfg.embed_dim, device=device)
+        emb[modality] = _gather_ragged(block, ctx)
+        owner[modality] = torch.as_tensor(owners, device=device)
+    return retrieval_metrics(emb, owner)
