@@ -24,6 +24,26 @@ OPTIMIZERS = ("adamw", "sgd", "dmgd", "muon", "universal_anderson")
 MODALITIES = ("image", "text", "audio")
 PAIRS = ("i2t", "i2a", "t2a")
 
+# Pretrained backbones that can sit in front of an encoder, with how many layers each offers to
+# `encoders.<modality>.layer` (ResNet stages, ViT blocks, speech transformer layers). Kept here,
+# free of torch imports, so configs validate without loading torchvision or torchaudio.
+IMAGE_BACKBONES = {
+    "resnet18": 4, "resnet34": 4, "resnet50": 4, "resnet101": 4, "resnet152": 4,
+    "resnext50_32x4d": 4, "resnext101_32x8d": 4, "wide_resnet50_2": 4, "wide_resnet101_2": 4,
+    "vit_b_16": 12, "vit_b_32": 12, "vit_l_16": 24, "vit_l_32": 24,
+}
+AUDIO_BACKBONES = {
+    "WAV2VEC2_BASE": 12, "WAV2VEC2_LARGE": 24, "WAV2VEC2_LARGE_LV60K": 24, "WAV2VEC2_XLSR53": 24,
+    "WAV2VEC2_XLSR_300M": 24, "HUBERT_BASE": 12, "HUBERT_LARGE": 24, "HUBERT_XLARGE": 48,
+    "WAVLM_BASE": 12, "WAVLM_BASE_PLUS": 12, "WAVLM_LARGE": 24,
+    # A 2-layer, 64-wide wav2vec2 without named weights (a local file only): CPU smoke runs, tests.
+    "wav2vec2_tiny": 2,
+}
+NO_NAMED_WEIGHTS = ("wav2vec2_tiny",)
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+VIT_IMAGE_SIZE = 224  # torchvision's ViT weights have position embeddings for 224 px only
+BACKBONE_SAMPLE_RATE = 16000  # every torchaudio speech backbone was trained on 16 kHz audio
+
 
 class ConfigError(NlmmError, ValueError):
     """A config problem, phrased as one sentence that names the key and the file."""
@@ -99,6 +119,38 @@ class TrainConfig:
     mirrors: list[str] = _f(factory=list, help="also log to: tensorboard, wandb")
 
 
+def weights_is_file(weights: str) -> bool:
+    """True when `encoders.<m>.weights` names a file rather than the library's named weights."""
+    text = weights.strip()
+    return ("/" in text or "\\" in text or text.startswith(("~", "."))
+            or text.lower().endswith(WEIGHT_FILE_SUFFIXES))
+
+
+@dataclass
+class BackboneConfig:
+    backbone: str = _f("none", help="pretrained network in front of this encoder (none: the "
+                                    "NL-MM stem alone)")
+    weights: str = _f("DEFAULT", help="the library's named weights (DEFAULT, IMAGENET1K_V2, ...; "
+                                      "downloaded on first use) or a state-dict file path")
+    frozen: bool = _f(True, help="true: features computed once by `nlmm data prepare` and cached; "
+                                 "false: the backbone trains end to end")
+    layer: int | None = _f(None, min=1, help="ResNet stage / ViT block / speech transformer layer "
+                                             "whose output is used; null: the last")
+    lr_scale: float = _f(0.1, min=0.0, help="unfrozen backbone: its lr is the fastest level's lr "
+                                            "times this")
+
+
+@dataclass
+class EncodersConfig:
+    image: BackboneConfig = _f(factory=BackboneConfig)
+    audio: BackboneConfig = _f(factory=BackboneConfig)
+
+    def backbone(self, modality: str) -> BackboneConfig | None:
+        """The backbone section of `modality`, or None when it has no backbone."""
+        section = getattr(self, modality, None)
+        return section if section is not None and section.backbone != "none" else None
+
+
 def _default_levels() -> list[CMSLevel]:
     return [CMSLevel("fast", 1, 1e-3), CMSLevel("mid", 8, 5e-4), CMSLevel("slow", 32, 2.5e-4)]
 
@@ -124,6 +176,7 @@ class Config:
     dropout: float = _f(0.0, min=0.0, max=1.0)
     data: DataConfig = _f(factory=DataConfig)
     train: TrainConfig = _f(factory=TrainConfig)
+    encoders: EncodersConfig = _f(factory=EncodersConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,9 +191,10 @@ class Config:
         names = [lvl.name for lvl in self.cms_levels]
         if len(set(names)) != len(names):
             raise ConfigError(f"{source}: cms_levels names must be unique, got {names}.")
-        if self.data.image_size % self.patch_size:
+        if self.encoders.backbone("image") is None and self.data.image_size % self.patch_size:
             raise ConfigError(f"{source}: data.image_size={self.data.image_size} must be a multiple "
                               f"of patch_size={self.patch_size}.")
+        self._validate_backbones(source)
         for mirror in self.train.mirrors:
             if mirror not in ("tensorboard", "wandb"):
                 raise ConfigError(f"{source}: train.mirrors holds {mirror!r}; allowed: "
@@ -149,6 +203,38 @@ class Config:
         if bad:
             raise ConfigError(f"{source}: train.loss_weights has unknown pair {sorted(bad)[0]!r}; "
                               f"allowed: {', '.join(PAIRS)}.")
+
+    def _validate_backbones(self, source: str) -> None:
+        for modality, known in (("image", IMAGE_BACKBONES), ("audio", AUDIO_BACKBONES)):
+            section = self.encoders.backbone(modality)
+            if section is None:
+                continue
+            key = f"encoders.{modality}"
+            if section.backbone not in known:
+                raise ConfigError(f"{source}: {key}.backbone must be none or one of "
+                                  f"{', '.join(known)}, got {section.backbone!r}.")
+            layers = known[section.backbone]
+            if section.layer is not None and section.layer > layers:
+                raise ConfigError(f"{source}: {key}.layer={section.layer} but {section.backbone} "
+                                  f"has {layers} layers; pick 1-{layers}, or null for the last.")
+            if not section.weights.strip():
+                raise ConfigError(f"{source}: {key}.weights is empty; name the library's weights "
+                                  f"(e.g. DEFAULT) or give a state-dict file path.")
+            if section.backbone in NO_NAMED_WEIGHTS and not weights_is_file(section.weights):
+                raise ConfigError(f"{source}: {section.backbone} has no named weights, so {key}."
+                                  f"weights must be a state-dict file path, got "
+                                  f"{section.weights!r}.")
+        image = self.encoders.backbone("image")
+        if image is not None and image.backbone.startswith("vit") \
+                and self.data.image_size != VIT_IMAGE_SIZE:
+            raise ConfigError(f"{source}: encoders.image.backbone={image.backbone} takes "
+                              f"{VIT_IMAGE_SIZE} px images but data.image_size="
+                              f"{self.data.image_size}; set data.image_size: {VIT_IMAGE_SIZE}.")
+        if self.encoders.backbone("audio") is not None \
+                and self.data.sample_rate != BACKBONE_SAMPLE_RATE:
+            raise ConfigError(f"{source}: encoders.audio.backbone needs {BACKBONE_SAMPLE_RATE} Hz "
+                              f"audio but data.sample_rate={self.data.sample_rate}; set "
+                              f"data.sample_rate: {BACKBONE_SAMPLE_RATE}.")
 
 
 # --------------------------------------------------------------------------- building

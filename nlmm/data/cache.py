@@ -5,11 +5,16 @@ and writes arrays plus a manifest holding the parameters, counts, defects and a 
 the sources. A cache whose parameters or sources differ is rebuilt, never used; it is built in
 a temporary folder and renamed into place, so a crash cannot leave a half cache that looks
 valid. `PreparedCache` is the read side used by training, evaluation and search.
+
+With `encoders` configured, `prepare` also computes the backbone feature sets that live in the
+cache's `features/` folder (see nlmm.data.backbone_features) and returns the cache with them
+attached (`PreparedCache.features`), which is what the loaders then serve.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -21,18 +26,22 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from nlmm.config import DataConfig
+from nlmm.config import DataConfig, EncodersConfig
 from nlmm.data.features import BadInput, load_image, load_log_mel, mel_frames
 from nlmm.data.flickr import (SPLITS, CaptionEntry, CheckReport, Defect, ImageEntry, find_layout,
                               read_corpus, tally)
 from nlmm.data.parallel import default_workers, map_chunks
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
+
+if TYPE_CHECKING:
+    from nlmm.data.backbone_features import FeatureSet
 
 CACHE_VERSION = 1
 CACHE_DIR_NAME = ".nlmm_cache"
@@ -121,7 +130,7 @@ def is_fresh(root: Path, cfg: DataConfig, vocab_size: int, cache_dir: Path | Non
 
 # --------------------------------------------------------------------------- .npy helpers
 
-def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
     desc = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
             "shape": tuple(shape)}
     body = repr(desc).ljust(NPY_HEADER_BYTES - 11) + "\n"
@@ -130,13 +139,13 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 
 def _allocate_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
     with open(path, "wb") as fh:
-        fh.write(_npy_header(shape, dtype))
+        fh.write(npy_header(shape, dtype))
         fh.truncate(NPY_HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize)
 
 
 def _shrink_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
     with open(path, "r+b") as fh:
-        fh.write(_npy_header(shape, dtype))
+        fh.write(npy_header(shape, dtype))
         fh.truncate(NPY_HEADER_BYTES + int(np.prod(shape)) * np.dtype(dtype).itemsize)
 
 
@@ -172,7 +181,7 @@ def log_mel_chunk(items: list[tuple[int, Path]],
 
 # --------------------------------------------------------------------------- building
 
-def _progress(enabled: bool) -> Progress:
+def progress_bar(enabled: bool) -> Progress:
     return Progress(*Progress.get_default_columns()[:-1], MofNCompleteColumn(),
                     TimeRemainingColumn(elapsed_when_finished=True), disable=not enabled)
 
@@ -213,7 +222,7 @@ def _compute_mels(captions: list[CaptionEntry], cfg: DataConfig, out: Path, work
     task = bar.add_task("audio", total=len(items))
     total = 0
     with open(out, "wb") as fh:
-        fh.write(_npy_header((0, cfg.n_mels), np.float16))
+        fh.write(npy_header((0, cfg.n_mels), np.float16))
         for chunk in map_chunks(log_mel_chunk, items, args=(cfg,), workers=workers,
                                 progress=bar, task=task):
             for row, mel, reason in chunk:
@@ -225,7 +234,7 @@ def _compute_mels(captions: list[CaptionEntry], cfg: DataConfig, out: Path, work
                 offsets[row], lengths[row] = total, mel.shape[0]
                 total += mel.shape[0]
         fh.seek(0)
-        fh.write(_npy_header((total, cfg.n_mels), np.float16))
+        fh.write(npy_header((total, cfg.n_mels), np.float16))
     return offsets, lengths
 
 
@@ -240,7 +249,7 @@ def _build(root: Path, cfg: DataConfig, vocab_size: int, fingerprint: str, out: 
         raise NlmmError(f"no image of {root} is listed in a split file, so nothing can be "
                         f"prepared; run `nlmm data check {root}` to see why.")
     seconds: dict[str, float] = {}
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         start = time.perf_counter()
         kept = _decode_images(candidates, cfg.image_size, out / IMAGES, workers, bar, defects)
         seconds["images"] = time.perf_counter() - start
@@ -298,7 +307,7 @@ def _build(root: Path, cfg: DataConfig, vocab_size: int, fingerprint: str, out: 
 
 
 @contextlib.contextmanager
-def _locked(cache_dir: Path) -> Iterator[None]:
+def locked(cache_dir: Path) -> Iterator[None]:
     """Serialise prepares of one cache across processes (the second then finds it fresh)."""
     with open(cache_dir.with_name(cache_dir.name + ".lock"), "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -319,27 +328,38 @@ def _install(tmp: Path, cache_dir: Path) -> None:
 
 
 def prepare(root: Path, cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None,
-            workers: int | None = None, progress: bool = True, force: bool = False) -> PreparedCache:
-    """Build (or reuse, when fresh) the feature cache of the corpus at `root`."""
+            workers: int | None = None, progress: bool = True, force: bool = False,
+            encoders: EncodersConfig | None = None,
+            device: torch.device | str | None = None) -> PreparedCache:
+    """Build (or reuse, when fresh) the feature cache of the corpus at `root`.
+
+    With `encoders`, the feature sets its backbones need are built too (on `device`; default:
+    the GPU when there is one) and attached to the returned cache.
+    """
     root = Path(root).resolve()
     cache_dir = Path(cache_dir).resolve() if cache_dir else default_cache_dir(root, cfg, vocab_size)
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     params = cache_params(cfg, vocab_size)
-    with _locked(cache_dir):
+    with locked(cache_dir):
         fingerprint = source_fingerprint(root)
-        if not force and _manifest_matches(cache_dir, params, root, fingerprint):
-            return PreparedCache.open(cache_dir, verify_sources=False)
-        # Under the lock, any sibling build folder is debris from a crashed prepare.
-        for debris in cache_dir.parent.glob(f"{cache_dir.name}.tmp-*"):
-            shutil.rmtree(debris, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{cache_dir.name}.tmp-", dir=cache_dir.parent))
-        try:
-            _build(root, cfg, vocab_size, fingerprint, tmp, workers, progress)
-            _install(tmp, cache_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return PreparedCache.open(cache_dir, verify_sources=False)
+        fresh = not force and _manifest_matches(cache_dir, params, root, fingerprint)
+        if not fresh:
+            # Under the lock, any sibling build folder is debris from a crashed prepare.
+            for debris in cache_dir.parent.glob(f"{cache_dir.name}.tmp-*"):
+                shutil.rmtree(debris, ignore_errors=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f"{cache_dir.name}.tmp-", dir=cache_dir.parent))
+            try:
+                _build(root, cfg, vocab_size, fingerprint, tmp, workers, progress)
+                _install(tmp, cache_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    cache = PreparedCache.open(cache_dir, verify_sources=False)
+    if encoders is None:
+        return cache
+    from nlmm.data.backbone_features import ensure_features
+
+    return ensure_features(cache, encoders, device=device, progress=progress, workers=workers)
 
 
 # --------------------------------------------------------------------------- reading
@@ -376,6 +396,14 @@ class PreparedCache:
         self._split_images = {s: np.flatnonzero(self.image_split_codes == i)
                               for i, s in enumerate(SPLITS)}
         self._split_captions = {s: np.flatnonzero(caption_split == i) for i, s in enumerate(SPLITS)}
+        # Backbone feature sets served instead of pixels / log-mels, by modality.
+        self.features: dict[str, FeatureSet] = {}
+
+    def with_features(self, features: dict[str, FeatureSet]) -> PreparedCache:
+        """This cache serving `features` (by modality) instead of pixels / log-mels."""
+        view = copy.copy(self)
+        view.features = dict(features)
+        return view
 
     @staticmethod
     def open(path: Path, verify_sources: bool = True) -> PreparedCache:

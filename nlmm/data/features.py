@@ -1,4 +1,4 @@
-"""Decoding of single files into model features: images (uint8 crops) and speech (log-mel).
+"""Decoding of single files into model features: images (uint8 crops), speech (log-mel, clips).
 
 Used when the cache is prepared and by search for query files, so both paths produce the same
 features. Every decoding problem is raised as `BadInput(reason)`; nothing is ever zero-filled.
@@ -24,6 +24,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 
+PCM_SCALE = 32767.0  # int16 full scale: waveforms cached as 16-bit PCM for speech backbones
 MIN_AUDIO_SECONDS = 0.1
 LOG_MEL_EPS = 1e-6
 
@@ -129,6 +130,12 @@ def load_wav(path: Path, sample_rate: int) -> np.ndarray:
 
 def max_audio_samples(cfg: DataConfig) -> int:
     return int(round(cfg.max_audio_seconds * cfg.sample_rate))
+
+
+def load_clip(path: Path, cfg: DataConfig) -> np.ndarray:
+    """float32 mono wave at cfg.sample_rate cut to max_audio_seconds: a speech backbone's input,
+    the same span of the recording that the log-mel covers."""
+    return load_wav(path, cfg.sample_rate)[:max_audio_samples(cfg)]
 
 
 def mel_frames(n_samples: int, cfg: DataConfig) -> int:

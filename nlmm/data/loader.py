@@ -3,6 +3,12 @@
 Training batches are (image, caption n, spoken caption n) triples, one per caption row of a
 split, in an order fixed by (seed, epoch) so a resumed run sees exactly the batches it missed.
 Image augmentation runs on the whole batch tensor on the target device.
+
+When the cache carries backbone feature sets (`PreparedCache.features`, see
+nlmm.data.backbone_features), `image` is served as the cached features (B, tokens, C) instead
+of pixels (no augmentation: the features are fixed), and `audio` as features (B, T, C) or 16 kHz
+waveforms (B, samples) with their mask instead of log-mels. Both travel as fp16 / int16 and
+become float32 on the target device.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from nlmm.data.cache import PreparedCache
-from nlmm.data.features import normalize_images
+from nlmm.data.features import PCM_SCALE, normalize_images
 from nlmm.errors import NlmmError
 
 MODALITIES = ("image", "text", "audio")
@@ -60,8 +66,31 @@ def gather_audio(cache: PreparedCache, rows: np.ndarray,
 
 
 def gather_images(cache: PreparedCache, image_rows: np.ndarray) -> torch.Tensor:
-    """uint8 (B, 3, S, S) copied out of the memmap."""
-    return torch.from_numpy(np.ascontiguousarray(cache.images[image_rows]))
+    """uint8 (B, 3, S, S) copied out of the memmap, or fp16 (B, tokens, C) backbone features."""
+    features = cache.features.get("image")
+    source = features.values if features is not None else cache.images
+    return torch.from_numpy(np.ascontiguousarray(source[image_rows]))
+
+
+def gather_audio_input(cache: PreparedCache, rows: np.ndarray, max_frames: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the audio encoder takes, with its mask (B, T) and has_audio (B,): log-mel (see
+    gather_audio, cut to `max_frames`), or fp16 backbone features (B, T, C) / int16 waveforms
+    (B, samples) from the cache's audio feature set (cut to max_audio_seconds when built)."""
+    features = cache.features.get("audio")
+    if features is None:
+        return gather_audio(cache, rows, max_frames)
+    values, lengths = features.padded(rows)
+    mask = np.arange(values.shape[1])[None, :] < lengths[:, None]
+    return (torch.from_numpy(values), torch.from_numpy(mask),
+            torch.from_numpy(cache.mel_lengths[rows] > 0))
+
+
+def audio_as_float(audio: torch.Tensor) -> torch.Tensor:
+    """Gathered audio as the model takes it: int16 PCM to a waveform in [-1, 1], the rest fp32."""
+    if audio.dtype == torch.int16:
+        return audio.float() / PCM_SCALE
+    return audio.float()
 
 
 def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -186,6 +215,8 @@ class TrainLoader:
         return ((self.seed * 1000003 + self.epoch) * 7919 + batch_index) % (2**63)
 
     def _images(self, images: torch.Tensor, batch_index: int) -> torch.Tensor:
+        if images.dtype != torch.uint8:  # cached backbone features: fixed, nothing to augment
+            return images.float()
         images = normalize_images(images)
         if self.augment:
             g = torch.Generator().manual_seed(self._augment_seed(batch_index))
@@ -196,7 +227,7 @@ class TrainLoader:
         index, rows = job
         image_rows = self.cache.caption_image(rows)
         text, text_mask = gather_text(self.cache, rows)
-        audio, audio_mask, has_audio = gather_audio(self.cache, rows, self.max_audio_frames)
+        audio, audio_mask, has_audio = gather_audio_input(self.cache, rows, self.max_audio_frames)
         batch = {"text": text, "text_mask": text_mask, "image": gather_images(self.cache, image_rows),
                  "audio": audio, "audio_mask": audio_mask, "has_audio": has_audio,
                  "image_ids": torch.from_numpy(image_rows),
@@ -205,6 +236,7 @@ class TrainLoader:
             # On the CPU the image work is the costly part: done here, on the prefetch thread,
             # it overlaps with the training step of the previous batch.
             batch["image"] = self._images(batch["image"], index)
+            batch["audio"] = audio_as_float(batch["audio"])
             return {"index": index, **batch}
         return {"index": index, **_pin(batch, self.device.type == "cuda")}
 
@@ -217,6 +249,7 @@ class TrainLoader:
             if self.device.type != "cpu":
                 batch = _to_device(batch, self.device)
                 batch["image"] = self._images(batch["image"], index)
+                batch["audio"] = audio_as_float(batch["audio"])
             yield batch
 
 
@@ -242,7 +275,8 @@ def owner_images(cache: PreparedCache, split: str, modality: str) -> np.ndarray:
 def iter_modality(cache: PreparedCache, split: str, modality: str, batch_size: int,
                   device: torch.device | str = "cpu"
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, np.ndarray]]:
-    """(x, mask, rows) over every item of one modality of a split, fixed order, no augmentation."""
+    """(x, mask, rows) over every item of one modality of a split, fixed order, no augmentation
+    (images and audio as backbone features when the cache carries them, see the module doc)."""
     device = torch.device(device)
     rows = modality_rows(cache, split, modality)
     pin = device.type == "cuda"
@@ -253,7 +287,7 @@ def iter_modality(cache: PreparedCache, split: str, modality: str, batch_size: i
         elif modality == "text":
             x, mask = gather_text(cache, chunk)
         else:
-            x, mask, _ = gather_audio(cache, chunk)
+            x, mask, _ = gather_audio_input(cache, chunk)
         if pin:
             x, mask = x.pin_memory(), mask.pin_memory() if mask is not None else None
         return x, mask, chunk
@@ -262,5 +296,7 @@ def iter_modality(cache: PreparedCache, split: str, modality: str, batch_size: i
     for x, mask, chunk in prefetch(gather, chunks):
         x = x.to(device, non_blocking=True)
         if modality == "image":
-            x = normalize_images(x)
+            x = normalize_images(x) if x.dtype == torch.uint8 else x.float()
+        elif modality == "audio":
+            x = audio_as_float(x)
         yield x, mask.to(device, non_blocking=True) if mask is not None else None, chunk

@@ -13,6 +13,11 @@ Stems:
   to max_position_embeddings is handled alike. Padded frames are zeroed before every
   convolution and the mask is subsampled with it, so a valid output sees exactly what it would
   see at the end of an unpadded clip (the convolution's own zero padding).
+- features (a modality with `encoders.<modality>.backbone`): the backbone's feature tokens
+  (B, N, C), cached by `nlmm data prepare` when the backbone is frozen, or computed here from
+  raw pixels / waveforms by the backbone the stem holds; LayerNorm over C (backbones differ
+  wildly in feature scale) and a linear map to d_model. Learned positions per image token,
+  sinusoidal positions over speech frames.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nlmm.config import Config
 from nlmm.errors import NlmmError
+from nlmm.model.backbones import Backbone, BackboneSpec
 from nlmm.model.block import NLBlock
 from nlmm.model.layers import AttentionPool, sinusoidal_positions, trunc_normal
 
@@ -79,6 +85,25 @@ class AudioStem(nn.Module):
         return x.transpose(1, 2), mask
 
 
+class FeatureStem(nn.Module):
+    """Backbone features (B, N, C) -> tokens (B, N, d_model); raw input goes through the backbone."""
+
+    def __init__(self, backbone: Backbone, d_model: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.norm = nn.LayerNorm(backbone.out_dim)
+        self.proj = nn.Linear(backbone.out_dim, d_model)
+        # Unit-variance tokens from the unit-variance normalised features, as the conv stems give
+        # about: the small init of the other projections would let the positions drown them.
+        nn.init.normal_(self.proj.weight, std=backbone.out_dim ** -0.5)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if self.backbone.takes_raw(x):
+            x, mask = self.backbone(x, mask)
+        return self.proj(self.norm(x)), mask
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: Config, stem: nn.Module, depth: int, n_positions: int,
                  learned_positions: bool) -> None:
@@ -127,6 +152,12 @@ class Encoder(nn.Module):
 def build_encoder(modality: str, cfg: Config) -> Encoder:
     d = cfg.d_model
     depth = getattr(cfg.depth, modality)
+    spec = BackboneSpec.from_config(cfg, modality)
+    if spec is not None:
+        backbone = Backbone(spec, cfg.data.image_size)
+        if modality == "image":
+            return Encoder(cfg, FeatureStem(backbone, d), depth, backbone.shape.tokens, True)
+        return Encoder(cfg, FeatureStem(backbone, d), depth, cfg.max_position_embeddings, False)
     if modality == "text":
         return Encoder(cfg, TextStem(cfg.vocab_size, d), depth, cfg.max_position_embeddings, True)
     if modality == "image":

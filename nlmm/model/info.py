@@ -55,6 +55,8 @@ def parameter_counts(cfg: Config) -> dict[str, Any]:
         pieces = name.split(".")
         if "adapter" in pieces:
             adapters += p.numel()
+        elif not p.requires_grad:
+            continue  # frozen pretrained backbones are not trained
         elif pieces[0] == "memory" or "memory" in pieces or "memory_norm" in pieces:
             parts["memory"] += p.numel()
         elif pieces[0] == "logit_scale" or pieces[2] in ("pool", "head"):

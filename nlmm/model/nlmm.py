@@ -4,6 +4,11 @@ Reading order: the state object, the model's construction and initialisation, in
 `encode` (one modality to embeddings) and `encode_ttt` (the same after test-time training),
 `forward` (a batch to embeddings and the pairwise contrastive losses), and the parameter
 grouping by CMS level that the level scheduler consumes.
+
+Pretrained backbones (`cfg.encoders`) live in the image/audio stems and are part of the state
+dict, so a checkpoint carries the exact weights its queries must go through. They are built
+with random weights; `load_pretrained_backbones` (called by `configure_scheduler`, i.e. when
+training starts) loads the configured ones, and a checkpoint load replaces them.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from nlmm.config import MODALITIES, PAIRS, Config
+from nlmm.config import MODALITIES, PAIRS, CMSLevel, Config
 from nlmm.errors import NlmmError
-from nlmm.model.encoders import build_encoder
+from nlmm.model.backbones import Backbone
+from nlmm.model.encoders import FeatureStem, build_encoder
 from nlmm.model.layers import INIT_STD, trunc_normal
 from nlmm.model.losses import INIT_LOGIT_SCALE, contrastive_loss, logit_scale_value
 from nlmm.model.memory import SharedMemory
@@ -51,7 +57,13 @@ class NLMM(nn.Module):
         self.memory = SharedMemory(cfg.L_mem, cfg.d_model) if cfg.L_mem > 0 else None
         self.encoders = nn.ModuleDict({m: build_encoder(m, cfg) for m in MODALITIES})
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
-        self.apply(self._init_weights)
+        # Feature stems (with their backbones, whose weights come from load_pretrained) keep
+        # their own initialisation.
+        own_init = {id(m) for enc in self.encoders.values() if isinstance(enc.stem, FeatureStem)
+                    for m in enc.stem.modules()}
+        for module in self.modules():
+            if id(module) not in own_init:
+                self._init_weights(module)
         self._scale_residual_outputs()
 
     @staticmethod
@@ -80,12 +92,48 @@ class NLMM(nn.Module):
     def memory_slots(self) -> Tensor | None:
         return None if self.memory is None else self.memory.slots
 
+    def backbones(self) -> dict[str, Backbone]:
+        """The pretrained backbone of each modality that has one."""
+        return {m: enc.stem.backbone for m, enc in self.encoders.items()
+                if isinstance(enc.stem, FeatureStem)}
+
+    def load_pretrained_backbones(self, progress: bool = True) -> None:
+        """Load every backbone's configured weights (named weights download on first use)."""
+        for backbone in self.backbones().values():
+            backbone.load_pretrained(progress)
+
     # ----------------------------------------------------------------------- inputs
+
+    def _checked_backbone_input(self, modality: str, backbone: Backbone, x: Tensor,
+                                mask: Tensor | None) -> Tensor | None:
+        """Raw input for the backbone or its features; returns the mask (None for images)."""
+        name, dim = backbone.spec.name, backbone.out_dim
+        if modality == "image":
+            size, tokens = self.cfg.data.image_size, backbone.shape.tokens
+            if not (x.dim() == 4 and tuple(x.shape[1:]) == (3, size, size)
+                    or x.dim() == 3 and tuple(x.shape[1:]) == (tokens, dim)):
+                raise NlmmError(f"images must be (batch, 3, {size}, {size}) pixels or (batch, "
+                                f"{tokens}, {dim}) {name} features for this model, got "
+                                f"{tuple(x.shape)}; prepare the data with this model's config.")
+            return None
+        if not (x.dim() == 2 and x.is_floating_point() or x.dim() == 3 and x.shape[2] == dim):
+            raise NlmmError(f"audio must be (batch, samples) 16 kHz waveforms or (batch, frames, "
+                            f"{dim}) {name} features for this model, got {tuple(x.shape)}; "
+                            f"prepare the data with this model's config.")
+        return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None \
+            else mask.bool()
 
     def _checked_input(self, modality: str, x: Tensor, mask: Tensor | None) -> Tensor | None:
         """Validate shapes; returns the boolean mask to use (None for images)."""
         cfg = self.cfg
-        if modality == "text":
+        time_axis = -1
+        backbone = self.backbones().get(modality)
+        if backbone is not None:
+            mask = self._checked_backbone_input(modality, backbone, x, mask)
+            if mask is None:
+                return None
+            time_axis = 1
+        elif modality == "text":
             if x.dim() != 2 or x.dtype.is_floating_point:
                 raise NlmmError(f"text must be (batch, length) integer token ids, got {tuple(x.shape)} "
                                 f"{x.dtype}; tokenize it with the run's tokenizer.")
@@ -104,9 +152,9 @@ class NLMM(nn.Module):
                 if mask is None else mask.bool()
         else:
             raise NlmmError(f"unknown modality {modality!r}; use one of image, text, audio.")
-        if mask.shape != (x.shape[0], x.shape[-1]):
+        if mask.shape != (x.shape[0], x.shape[time_axis]):
             raise NlmmError(f"{modality} mask has shape {tuple(mask.shape)} but the input needs "
-                            f"{(x.shape[0], x.shape[-1])}; pass one flag per token/frame.")
+                            f"{(x.shape[0], x.shape[time_axis])}; pass one flag per token/frame.")
         if not bool(mask.any(dim=1).all()):
             raise NlmmError(f"a {modality} row has no valid token/frame; drop such rows before encoding.")
         return mask
@@ -131,6 +179,9 @@ class NLMM(nn.Module):
 
         text: (B, L) ids with mask (B, L) (default: ids != 0); image: (B, 3, S, S);
         audio: (B, 1, n_mels, T) with frame mask (B, T) (default: all frames valid).
+        With a backbone (cfg.encoders): image (B, 3, S, S) pixels or (B, N, C) features;
+        audio (B, samples) 16 kHz waveform or (B, T, C) features, each with a mask (B, samples
+        or T). Raw input goes through the backbone, features straight to the stem.
         """
         mask = self._checked_input(modality, x, mask)
         return self._encode(modality, x, mask, probe=False)[0]
@@ -219,25 +270,43 @@ class NLMM(nn.Module):
 
     def level_params(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by CMS level name; everything outside the CMS chains (stems,
-        mixers, memory, norms, heads, temperature) goes to the fastest level. Adapters are not
-        trainable and are left out."""
+        mixers, memory, norms, heads, temperature) goes to the fastest level, and an unfrozen
+        backbone to its own level `backbone_<modality>` (see `backbone_levels`). Adapters and
+        frozen backbones are not trainable and are left out."""
         levels = self.cfg.cms_levels
         fastest = min(levels, key=lambda level: level.chunk_size).name
         owner: dict[int, str] = {}
+        groups: dict[str, list[nn.Parameter]] = {level.name: [] for level in levels}
+        for modality, backbone in self.backbones().items():
+            if not backbone.spec.frozen:
+                groups[f"backbone_{modality}"] = []
+                for p in backbone.parameters():
+                    owner[id(p)] = f"backbone_{modality}"
         for encoder in self.encoders.values():
             for block in encoder.blocks:
                 for name, level in zip(block.cms.names, block.cms.levels):
                     for p in level.parameters():
                         owner[id(p)] = name
-        groups: dict[str, list[nn.Parameter]] = {level.name: [] for level in levels}
         for p in self.parameters():
             if p.requires_grad:
                 groups[owner.get(id(p), fastest)].append(p)
         return groups
 
+    def backbone_levels(self, cfg: Config) -> list[CMSLevel]:
+        """One extra level per unfrozen backbone: the fastest level's optimizer and weight decay,
+        stepped every step, at its lr times `encoders.<modality>.lr_scale` (pretrained weights
+        need far smaller steps than the freshly initialised layers on top of them)."""
+        fastest = min(cfg.cms_levels, key=lambda level: level.chunk_size)
+        return [CMSLevel(f"backbone_{m}", 1, fastest.lr * b.spec.lr_scale, fastest.optimizer,
+                         fastest.weight_decay)
+                for m, b in self.backbones().items() if not b.spec.frozen]
+
     def configure_scheduler(self, cfg: Config) -> LevelScheduler:
-        """The per-level multi-frequency optimiser for this model's parameter groups."""
+        """Set the model up for training: load the pretrained backbone weights, then build the
+        per-level multi-frequency optimiser for its parameter groups."""
         from nlmm.optim import LevelScheduler, exclude_from_muon
+
+        self.load_pretrained_backbones()
 
         # Orthogonalised updates suit weight matrices that map features to features; lookup
         # tables (tokens, positions, memory slots, pooling queries) and output heads keep
@@ -245,4 +314,4 @@ class NLMM(nn.Module):
         exclude_from_muon(*(p for name, p in self.named_parameters()
                             if name.endswith(("positions", "tokens.weight", "slots", "pool.query",
                                               "head.weight"))))
-        return LevelScheduler.from_config(self.level_params(), cfg)
+        return LevelScheduler.from_config(self.level_params(), cfg, self.backbone_levels(cfg))

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn import Parameter
 
-from nlmm.config import Config
+from nlmm.config import CMSLevel, Config
 from nlmm.errors import NlmmError
 from nlmm.optim.factory import build_optimizer
 
@@ -86,15 +86,21 @@ class LevelScheduler:
         self.last_step_skipped = False
 
     @classmethod
-    def from_config(cls, level_params: dict[str, list[Parameter]], cfg: Config) -> LevelScheduler:
-        """One optimizer per CMS level of `cfg` over that level's parameters.
+    def from_config(cls, level_params: dict[str, list[Parameter]], cfg: Config,
+                    extra_levels: Sequence[CMSLevel] = ()) -> LevelScheduler:
+        """One optimizer per CMS level of `cfg` (then per `extra_levels` entry, e.g. a
+        fine-tuned backbone) over that level's parameters.
 
         `cfg.train.optimizer`, when set, replaces every level's optimizer; `cfg.train.lr`, when
-        set, becomes the lr of the fastest level (smallest chunk_size, the first listed on a tie)
-        and the other levels keep their ratio to it. Levels without trainable parameters are left
-        out. Loss scaling and clipping come from `cfg.precision`.
+        set, becomes the lr of the fastest CMS level (smallest chunk_size, the first listed on a
+        tie) and every other level keeps its ratio to it. Levels without trainable parameters
+        are left out. Loss scaling and clipping come from `cfg.precision`.
         """
-        specs = {spec.name: spec for spec in cfg.cms_levels}
+        all_specs = [*cfg.cms_levels, *extra_levels]
+        specs = {spec.name: spec for spec in all_specs}
+        if len(specs) != len(all_specs):
+            raise NlmmError(f"level names must be unique, got {[s.name for s in all_specs]}; "
+                            f"rename the repeated level.")
         unknown = sorted(set(level_params) - set(specs))
         if unknown:
             raise NlmmError(f"parameters were assigned to level {unknown[0]!r}, which cms_levels "
@@ -107,7 +113,7 @@ class LevelScheduler:
                                 f"{fastest.name!r} has lr 0; give it a positive lr in cms_levels.")
             factor = cfg.train.lr / fastest.lr
         levels = []
-        for spec in cfg.cms_levels:
+        for spec in all_specs:
             params = [p for p in level_params.get(spec.name, []) if p.requires_grad]
             if not params:
                 continue
