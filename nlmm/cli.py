@@ -64,6 +64,11 @@ class Modality(str, Enum):
     audio = "audio"
 
 
+class SearchBackend(str, Enum):
+    exact = "exact"
+    faiss = "faiss"
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"nlmm {nlmm.__version__}")
@@ -138,7 +143,9 @@ def data_prepare(
     from nlmm.data.cache import prepare
 
     cfg = resolve_config(config, set_ or [])
-    cache = prepare(root, cfg.data, cfg.vocab_size, force=force)
+    cache = prepare(root, cfg.data, cfg.vocab_size, force=force, encoders=cfg.encoders)
+    for name, features in (cache.features or {}).items():
+        console.print(f"features {name}: {features.path}")
     console.print(cache.report().to_table())
     console.print(f"[green]cache ready[/] {cache.path}")
 
@@ -177,9 +184,18 @@ def train(
                                               "scalars to runs/<run>/tensorboard.")] = False,
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (offline "
                                         "unless WANDB_API_KEY is set).")] = False,
+    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this "
+                                       "node (one per GPU), started with torchrun; --batch-size "
+                                       "is the global batch.")] = 1,
+    nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Nodes taking part; start the "
+                                        "same command on each.")] = 1,
+    node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This node's index; node 0 "
+                                           "registers the run and writes the store.")] = 0,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of "
+                                                         "node 0 that every node can reach.")] = None,
 ) -> None:
     """Prepare the corpus if needed, start a training run as a subprocess and follow it."""
-    from nlmm.train.launcher import TrainRequest, follow, launch
+    from nlmm.train.launcher import TrainRequest, follow, join, launch
 
     _only_flickr8k(dataset)
     overrides = list(set_ or [])
@@ -200,7 +216,18 @@ def train(
         overrides.append(f"train.mirrors={json.dumps(mirrors)}")
     request = TrainRequest(data=data, synthetic=synthetic, config=config, overrides=overrides,
                            device=device.value, name=name, resume=resume,
-                           add_epochs=epochs if resume else None)
+                           add_epochs=epochs if resume else None, nproc=nproc, nnodes=nnodes,
+                           node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+    if node_rank > 0:
+        from nlmm import store
+
+        log = store.runs_dir() / f"node{node_rank}.log" if detach else None
+        proc = join(request, console=console, log_path=log)
+        if detach:
+            console.print(f"node {node_rank} started (pid {proc.pid}), waiting for node 0 at "
+                          f"{rdzv_endpoint}; its output goes to {log}")
+            return
+        raise typer.Exit(proc.wait())
     run = launch(request, console=console)
     if detach:
         console.print(f"started run [bold]{run.name}[/] (id {run.id}); follow it with "
@@ -312,6 +339,8 @@ def search(
     data: Annotated[Optional[Path], typer.Option(help="Corpus folder (default: the run's).")] = None,
     ttt: Annotated[bool, typer.Option("--ttt", help="Adapt to the query first.")] = False,
     device: Annotated[Device, typer.Option()] = Device.auto,
+    backend: Annotated[SearchBackend, typer.Option(help="exact top-k, or faiss (needs the "
+                                                   "faiss extra).")] = SearchBackend.exact,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
 ) -> None:
     """Retrieve images, captions or spoken captions with a trained checkpoint."""
@@ -320,7 +349,7 @@ def search(
 
     request = SearchRequest(text=query, image=image, audio=audio, run=run, checkpoint=checkpoint,
                             target=in_.value if in_ else None, k=k, split=split.value, data=data,
-                            ttt=ttt, device=device.value)
+                            ttt=ttt, device=device.value, backend=backend.value)
     hits = run_search(request, console=err_console)
     if as_json:
         for hit in hits:
@@ -373,7 +402,8 @@ def _only_flickr8k(dataset: str) -> None:
 def main() -> None:
     """Entry point: user errors as one red sentence, tracebacks only with --debug."""
     try:
-        app(standalone_mode=False)
+        # without standalone mode click returns a command's typer.Exit code instead of exiting
+        sys.exit(app(standalone_mode=False) or 0)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)

@@ -31,7 +31,8 @@ class LoadedModel:
 
 def checkpoint_for(target: str | Path | None) -> Path:
     """A checkpoint file for a run name/id or path; None means the latest finished run."""
-    if target is not None and Path(target).suffix == ".pt":
+    if target is not None and (isinstance(target, Path) or Path(target).suffix == ".pt"
+                               or Path(target).is_file()):
         return Path(target)
     if target is None:
         run = store.latest_run(status="finished")
@@ -70,11 +71,14 @@ def load_for_inference(target: str | Path | None, device: str = "auto",
     if data is not None:
         from nlmm.data.cache import prepare
 
-        cache = prepare(Path(data), cfg.data, cfg.vocab_size, progress=True)
+        cache = prepare(Path(data), cfg.data, cfg.vocab_size, progress=True,
+                        encoders=cfg.encoders, device=dev)
     else:
         cache_path = Path(payload.get("data", {}).get("cache", ""))
         if cache_path.is_dir():
-            cache = PreparedCache.open(cache_path)
+            from nlmm.data.backbone_features import ensure_features
+
+            cache = ensure_features(PreparedCache.open(cache_path), cfg.encoders, dev)
     return LoadedModel(model, cfg, tokenizer, cache, dev, path, payload)
 
 

@@ -1,32 +1,51 @@
 """Cross-modal retrieval with a trained checkpoint and cached gallery indexes.
 
-The gallery of a (checkpoint, split, modality) is embedded once and stored under
-`runs/<run>/index/`, keyed by the checkpoint's content hash and the data cache's key, so a
-changed checkpoint or corpus rebuilds it. Index files are written to a temp name and renamed,
-so a search running beside another never reads a half-written index.
+The gallery of a (checkpoint, split, modality) is embedded once into an `.npy` file under
+`runs/<run>/index/`, named after the checkpoint's content hash and the data cache's key, so a
+changed checkpoint or corpus builds a new one. The file is written under a temporary name and
+renamed, so a search running beside a build never reads a half-written index; a file that does
+not read back as the expected array is a cache miss and is rebuilt.
+
+Queries take the exact top-k by inner product (embeddings are L2-normalised). A gallery that
+fits in memory is held as a tensor on the model's device; a larger one is memory-mapped and
+scanned in chunks, so its size is bounded by the disk, not the RAM. The optional `faiss`
+backend (`pip install 'nlmm[faiss]'`) searches the same embeddings with `faiss.IndexFlatIP`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from rich.console import Console
 from rich.progress import Progress
 
 from nlmm.data.cache import PreparedCache
-from nlmm.data.features import BadInput, load_image, load_wav, log_mel, normalize_images
-from nlmm.data.loader import iter_modality, owner_images
+from nlmm.data.features import (BadInput, load_clip, load_image, load_wav, log_mel,
+                                 normalize_images)
+from nlmm.data.flickr import SPLITS
+from nlmm.data.loader import MODALITIES, iter_modality, modality_rows
 from nlmm.errors import NlmmError
 from nlmm.inference import LoadedModel, checkpoint_for, load_for_inference, require_cache
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+BACKENDS = ("exact", "faiss")
+GALLERY_SPLITS = (*SPLITS, "all")
+ENCODE_BATCH = 256
+TOP_K_CHUNK = 65536
+# A gallery may take this share of the free memory of its device before it is streamed instead.
+IN_MEMORY_FRACTION = 0.5
+# Every new best.pt gets its own indexes; the least recently used ones beyond this are deleted.
+KEEP_INDEX_FILES = 24
 
 
 @dataclass
@@ -42,6 +61,7 @@ class SearchRequest:
     data: Path | None = None
     ttt: bool = False
     device: str = "auto"
+    backend: str = "exact"
 
 
 @dataclass
@@ -59,27 +79,87 @@ class SearchHit:
 
 @dataclass
 class GalleryIndex:
-    emb: torch.Tensor  # (N, d) L2-normalised
     rows: np.ndarray  # cache row of each item (image rows or caption rows)
+    emb: torch.Tensor | np.ndarray  # (N, d) unit rows: a tensor in memory, or a memmap
+    faiss_index: Any = None
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.emb, np.ndarray)
+
+    def search(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and positions (1, k') of the best k' = min(k, N) items for one query."""
+        k = min(k, len(self.rows))
+        if self.faiss_index is not None:
+            scores, idx = self.faiss_index.search(query.detach().float().cpu().numpy(), k)
+            return torch.from_numpy(scores), torch.from_numpy(idx)
+        return top_k(query, self.emb, k)
+
+
+# ---------------------------------------------------------------------------------- checks
+
+def checked_query(text: str | None, image: Path | None,
+                  audio: Path | None) -> tuple[str, str | Path]:
+    """The query's modality and value; NlmmError unless exactly one usable query is given."""
+    given = [(m, v) for m, v in (("text", text), ("image", image), ("audio", audio))
+             if v is not None]
+    if len(given) != 1:
+        raise NlmmError("give exactly one query: a text, --image FILE or --audio FILE.")
+    modality, value = given[0]
+    if modality == "text":
+        if not str(value).strip():
+            raise NlmmError("the text query is empty; type a few words to search for.")
+        return modality, str(value)
+    path = Path(value)
+    if not path.is_file():
+        raise NlmmError(f"query file {path} does not exist; check the path.")
+    return modality, path
+
+
+def check_options(target: str | None, k: int, split: str) -> None:
+    if k <= 0:
+        raise NlmmError(f"-k must be a positive number of results, got {k}.")
+    if target is not None and target not in MODALITIES:
+        raise NlmmError(f"cannot search in {target!r}; use one of {', '.join(MODALITIES)}.")
+    if split not in GALLERY_SPLITS:
+        raise NlmmError(f"unknown split {split!r}; use one of {', '.join(GALLERY_SPLITS)}.")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise NlmmError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}.")
+
+
+def default_target(query_modality: str) -> str:
+    """Text and speech queries look for images; image queries look for captions."""
+    return "text" if query_modality == "image" else "image"
+
+
+# ---------------------------------------------------------------------------------- files
+
+def _file_stamp(path: Path) -> dict[str, int]:
+    # The inode and ctime change on every atomic re-save, even one landing in the same mtime tick.
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino}
 
 
 def checkpoint_hash(path: Path) -> str:
-    """SHA-256 of the checkpoint's bytes, memoised next to it by (size, mtime) so a search
+    """SHA-256 of the checkpoint's bytes, memoised next to it by its stat stamp so a search
     does not reread a large file that has not changed."""
     path = Path(path)
-    st = path.stat()
+    stamp = _file_stamp(path)
     memo = path.with_name(f".{path.name}.sha256.json")
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     try:
         saved = json.loads(memo.read_text())
         if {k: saved.get(k) for k in stamp} == stamp:
             return saved["sha256"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
     with open(path, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
     try:
-        tmp = memo.with_name(memo.name + f".{os.getpid()}")
+        tmp = memo.with_name(f"{memo.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         tmp.write_text(json.dumps({**stamp, "sha256": digest}))
         os.replace(tmp, memo)
     except OSError:
@@ -93,120 +173,235 @@ def index_dir_for(checkpoint: Path) -> Path:
     return (folder.parent if folder.name == "checkpoints" else folder) / "index"
 
 
+def read_index(path: Path, n_items: int, dim: int) -> np.ndarray | None:
+    """The (n_items, dim) float32 embeddings memory-mapped from `path`; None when the file is
+    missing, torn, foreign or of another shape (all of which mean: build it again)."""
+    try:
+        # copy-on-write: never written, but torch can wrap its chunks without copying them
+        emb = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if emb.dtype != np.float32 or emb.shape != (n_items, dim):
+        return None
+    return emb
+
+
+def prune_indexes(folder: Path, keep: int = KEEP_INDEX_FILES) -> list[Path]:
+    """Delete all but the `keep` most recently used index files of `folder`; returns the deleted.
+
+    A search that has one of them open keeps reading it (the inode lives on until closed)."""
+    files = []
+    for path in folder.glob("*.npy"):
+        with contextlib.suppress(FileNotFoundError):
+            files.append((path.stat().st_mtime_ns, path))
+    files.sort(reverse=True)
+    removed = []
+    for _, path in files[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _load_consistent(path: Path, device: str, data: Path | None,
+                     attempts: int = 3) -> tuple[LoadedModel, str]:
+    """The model and the hash of the very bytes it was loaded from. Training replaces best.pt
+    as it goes; a file replaced during the read is read again, so an index is never filed under
+    the hash of other weights."""
+    for _ in range(attempts):
+        if not path.is_file():
+            raise NlmmError(f"checkpoint {path} does not exist; list checkpoints with "
+                            "`nlmm runs show RUN`.")
+        before = _file_stamp(path)
+        digest = checkpoint_hash(path)
+        loaded = load_for_inference(path, device=device, data=data)
+        if _file_stamp(path) == before:
+            return loaded, digest
+    raise NlmmError(f"checkpoint {path} was replaced {attempts} times while being read; search "
+                    "again when training has saved it.")
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise NlmmError("the faiss backend needs faiss-cpu; install it with "
+                        "`pip install 'nlmm[faiss]'` or search with --backend exact.") from None
+    return faiss
+
+
+# ---------------------------------------------------------------------------------- searcher
+
 class Searcher:
-    """A loaded model plus its gallery indexes; keeps both in memory across queries."""
+    """A loaded model plus its gallery indexes; keeps both in memory across queries.
+
+    `max_memory_bytes` caps the size of a gallery held in memory (default: half the free
+    memory of the device); larger galleries are scanned from the memory-mapped index file.
+    """
 
     def __init__(self, checkpoint: str | Path | None = None, device: str = "auto",
-                 data: Path | None = None, console: Console | None = None):
-        self.loaded: LoadedModel = load_for_inference(checkpoint, device=device, data=data)
-        self.cache: PreparedCache = require_cache(self.loaded)
+                 data: Path | None = None, console: Console | None = None,
+                 backend: str = "exact", max_memory_bytes: int | None = None):
+        check_backend(backend)
+        self.faiss = _import_faiss() if backend == "faiss" else None
         self.console = console
+        self.max_memory_bytes = max_memory_bytes
+        self.loaded, self.checkpoint_sha256 = _load_consistent(checkpoint_for(checkpoint), device,
+                                                               data)
+        self.cache: PreparedCache = require_cache(self.loaded)
         self.index_dir = index_dir_for(self.loaded.checkpoint_path)
-        self._hash = checkpoint_hash(self.loaded.checkpoint_path)
-        self._indexes: dict[tuple[str, str], GalleryIndex] = {}
+        self.indexes: dict[tuple[str, str], GalleryIndex] = {}
         self.builds = 0  # gallery encodings done by this searcher (tests check reuse)
 
     # ------------------------------------------------------------------ gallery
 
     def index_path(self, split: str, modality: str) -> Path:
-        return self.index_dir / f"{modality}-{split}-{self._hash[:16]}-{self.cache.key}.pt"
+        return self.index_dir / (f"{modality}-{split}-{self.checkpoint_sha256[:16]}-"
+                                 f"{self.cache.key}-v{INDEX_VERSION}.npy")
+
+    def gallery_rows(self, split: str, modality: str) -> np.ndarray:
+        """Cache rows of the gallery, in index order (for `all`: train, dev, test)."""
+        splits = SPLITS if split == "all" else (split,)
+        return np.concatenate([modality_rows(self.cache, s, modality) for s in splits])
 
     def gallery(self, split: str, modality: str) -> GalleryIndex:
+        """The gallery index, from memory, else from its file, else built (and filed)."""
         key = (split, modality)
-        if key in self._indexes:
-            return self._indexes[key]
-        path = self.index_path(split, modality)
-        index = self._read_index(path)
-        if index is None:
-            index = self._build_index(split, modality)
-            self._write_index(path, index)
-        index.emb = index.emb.to(self.loaded.device)
-        self._indexes[key] = index
-        return index
-
-    def _read_index(self, path: Path) -> GalleryIndex | None:
-        if not path.is_file():
-            return None
-        try:
-            body = torch.load(path, map_location="cpu", weights_only=False)
-            if body.get("version") != INDEX_VERSION:
-                return None
-            return GalleryIndex(body["emb"], np.asarray(body["rows"]))
-        except Exception:  # an unreadable index is only a cache miss; it is rebuilt
-            return None
-
-    def _write_index(self, path: Path, index: GalleryIndex) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        torch.save({"version": INDEX_VERSION, "emb": index.emb.cpu(), "rows": index.rows}, tmp)
-        os.replace(tmp, path)
-
-    def _build_index(self, split: str, modality: str) -> GalleryIndex:
-        splits = ("train", "dev", "test") if split == "all" else (split,)
-        model, device = self.loaded.model, self.loaded.device
-        embs, rows = [], []
-        total = sum(len(owner_images(self.cache, s, modality)) for s in splits)
-        if total == 0:
+        if key in self.indexes:
+            return self.indexes[key]
+        rows = self.gallery_rows(split, modality)
+        if len(rows) == 0:
             raise NlmmError(f"the {split} split has no {modality} items to search; pick another "
                             "--split or --in.")
+        path = self.index_path(split, modality)
+        emb = read_index(path, len(rows), self.loaded.cfg.embed_dim)
+        if emb is None:
+            emb = self._build(path, split, modality, len(rows))
+        else:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # marks it recently used for prune_indexes
+        self.indexes[key] = self._place(rows, emb)
+        return self.indexes[key]
+
+    def _memory_budget(self) -> int:
+        if self.max_memory_bytes is not None:
+            return self.max_memory_bytes
+        device = self.loaded.device
+        free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+                else psutil.virtual_memory().available)
+        return int(IN_MEMORY_FRACTION * free)
+
+    def _place(self, rows: np.ndarray, emb: np.ndarray) -> GalleryIndex:
+        fits = emb.nbytes <= self._memory_budget()
+        if self.faiss is not None:
+            if not fits:
+                raise NlmmError(f"the gallery ({emb.nbytes / 2**30:.1f} GiB) does not fit in "
+                                "memory for the faiss backend; use --backend exact, which scans "
+                                "it from disk.")
+            index = self.faiss.IndexFlatIP(emb.shape[1])
+            for start in range(0, len(emb), TOP_K_CHUNK):
+                index.add(np.array(emb[start:start + TOP_K_CHUNK]))
+            return GalleryIndex(rows, emb, index)
+        if fits:
+            # Held as a (d, N) row-major tensor, viewed as (N, d): the query's product with it
+            # runs as a plain matrix product over contiguous rows, about 3x faster on CPU than
+            # the transposed product over an (N, d) row-major gallery.
+            by_dim = torch.from_numpy(np.array(emb)).to(self.loaded.device).T.contiguous()
+            return GalleryIndex(rows, by_dim.T)
+        return GalleryIndex(rows, emb)
+
+    def _build(self, path: Path, split: str, modality: str, n_items: int) -> np.ndarray:
+        """Embed the gallery straight into a temporary .npy, then rename it into place."""
+        shape = (n_items, self.loaded.cfg.embed_dim)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        except OSError as exc:
+            if self.console is not None:
+                self.console.print(f"[yellow]cannot save the index in {path.parent} ({exc}); "
+                                   "it is kept in memory only[/]")
+            return self._embed_into(np.empty(shape, dtype=np.float32), split, modality)
+        try:
+            self._embed_into(out, split, modality)
+            out.flush()
+            del out
+            # mapped before the rename, so pruning by another search cannot take it from us
+            emb = np.load(tmp, mmap_mode="c")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        prune_indexes(path.parent)
+        return emb
+
+    def _embed_into(self, out: np.ndarray, split: str, modality: str) -> np.ndarray:
+        model, device = self.loaded.model, self.loaded.device
+        splits = SPLITS if split == "all" else (split,)
+        filled = 0
         with Progress(console=self.console, transient=True, disable=self.console is None) as bar:
-            task = bar.add_task(f"indexing {total} {modality} items ({split})", total=total)
+            task = bar.add_task(f"indexing {len(out)} {modality} items ({split})", total=len(out))
             for s in splits:
-                for x, mask, batch_rows in iter_modality(self.cache, s, modality, 256, device):
-                    with torch.no_grad():
-                        embs.append(model.encode(modality, x, mask).float().cpu())
-                    rows.append(np.asarray(batch_rows))
-                    bar.advance(task, len(batch_rows))
+                for x, mask, rows in iter_modality(self.cache, s, modality, ENCODE_BATCH, device):
+                    with torch.no_grad(), self._autocast():
+                        emb = model.encode(modality, x, mask)
+                    out[filled:filled + len(rows)] = emb.float().cpu().numpy()
+                    filled += len(rows)
+                    bar.advance(task, len(rows))
         self.builds += 1
-        return GalleryIndex(torch.cat(embs), np.concatenate(rows))
+        return out
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # Gallery and queries are embedded under the autocast the model was evaluated with.
+        amp = self.loaded.cfg.precision.amp
+        if self.loaded.device.type != "cuda" or amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
     # ------------------------------------------------------------------ queries
 
     def encode_query(self, text: str | None = None, image: Path | None = None,
                      audio: Path | None = None, ttt: bool = False) -> tuple[str, torch.Tensor]:
-        given = [(m, v) for m, v in (("text", text), ("image", image), ("audio", audio))
-                 if v is not None]
-        if len(given) != 1:
-            raise NlmmError("give exactly one query: a text, --image FILE or --audio FILE.")
-        modality, value = given[0]
-        cfg, device = self.loaded.cfg, self.loaded.device
+        """(modality, (1, d) unit embedding) of one query, featurised like the training data."""
+        modality, value = checked_query(text, image, audio)
+        cfg, device, tokenizer = self.loaded.cfg, self.loaded.device, self.loaded.tokenizer
         if modality == "text":
-            if not str(value).strip():
-                raise NlmmError("the text query is empty; type a few words to search for.")
-            ids, _ = self.loaded.tokenizer.encode_batch([str(value)], cfg.data.text_max_len)
-            x = torch.as_tensor(ids, dtype=torch.long, device=device)
-            mask = x != self.loaded.tokenizer.pad_id
+            ids, lengths = tokenizer.encode_batch([str(value)], cfg.data.text_max_len)
+            x = torch.as_tensor(ids[:, :int(lengths[0])], dtype=torch.long, device=device)
+            mask = torch.ones_like(x, dtype=torch.bool)
         else:
-            path = Path(value)
-            if not path.is_file():
-                raise NlmmError(f"query file {path} does not exist.")
             try:
                 if modality == "image":
-                    pixels = torch.as_tensor(load_image(path, cfg.data.image_size))[None]
+                    pixels = torch.as_tensor(load_image(Path(value), cfg.data.image_size))[None]
                     x, mask = normalize_images(pixels.to(device)), None
+                elif cfg.encoders.backbone("audio") is not None:
+                    # a speech backbone hears the waveform, cut as in the feature cache
+                    x = torch.as_tensor(load_clip(Path(value), cfg.data), device=device)[None]
+                    mask = torch.ones_like(x, dtype=torch.bool)
                 else:
-                    mel = log_mel(load_wav(path, cfg.data.sample_rate), cfg.data)
+                    mel = log_mel(load_wav(Path(value), cfg.data.sample_rate), cfg.data)
                     x = torch.as_tensor(mel.astype(np.float32), device=device)[None, None]
                     mask = torch.ones(1, x.shape[-1], dtype=torch.bool, device=device)
             except BadInput as exc:
-                raise NlmmError(f"cannot read query file {path}: {exc}.") from None
+                raise NlmmError(f"cannot read query file {value}: {exc}.") from None
         model = self.loaded.model
-        if ttt:
-            emb = model.encode_ttt(modality, x, mask).detach()
-        else:
-            with torch.no_grad():
-                emb = model.encode(modality, x, mask)
+        with self._autocast():
+            if ttt:
+                emb = model.encode_ttt(modality, x, mask, mask_id=tokenizer.mask_id).detach()
+            else:
+                with torch.no_grad():
+                    emb = model.encode(modality, x, mask)
         return modality, emb.float()
 
     def query(self, text: str | None = None, image: Path | None = None, audio: Path | None = None,
               target: str | None = None, k: int = 5, split: str = "test",
               ttt: bool = False) -> list[SearchHit]:
-        if k <= 0:
-            raise NlmmError(f"-k must be a positive number of results, got {k}.")
+        """The k best `target` items of `split` for one text, image-file or audio-file query."""
+        check_options(target, k, split)
         modality, q = self.encode_query(text, image, audio, ttt)
-        target = target or ("image" if modality != "image" else "text")
+        target = target or default_target(modality)
         index = self.gallery(split, target)
-        scores, idx = top_k(q, index.emb, min(k, len(index.rows)))
+        scores, idx = index.search(q, k)
         return [self._hit(rank + 1, float(s), target, int(index.rows[int(i)]))
                 for rank, (s, i) in enumerate(zip(scores[0].tolist(), idx[0].tolist()))]
 
@@ -223,14 +418,18 @@ class Searcher:
                          str(wav) if wav else None)
 
 
-def top_k(query: torch.Tensor, gallery: torch.Tensor, k: int,
-          chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k by inner product, in gallery chunks so memory stays bounded."""
+def top_k(query: torch.Tensor, gallery: torch.Tensor | np.ndarray, k: int,
+          chunk: int = TOP_K_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by inner product of (q, d) queries against (N, d) gallery rows, scanned in
+    chunks so memory stays bounded; a numpy (memory-mapped) gallery is read chunk by chunk."""
     best_s = best_i = None
     for start in range(0, gallery.shape[0], chunk):
-        s = query @ gallery[start:start + chunk].t()
-        kk = min(k, s.shape[1])
-        cs, ci = s.topk(kk, dim=1)
+        block = gallery[start:start + chunk]
+        if isinstance(block, np.ndarray):
+            block = torch.from_numpy(block if block.flags.writeable else np.array(block))
+            block = block.to(query.device)
+        s = query @ block.T
+        cs, ci = s.topk(min(k, s.shape[1]), dim=1)
         ci = ci + start
         if best_s is None:
             best_s, best_i = cs, ci
@@ -242,10 +441,15 @@ def top_k(query: torch.Tensor, gallery: torch.Tensor, k: int,
 
 
 def run_search(req: SearchRequest, console: Console | None = None) -> list[SearchHit]:
-    """`nlmm search`: one query against the gallery of a run's best checkpoint."""
-    if req.k <= 0:
-        raise NlmmError(f"-k must be a positive number of results, got {req.k}.")
+    """`nlmm search`: one query against the gallery of a checkpoint (default: the best one of
+    the latest finished run). The request is checked before any model is loaded."""
+    checked_query(req.text, req.image, req.audio)
+    check_options(req.target, req.k, req.split)
+    check_backend(req.backend)
+    if req.run is not None and req.checkpoint is not None:
+        raise NlmmError("give --run or --checkpoint, not both.")
     target = req.checkpoint if req.checkpoint is not None else req.run
-    searcher = Searcher(checkpoint_for(target), device=req.device, data=req.data, console=console)
+    searcher = Searcher(target, device=req.device, data=req.data, console=console,
+                        backend=req.backend)
     return searcher.query(text=req.text, image=req.image, audio=req.audio, target=req.target,
                           k=req.k, split=req.split, ttt=req.ttt)

@@ -61,3 +61,34 @@ def isolated_store(tmp_path, monkeypatch):
     monkeypatch.setenv("NLMM_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.delenv("NLMM_DB_URL", raising=False)
     return tmp_path / "runs"
+
+
+@pytest.fixture
+def pg_url():
+    """A new, empty PostgreSQL database for one test (dropped afterwards), on the server that
+    NLMM_TEST_PG_URL names (`.ci/run` starts one on 127.0.0.1). Without a reachable server the
+    test is skipped, and the skip says why."""
+    import os
+    import uuid
+
+    from sqlalchemy import make_url
+
+    admin = os.environ.get("NLMM_TEST_PG_URL")
+    if not admin:
+        pytest.skip("no PostgreSQL server: NLMM_TEST_PG_URL is not set (.ci/run starts one)")
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("no PostgreSQL driver: install psycopg (pip install -e '.[dev]')")
+    server = make_url(admin).set(drivername="postgresql")
+    name = f"nlmm_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True,
+                             connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error as exc:
+        pytest.skip(f"PostgreSQL at {server.render_as_string(hide_password=True)} is not "
+                    f"usable: {str(exc).strip().splitlines()[0]}")
+    yield server.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,7 +1,8 @@
 """The training loop: cached batches → NL-MM → level scheduler, with evaluation and checkpoints.
 
 Everything that touches processes, signals or the store's run status lives in `worker.py`;
-this module only needs a metric sink and a stop flag, so tests can drive it in-process.
+this module only needs a metric sink and a stop flag, so tests can drive it in-process. Under
+torchrun the same loop runs on every rank (see `distributed.py`); only rank 0 checkpoints.
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import TrainLoader
 from nlmm.model import NLMM
 from nlmm.train.checkpoint import save_checkpoint
+from nlmm.train.distributed import (
+    SINGLE,
+    DistContext,
+    any_rank,
+    check_batch_size,
+    evaluate_split_sharded,
+    global_batch_losses,
+    shard_batch,
+    sync_context,
+    wrap_model,
+)
 from nlmm.train.evaluate import evaluate_split
 
 LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a")
@@ -71,17 +83,29 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 class Trainer:
-    """Owns the model, scheduler and data of one run."""
+    """Owns the model, scheduler and data of one run (of one rank, under torchrun).
+
+    `cfg.train.batch_size` is the global batch: with `dist.world_size` ranks each trains on its
+    slice of every batch. Sink and log should be no-ops on ranks other than 0.
+    """
 
     def __init__(self, cfg: Config, cache: PreparedCache, device: torch.device, run_dir: Path,
                  sink: MetricSink, on_checkpoint: Callable[[CheckpointEvent], None] | None = None,
-                 stop_event: threading.Event | None = None, log: Callable[[str], None] = print):
+                 stop_event: threading.Event | None = None, log: Callable[[str], None] = print,
+                 dist: DistContext = SINGLE):
+        from nlmm.data.backbone_features import ensure_features
+
+        # frozen pretrained backbones: their cached features replace pixels / waveforms
+        cache = ensure_features(cache, cfg.encoders, device, progress=False)
         self.cfg, self.cache, self.device, self.run_dir = cfg, cache, device, Path(run_dir)
         self.sink, self.on_checkpoint, self.log = sink, on_checkpoint, log
         self.stop_event = stop_event or threading.Event()
+        self.dist = dist
+        check_batch_size(cfg.train.batch_size, dist)
         torch.manual_seed(cfg.train.seed)
         self.model = NLMM(cfg).to(device)
         self.sched = self.model.configure_scheduler(cfg)
+        self.ddp = wrap_model(self.model, device, dist)
         self.progress = Progress()
         self.batches_per_epoch = len(self._loader(0))
         self.steps_per_epoch = self.batches_per_epoch // cfg.train.accumulate
@@ -119,7 +143,10 @@ class Trainer:
         self.progress = Progress(**payload["progress"])
         torch.set_rng_state(payload["rng"])
 
-    def checkpoint(self, kind: str, metrics: dict[str, float] | None = None) -> CheckpointEvent:
+    def checkpoint(self, kind: str, metrics: dict[str, float] | None = None) -> CheckpointEvent | None:
+        """Save the state as `kind` (rank 0 only; other ranks return None)."""
+        if not self.dist.is_main:
+            return None
         name = {"last": "last.pt", "best": "best.pt"}.get(kind, f"epoch_{self.progress.epoch:03d}.pt")
         path = self.run_dir / "checkpoints" / name
         payload = self.state_dict()
@@ -139,15 +166,23 @@ class Trainer:
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         return torch.autocast("cuda", dtype=dtype)
 
+    def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.ddp is None:
+            return self.model(batch)[0]
+        shard = shard_batch(batch, self.dist)
+        outputs, _ = self.ddp(shard)
+        return global_batch_losses(outputs, shard, self.model, self.dist)
+
     def _step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One optimizer step over `accumulate` micro-batches; returns detached losses."""
         self.model.train()
         totals: dict[str, torch.Tensor] = {}
         n = len(batches)
-        for batch in batches:
-            with self._autocast():
-                outputs, _ = self.model(batch)
-            self.sched.scale_loss(outputs["loss"] / n).backward()
+        for i, batch in enumerate(batches):
+            with sync_context(self.ddp, last_micro_batch=i == n - 1):
+                with self._autocast():
+                    outputs = self._forward(batch)
+                self.sched.scale_loss(outputs["loss"] / n).backward()
             for key in LOSS_KEYS + ("temperature",):
                 if key in outputs:
                     value = outputs[key].detach().float() / n
@@ -163,7 +198,13 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         with self._autocast():
+            if self.dist.enabled:
+                return evaluate_split_sharded(self.model, self.cache, split, self.device, self.dist)
             return evaluate_split(self.model, self.cache, split, self.device)
+
+    def _stop_requested(self) -> bool:
+        # all ranks must leave the loop at the same step, wherever the signal arrived
+        return any_rank(self.stop_event.is_set(), self.dist, self.device)
 
     def fit(self) -> str:
         """Train until the planned steps are done or a stop is requested; returns
@@ -196,7 +237,7 @@ class Trainer:
                     values.update({f"lr/{k}": v for k, v in self.sched.lrs().items()})
                     self.sink.log(p.global_step, p.epoch, values)
                     window, window_steps, window_time = {}, 0, 0.0
-                if self.stop_event.is_set():
+                if self._stop_requested():
                     self.checkpoint("last")
                     return "stopped"
                 if p.global_step >= self.total_steps:
@@ -213,7 +254,7 @@ class Trainer:
                 self.checkpoint("epoch", p.last_eval)
             self.checkpoint("last", p.last_eval)
             tick = time.perf_counter()
-            if self.stop_event.is_set():
+            if self._stop_requested():
                 return "stopped"
         test = self.evaluate("test")
         self.sink.log(p.global_step, p.epoch, {f"test/{k}": v for k, v in test.items()})
