@@ -47,3 +47,39 @@ def contrastive_loss(a: Tensor, b: Tensor, ids_a: Tensor, ids_b: Tensor, logit_s
     logits = logit_scale_value(logit_scale) * (a.float() @ b.float().T)
     positive = ids_a[:, None] == ids_b[None, :]
     return 0.5 * (_directional(logits, positive) + _directional(logits.T, positive.T))
+
+
+PAIR_MODALITIES = {"i2t": ("image", "text"), "i2a": ("image", "audio"), "t2a": ("text", "audio")}
+
+
+def pair_losses(embeddings: dict[str, Tensor], image_ids: Tensor, audio_rows: Tensor | None,
+                logit_scale: Tensor, weights: dict[str, float]) -> dict[str, Tensor]:
+    """`loss_<pair>` for every pair of modalities present, and `loss`, their weighted mean.
+
+    `embeddings["audio"]` holds only the rows flagged in `audio_rows`, so the other side of an
+    audio pair is cut to those rows too. Shared by the model's forward and the distributed
+    trainer (which calls it on embeddings gathered from all ranks).
+    """
+    from nlmm.errors import NlmmError
+
+    out: dict[str, Tensor] = {}
+    weighted, weight_sum = None, 0.0
+    for pair, (a, b) in PAIR_MODALITIES.items():
+        if a not in embeddings or b not in embeddings:
+            continue
+        emb_a, ids = embeddings[a], image_ids
+        if b == "audio":
+            if embeddings["audio"].shape[0] < 2:
+                continue  # one row has no negatives: the loss would be a constant zero
+            emb_a, ids = emb_a[audio_rows], image_ids[audio_rows]
+        loss = contrastive_loss(emb_a, embeddings[b], ids, ids, logit_scale)
+        out[f"loss_{pair}"] = loss
+        weight = float(weights.get(pair, 0.0))
+        if weight > 0:
+            weighted = loss * weight if weighted is None else weighted + loss * weight
+            weight_sum += weight
+    if weighted is None:
+        raise NlmmError("the batch gives no modality pair with a positive loss weight; it needs "
+                        "two modalities (audio on at least two rows) weighted in train.loss_weights.")
+    out["loss"] = weighted / weight_sum
+    return out

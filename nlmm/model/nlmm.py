@@ -20,19 +20,19 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from nlmm.config import MODALITIES, PAIRS, CMSLevel, Config
+from nlmm.config import MODALITIES, CMSLevel, Config
 from nlmm.errors import NlmmError
 from nlmm.model.backbones import Backbone
 from nlmm.model.encoders import FeatureStem, build_encoder
 from nlmm.model.layers import INIT_STD, trunc_normal
-from nlmm.model.losses import INIT_LOGIT_SCALE, contrastive_loss, logit_scale_value
+from nlmm.model.losses import (INIT_LOGIT_SCALE, logit_scale_value,
+                                pair_losses)
 from nlmm.model.memory import SharedMemory
 from nlmm.model.ttt import MASK_TOKEN_ID, adapt_and_encode
 
 if TYPE_CHECKING:
     from nlmm.optim import LevelScheduler
 
-PAIR_MODALITIES = {"i2t": ("image", "text"), "i2a": ("image", "audio"), "t2a": ("text", "audio")}
 
 
 @dataclass
@@ -243,26 +243,8 @@ class NLMM(nn.Module):
             if entropy is not None:
                 state.memory_entropy[modality] = entropy.detach()
 
-        weighted, weight_sum = None, 0.0
-        for pair in PAIRS:
-            a, b = PAIR_MODALITIES[pair]
-            if a not in embeddings or b not in embeddings:
-                continue
-            emb_a, ids = embeddings[a], image_ids
-            if b == "audio":
-                if embeddings["audio"].shape[0] < 2:
-                    continue  # one row has no negatives: the loss would be a constant zero
-                emb_a, ids = emb_a[audio_rows], image_ids[audio_rows]
-            loss = contrastive_loss(emb_a, embeddings[b], ids, ids, self.logit_scale)
-            outputs[f"loss_{pair}"] = loss
-            weight = float(self.cfg.train.loss_weights.get(pair, 0.0))
-            if weight > 0:
-                weighted = loss * weight if weighted is None else weighted + loss * weight
-                weight_sum += weight
-        if weighted is None:
-            raise NlmmError("the batch gives no modality pair with a positive loss weight; it needs "
-                            "two modalities (audio on at least two rows) weighted in train.loss_weights.")
-        outputs["loss"] = weighted / weight_sum
+        outputs.update(pair_losses(embeddings, image_ids, audio_rows, self.logit_scale,
+                                   self.cfg.train.loss_weights))
         outputs["temperature"] = 1.0 / logit_scale_value(self.logit_scale).detach()
         return outputs, state
 

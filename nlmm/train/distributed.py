@@ -35,13 +35,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from nlmm.config import PAIRS
 from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import iter_modality, owner_images
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
-from nlmm.model.losses import contrastive_loss, logit_scale_value
-from nlmm.model.nlmm import PAIR_MODALITIES
+from nlmm.model.losses import logit_scale_value, pair_losses
 from nlmm.train.retrieval import retrieval_metrics
 
 MODALITIES = ("image", "text", "audio")
@@ -216,30 +214,12 @@ def global_batch_losses(outputs: dict[str, Tensor], shard: dict[str, Tensor], mo
         audio_rows = _gather_ragged(rows_here, ctx)
         if bool(audio_rows.any()):
             embeddings["audio"] = gather_rows(full)[audio_rows]
-    losses: dict[str, Tensor] = {}
-    weighted, weight_sum = None, 0.0
-    for pair in PAIRS:
-        a, b = PAIR_MODALITIES[pair]
-        if a not in embeddings or b not in embeddings:
-            continue
-        emb_a, ids = embeddings[a], image_ids
-        if b == "audio":
-            if embeddings["audio"].shape[0] < 2:
-                continue
-            emb_a, ids = emb_a[audio_rows], image_ids[audio_rows]
-        loss = contrastive_loss(emb_a, embeddings[b], ids, ids, model.logit_scale)
-        losses[f"loss_{pair}"] = loss
-        weight = float(cfg.train.loss_weights.get(pair, 0.0))
-        if weight > 0:
-            weighted = loss * weight if weighted is None else weighted + loss * weight
-            weight_sum += weight
-    if weighted is None:
-        raise NlmmError("the batch gives no modality pair with a positive loss weight; it needs "
-                        "two modalities (audio on at least two rows) weighted in train.loss_weights.")
+    losses = pair_losses(embeddings, image_ids, audio_rows, model.logit_scale,
+                         cfg.train.loss_weights)
     # Each local embedding enters the loss, even one the global batch leaves out (a lone
     # spoken caption), because DDP waits for a gradient of every parameter its forward used.
     untouched = sum(e.sum() for e in local) * 0.0
-    losses["loss"] = weighted / weight_sum + untouched
+    losses["loss"] = losses["loss"] + untouched
     losses["temperature"] = 1.0 / logit_scale_value(model.logit_scale).detach()
     return losses
 
