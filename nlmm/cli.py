@@ -178,7 +178,10 @@ def train(
     image_size: Annotated[Optional[int], typer.Option("--image-size", "--image_size", min=16)] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
     grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "--num_workers", min=0)] = None,
+    num_workers: Annotated[Optional[int], typer.Option("--num-workers", "--num_workers", min=0,
+                                                       help="Batches prepared ahead by the "
+                                                            "loader thread (the cache makes "
+                                                            "worker processes unnecessary).")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard "
                                               "scalars to runs/<run>/tensorboard.")] = False,

@@ -112,7 +112,7 @@ class TrainConfig:
     eval_split: str = _f("dev", choices=("dev", "test"))
     checkpoint_every: int = _f(0, min=0, help="also keep a checkpoint every N epochs (0: only last/best)")
     seed: int = _f(0)
-    num_workers: int = _f(0, min=0)
+    num_workers: int = _f(0, min=0, help="batches the loader thread prepares ahead (0: 2)")
     grad_checkpointing: bool = _f(False)
     loss_weights: dict[str, float] = _f(factory=lambda: {"i2t": 1.0, "i2a": 1.0, "t2a": 1.0})
     log_every: int = _f(10, min=1, help="write step metrics every N steps")

@@ -184,7 +184,8 @@ class TrainLoader:
     def __init__(self, cache: PreparedCache, split: str, batch_size: int, *, seed: int,
                  epoch: int = 0, shuffle: bool = True, drop_last: bool = True,
                  device: torch.device | str = "cpu", augment: bool = False,
-                 max_audio_frames: int | None = None, start_batch: int = 0) -> None:
+                 max_audio_frames: int | None = None, start_batch: int = 0,
+                 prefetch_depth: int = PREFETCH_DEPTH) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cache = cache
@@ -196,6 +197,7 @@ class TrainLoader:
         self.augment = augment
         self.max_audio_frames = max_audio_frames
         self.start_batch = start_batch
+        self.prefetch_depth = max(1, prefetch_depth)
         if len(self) == 0:
             raise NlmmError(f"the {split} split has {len(self.rows)} caption(s), fewer than one "
                             f"batch of {batch_size}; lower train.batch_size or use more data.")
@@ -244,7 +246,7 @@ class TrainLoader:
         order = self.order()
         jobs = [(b, order[b * self.batch_size:(b + 1) * self.batch_size])
                 for b in range(self.start_batch, len(self))]
-        for batch in prefetch(self._gather, jobs):
+        for batch in prefetch(self._gather, jobs, self.prefetch_depth):
             index = batch.pop("index")
             if self.device.type != "cpu":
                 batch = _to_device(batch, self.device)

@@ -19,7 +19,7 @@ import torch
 
 from nlmm.config import Config
 from nlmm.data.cache import PreparedCache
-from nlmm.data.loader import TrainLoader
+from nlmm.data.loader import PREFETCH_DEPTH, TrainLoader
 from nlmm.model import NLMM
 from nlmm.train.checkpoint import save_checkpoint
 from nlmm.train.distributed import (
@@ -124,7 +124,8 @@ class Trainer:
         return TrainLoader(self.cache, "train", cfg.train.batch_size, seed=cfg.train.seed,
                            epoch=epoch, shuffle=True, drop_last=True, device=self.device,
                            augment=cfg.data.augment, max_audio_frames=max_frames,
-                           start_batch=start_batch)
+                           start_batch=start_batch,
+                           prefetch_depth=cfg.train.num_workers or PREFETCH_DEPTH)
 
     def state_dict(self) -> dict[str, Any]:
         p = self.progress
