@@ -55,11 +55,11 @@ class PollingScreen(Screen[None], Generic[Snapshot]):
 
     def fetch(self) -> Snapshot:
         """Read what the screen shows; runs in a worker thread, so it must not touch widgets."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define fetch(), the read of its data")
 
     def apply(self, snapshot: Snapshot) -> None:
         """Show a snapshot; runs on the event loop."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define apply(), the display of its data")
 
     def _fetch_in_thread(self) -> None:
         try:
