@@ -13,7 +13,8 @@ import soundfile as sf
 from PIL import Image
 
 from nlmm.data.speech import make_speakers, speak_builtin, speak_espeak
-from nlmm.data.synth import captions_for, draw_scenes, synth_corpus
+from nlmm.data.synth import (BACKGROUNDS, COLOURS, Scene, Shape, captions_for, draw_grid_scenes,
+                              draw_scenes, grid_captions_for, synth_corpus)
 from nlmm.errors import NlmmError
 
 TOKEN_LINE = re.compile(r"^\S+\.jpg#[0-4]\t.+ \.$")
@@ -194,6 +195,114 @@ def test_rejects_image_counts_outside_the_supported_range(tmp_path: Path, n_imag
     with pytest.raises(NlmmError, match="between"):
         synth_corpus(tmp_path / "x", n_images=n_images, progress=False, engine="builtin")
     assert not (tmp_path / "x").exists()
+
+
+# The grid mode's cells by the words of a grid scene's first caption, as fractions of the side.
+GRID_PLACE = {"at the top left": (0.18, 0.18), "at the top": (0.5, 0.18),
+              "at the top right": (0.82, 0.18), "on the left": (0.18, 0.5),
+              "in the center": (0.5, 0.5), "on the right": (0.82, 0.5),
+              "at the bottom left": (0.18, 0.82), "at the bottom": (0.5, 0.82),
+              "at the bottom right": (0.82, 0.82)}
+# Longer phrases first, so "at the top left" is not read as "at the top".
+GRID_OBJECT = re.compile(r"(?:a|an) (\w+) (\w+) ("
+                         + "|".join(sorted(GRID_PLACE, key=len, reverse=True)) + ")")
+GRID_BACKGROUND = re.compile(r" on an? (\w+) background \.$")
+
+
+@pytest.fixture(scope="module")
+def grid_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("grid") / "corpus"
+    synth_corpus(out, n_images=16, seed=4, progress=False, engine="builtin", workers=1, objects=3)
+    return out
+
+
+def grid_captions(out: Path) -> dict[str, list[str]]:
+    by_image: dict[str, list[str]] = {}
+    for line in read_lines(out / "Flickr8k_text" / "Flickr8k.token.txt"):
+        key, caption = line.split("\t")
+        by_image.setdefault(key.split("#")[0], []).append(caption.lower())
+    return by_image
+
+
+def test_grid_captions_name_every_object_and_fit_one_image(grid_corpus: Path) -> None:
+    lines = read_lines(grid_corpus / "Flickr8k_text" / "Flickr8k.token.txt")
+    assert all(TOKEN_LINE.match(line) and line.split("\t")[1][0].isupper() for line in lines)
+    by_image = grid_captions(grid_corpus)
+    assert len(by_image) == 16 and all(len(c) == 5 for c in by_image.values())
+    facts = set()
+    for captions in by_image.values():
+        objects = GRID_OBJECT.findall(captions[0])
+        assert len(objects) == 3 and len({place for *_, place in objects}) == 3, captions[0]
+        (background,) = GRID_BACKGROUND.search(captions[0]).groups()
+        for caption in captions:
+            assert background in caption.split()
+            for colour, shape, _place in objects:
+                assert f"{colour} {shape}" in caption, (colour, shape, caption)
+        facts.add((frozenset(objects), background))
+    assert len(facts) == len(by_image)  # no caption's facts fit a second image
+
+
+def test_grid_scenes_have_distinct_facts_and_relational_captions() -> None:
+    scenes = draw_grid_scenes(2000, 2, np.random.default_rng(2))
+    assert all(s.grid and len({o.position for o in s.objects}) == 2 for s in scenes)
+    facts = {(frozenset((o.colour, o.shape, o.position) for o in s.objects), s.background)
+             for s in scenes}
+    assert len(facts) == len(scenes)
+    rng = np.random.default_rng(0)
+    captions = [grid_captions_for(s, rng) for s in scenes[:50]]
+    relations = (" above ", " below ", " to the left of ", " to the right of ")
+    assert all(any(r in c for c in five for r in relations) for five in captions)
+    assert any(" large " in c or " small " in c for five in captions for c in five)
+
+
+def test_grid_relations_follow_the_cells() -> None:
+    def chain(red_at: str, blue_at: str) -> str:
+        scene = Scene((Shape("circle", "red", red_at, "small"),
+                       Shape("square", "blue", blue_at, "large")), "grey", "plain", grid=True)
+        return grid_captions_for(scene, np.random.default_rng(0))[2].lower()
+
+    assert "which is above a blue square" in chain("top", "center")
+    # Swapping the two objects' cells changes the relation, not only the cell names.
+    assert "which is below a blue square" in chain("center", "top")
+    assert "which is above a blue square" in chain("top right", "bottom left")
+    assert "which is to the left of a blue square" in chain("left", "right")
+    assert "which is to the right of a blue square" in chain("bottom right", "bottom")
+
+
+def test_grid_same_seed_same_bytes_and_objects_change_the_corpus(tmp_path: Path) -> None:
+    synth_corpus(tmp_path / "a", n_images=8, seed=5, progress=False, engine="builtin", workers=1,
+                 objects=4)
+    synth_corpus(tmp_path / "b", n_images=8, seed=5, progress=False, engine="builtin", workers=2,
+                 objects=4)
+    synth_corpus(tmp_path / "c", n_images=8, seed=5, progress=False, engine="builtin", workers=1)
+    a, b, c = (tree_digest(tmp_path / d) for d in "abc")
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("objects", [0, 1, 6])
+def test_grid_rejects_object_counts_outside_2_to_5(tmp_path: Path, objects: int) -> None:
+    with pytest.raises(NlmmError, match="between 2 and 5 objects"):
+        synth_corpus(tmp_path / "x", n_images=8, progress=False, engine="builtin",
+                     objects=objects)
+    assert not (tmp_path / "x").exists()
+
+
+def test_grid_image_shows_each_object_colour_at_its_cell(grid_corpus: Path) -> None:
+    checked = 0
+    for image, captions in grid_captions(grid_corpus).items():
+        (background,) = GRID_BACKGROUND.search(captions[0]).groups()
+        with Image.open(grid_corpus / "Flickr8k_Dataset" / image) as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=float)
+        side = pixels.shape[0]
+        for colour, _shape, place in GRID_OBJECT.findall(captions[0]):
+            fx, fy = GRID_PLACE[place]
+            x, y = round(fx * side), round(fy * side)
+            rgb = pixels[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).mean(axis=0)
+            to_object = np.linalg.norm(rgb - COLOURS[colour])
+            to_background = np.linalg.norm(rgb - BACKGROUNDS[background])
+            assert to_object < to_background, (captions[0], place, rgb)
+            checked += 1
+    assert checked == 3 * 16
 
 
 def mean_log_spectrum(samples: np.ndarray, bands: int = 40) -> np.ndarray:

@@ -4,6 +4,14 @@ Images show one or two coloured shapes on a textured background; five captions p
 describe them with varied wording, and every caption names each object's colour, shape and
 position plus the background colour. Those facts identify the image within the corpus (no
 other image satisfies all the facts of any caption), so retrieval has one right answer.
+
+The harder grid mode (`objects=N`, N from 2 to 5) puts exactly N smaller shapes at distinct
+cells of a 3x3 grid; every caption names each object's colour, shape and cell plus the
+background, some also its size or where it lies relative to another object ("above", "to the
+left of"). No two images share the same set of (colour, shape, cell) facts on the same
+background, so again each caption fits one image, but only a model that tells apart the
+objects' colours, shapes and places in the picture can find it.
+
 Spoken captions come from `nlmm.data.speech`. Everything derives from the seed: the same seed
 and speech engine give byte-identical files, whatever the number of worker processes.
 """
@@ -57,10 +65,32 @@ _POSITION_WORDS = {
     "center": ("in the center", "in the middle"),
 }
 SIZES = {"small": 0.085, "large": 0.13}  # radius as a fraction of the image side
+# The grid mode's 3x3 cells as (x, y) fractions of the image side, and their caption words.
+GRID_POSITIONS: dict[str, tuple[float, float]] = {
+    "top left": (0.18, 0.18), "top": (0.5, 0.18), "top right": (0.82, 0.18),
+    "left": (0.18, 0.5), "center": (0.5, 0.5), "right": (0.82, 0.5),
+    "bottom left": (0.18, 0.82), "bottom": (0.5, 0.82), "bottom right": (0.82, 0.82),
+}
+_GRID_WORDS = {
+    "top left": ("at the top left", "in the top left corner"),
+    "top": ("at the top", "at the top center"),
+    "top right": ("at the top right", "in the top right corner"),
+    "left": ("on the left", "at the center left"),
+    "center": ("in the center", "in the middle"),
+    "right": ("on the right", "at the center right"),
+    "bottom left": ("at the bottom left", "in the bottom left corner"),
+    "bottom": ("at the bottom", "at the bottom center"),
+    "bottom right": ("at the bottom right", "in the bottom right corner"),
+}
+# Grid cells lie 0.32 of the side apart: at this scale two large neighbours with the widest
+# outline (the star, 1.15 radii) and the largest size and position jitter keep ~4 px apart.
+_GRID_RADIUS_SCALE = 0.78
+GRID_OBJECTS = (2, 5)  # the fewest and most objects a grid scene may hold
+_COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 _SIZE_SYNONYMS = {"small": "little", "large": "big"}
 TEXTURES = ("plain", "striped", "dotted", "checkered")
-_LEMMAS = {"is": "be", "shows": "show", "sits": "sit", "shapes": "shape", "coloured": "colour",
-           "placed": "place"}
+_LEMMAS = {"is": "be", "are": "be", "shows": "show", "sits": "sit", "shapes": "shape",
+           "coloured": "colour", "placed": "place"}
 _P_ONE_OBJECT = 0.3
 _MAX_DRAWS = 2000
 
@@ -77,11 +107,16 @@ class Shape:
 
 @dataclass(frozen=True)
 class Scene:
-    """What one image shows: one or two shapes at distinct positions on a background."""
+    """What one image shows: shapes at distinct positions on a background.
+
+    Default scenes hold one or two shapes at `POSITIONS`; grid scenes (`grid`) hold more,
+    smaller ones at the cells of `GRID_POSITIONS`.
+    """
 
     objects: tuple[Shape, ...]
     background: str
     texture: str
+    grid: bool = False
 
 
 @dataclass(frozen=True)
@@ -140,6 +175,76 @@ class _SceneDrawer:
                 self.members.update(facts)
             return Scene(tuple(objects), background, texture)
         raise NlmmError("Could not draw a new distinct synthetic scene; ask for fewer images.")
+
+
+def draw_grid_scenes(n: int, objects: int, rng: np.random.Generator) -> list[Scene]:
+    """`n` grid scenes of `objects` shapes each, no two with the same facts (module docstring)."""
+    # Every grid caption names all of a scene's objects, so a caption fits another scene only
+    # if that scene holds exactly the same (colour, shape, cell) facts on the same background.
+    seen: set[tuple] = set()
+    scenes: list[Scene] = []
+    cells = tuple(GRID_POSITIONS)
+    for _ in range(n):
+        for _ in range(_MAX_DRAWS):
+            background = tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+            texture = TEXTURES[rng.integers(len(TEXTURES))]
+            colours = [c for c in COLOURS if c != background]
+            # A random cell order also randomises the order the captions list objects in.
+            shapes = tuple(Shape(SHAPES[rng.integers(len(SHAPES))],
+                                 colours[rng.integers(len(colours))], cells[cell],
+                                 ("small", "large")[rng.integers(2)])
+                           for cell in rng.permutation(len(cells))[:objects].tolist())
+            facts = (frozenset((o.colour, o.shape, o.position) for o in shapes), background)
+            if facts not in seen:
+                seen.add(facts)
+                scenes.append(Scene(shapes, background, texture, grid=True))
+                break
+        else:
+            raise NlmmError("Could not draw a new distinct synthetic scene; ask for fewer images.")
+    return scenes
+
+
+def _relation(a: Shape, b: Shape) -> str:
+    """Where `a` lies relative to `b` in words; rows take precedence over columns."""
+    (ax, ay), (bx, by) = GRID_POSITIONS[a.position], GRID_POSITIONS[b.position]
+    if ay != by:
+        return "above" if ay < by else "below"
+    return "to the left of" if ax < bx else "to the right of"
+
+
+def _listing(parts: list[str]) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    return " , ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def grid_captions_for(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
+    """Five captions of a grid scene, each naming every object's colour, shape and cell."""
+    bg, tex, objs = scene.background, scene.texture, scene.objects
+    first, rest = objs[0], objs[1:]
+
+    def where(o: Shape) -> str:
+        return _GRID_WORDS[o.position][rng.integers(2)]
+
+    def named(o: Shape) -> str:
+        return f"a {o.colour} {o.shape} {where(o)}"
+
+    # Relational clauses tie objects to each other, so swapping two objects' cells changes more
+    # words than the cell names. In the chain each "which" is the object named just before it.
+    chain = named(first) + "".join(f" , which is {_relation(a, b)} {named(b)}"
+                                   for a, b in zip(objs, rest))
+    texts = (
+        _listing([f"a {o.colour} {o.shape} {_GRID_WORDS[o.position][0]}" for o in objs])
+        + f" on a {bg} background",
+        f"there are {_COUNT_WORDS[len(objs)]} shapes against a {tex} {bg} background : "
+        + _listing([f"a {o.size} {o.colour} {o.shape} {where(o)}" for o in objs]),
+        f"{chain} , {'both' if len(objs) == 2 else 'all'} on {bg}",
+        f"the {bg} background shows {named(first)} , with "
+        + _listing([f"{named(o)} {_relation(o, first)} it" for o in rest]),
+        f"on a {tex} {bg} background , "
+        + _listing([f"{where(o)} a {_SIZE_SYNONYMS[o.size]} {o.colour} {o.shape}" for o in objs]),
+    )
+    return tuple(_finish(t) for t in texts)
 
 
 def captions_for(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
@@ -255,11 +360,12 @@ def render_image(scene: Scene, rng: np.random.Generator, size: int = IMAGE_SIZE)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
     draw = ImageDraw.Draw(image)
+    centres, scale = (GRID_POSITIONS, _GRID_RADIUS_SCALE) if scene.grid else (POSITIONS, 1.0)
     for obj in scene.objects:
-        fx, fy = POSITIONS[obj.position]
+        fx, fy = centres[obj.position]
         cx = (fx + rng.uniform(-0.02, 0.02)) * size
         cy = (fy + rng.uniform(-0.02, 0.02)) * size
-        radius = SIZES[obj.size] * size * rng.uniform(0.9, 1.1)
+        radius = SIZES[obj.size] * scale * size * rng.uniform(0.9, 1.1)
         theta = rng.uniform(-0.26, 0.26)
         rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
         pts = _OUTLINES[obj.shape] @ rot.T * radius + (cx, cy)
@@ -340,10 +446,12 @@ def _chunks(items: list[_Item], size: int) -> Iterator[tuple[_Item, ...]]:
 
 def synth_corpus(out: Path, n_images: int = 120, seed: int = 0, progress: bool = True,
                  wav_seconds_max: float = 4.0, *, engine: str = "auto",
-                 workers: int | None = None, overwrite: bool = False) -> dict[str, int | str]:
+                 workers: int | None = None, overwrite: bool = False,
+                 objects: int | None = None) -> dict[str, int | str]:
     """Writes a synthetic Flickr8k + FACC corpus under `out` and returns its counts.
 
-    Images outside every split get captions but no speech, as in FACC. `engine` picks the
+    Images outside every split get captions but no speech, as in FACC. `objects` switches to
+    the harder grid mode with that many objects per image (module docstring). `engine` picks the
     speech synthesiser ('auto' uses espeak-ng when installed); `workers` defaults to the
     usable CPUs; `overwrite` replaces a corpus already in `out`. Counts: images, captions,
     wavs, train, dev, test, unsplit, speakers, and the engine used.
@@ -354,11 +462,19 @@ def synth_corpus(out: Path, n_images: int = 120, seed: int = 0, progress: bool =
     if wav_seconds_max < 1.0:
         raise NlmmError(f"wav_seconds_max={wav_seconds_max} leaves no room for a spoken caption; "
                         "use at least 1 second.")
+    lo, hi = GRID_OBJECTS
+    if objects is not None and not lo <= objects <= hi:
+        raise NlmmError(f"A grid scene holds between {lo} and {hi} objects, not {objects}; "
+                        "pick a count in that range.")
     resolved = resolve_engine(engine)
     out = Path(out)
     rng = np.random.default_rng(seed)
-    scenes = draw_scenes(n_images, rng)
-    captions = [captions_for(scene, rng) for scene in scenes]
+    if objects is None:
+        scenes = draw_scenes(n_images, rng)
+        captions = [captions_for(scene, rng) for scene in scenes]
+    else:
+        scenes = draw_grid_scenes(n_images, objects, rng)
+        captions = [grid_captions_for(scene, rng) for scene in scenes]
     ids = _image_ids(n_images, rng)
     n_train, n_dev, n_test, n_unsplit = _split_sizes(n_images)
     order = rng.permutation(n_images)
