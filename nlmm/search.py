@@ -59,7 +59,7 @@ class SearchRequest:
     k: int = 5
     split: str = "test"
     data: Path | None = None
-    ttt: bool = False
+    ttt: bool | None = None  # None: as the checkpoint's config says (ttt.enable)
     device: str = "auto"
     backend: str = "exact"
 
@@ -361,8 +361,14 @@ class Searcher:
     # ------------------------------------------------------------------ queries
 
     def encode_query(self, text: str | None = None, image: Path | None = None,
-                     audio: Path | None = None, ttt: bool = False) -> tuple[str, torch.Tensor]:
-        """(modality, (1, d) unit embedding) of one query, featurised like the training data."""
+                     audio: Path | None = None,
+                     ttt: bool | None = None) -> tuple[str, torch.Tensor]:
+        """(modality, (1, d) unit embedding) of one query, featurised like the training data.
+
+        `ttt` adapts the model to the query first (test-time training); None: when the
+        checkpoint's config has `ttt.enable`. Gallery items are always embedded plainly."""
+        if ttt is None:
+            ttt = self.loaded.cfg.ttt.enable
         modality, value = checked_query(text, image, audio)
         cfg, device, tokenizer = self.loaded.cfg, self.loaded.device, self.loaded.tokenizer
         if modality == "text":
@@ -395,8 +401,9 @@ class Searcher:
 
     def query(self, text: str | None = None, image: Path | None = None, audio: Path | None = None,
               target: str | None = None, k: int = 5, split: str = "test",
-              ttt: bool = False) -> list[SearchHit]:
-        """The k best `target` items of `split` for one text, image-file or audio-file query."""
+              ttt: bool | None = None) -> list[SearchHit]:
+        """The k best `target` items of `split` for one text, image-file or audio-file query;
+        `ttt` as for `encode_query` (None: as the checkpoint's config says)."""
         check_options(target, k, split)
         modality, q = self.encode_query(text, image, audio, ttt)
         target = target or default_target(modality)

@@ -1,4 +1,5 @@
-"""Test-time training: per-query adapters, restoration, label independence, falling SSL loss."""
+"""Test-time training: per-query adapters, restoration, label independence, falling SSL loss,
+joint training of the self-supervised objective, and `ttt.enable` in evaluation and search."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from nlmm.config import config_from_dict
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM, adapt_and_encode
-from nlmm.model.ttt import masked_positions
+from nlmm.model.ttt import masked_positions, ssl_loss, ssl_task
 
 N_MELS = 8
 
@@ -29,6 +30,8 @@ def tiny_model(**ttt) -> NLMM:
         "depth": {"text": 2, "image": 2, "audio": 2}, "vocab_size": 64,
         "max_position_embeddings": 64, "patch_size": 8, "audio_stride": 4,
         "cms_levels": [{"name": "fast", "chunk_size": 1}, {"name": "slow", "chunk_size": 8}],
+        # an untrained model with its blocks switched on: the adapters sit inside the branches
+        "layer_scale_init": 0.5,
         "ttt": {"enable": True, "adapter_rank": 2, "max_steps": 4, "eta": 1.0, **ttt},
         "data": {"image_size": 16, "n_mels": N_MELS},
     })
@@ -140,3 +143,171 @@ def test_inference_mode_is_refused_with_a_clear_error():
     x, mask = queries()["text"]
     with torch.inference_mode(), pytest.raises(NlmmError, match="no_grad"):
         model.encode_ttt("text", x, mask)
+
+
+# ------------------------------------------------------------------ joint training (aux loss)
+
+def batch_of(n: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    q = queries(n, seed)
+    return {"text": q["text"][0], "text_mask": q["text"][1], "image": q["image"][0],
+            "audio": q["audio"][0], "audio_mask": q["audio"][1]}
+
+
+@pytest.mark.parametrize("ttt", [{"enable": True}, {"enable": False}, {"aux_weight": 0.0}])
+def test_aux_loss_is_in_the_training_loss_only_when_enabled(ttt):
+    model = tiny_model(**ttt).train()
+    outputs, _ = model(batch_of())
+    pairs = sum(outputs[f"loss_{p}"] for p in ("i2t", "i2a", "t2a")) / 3
+    if ttt.get("enable", True) and ttt.get("aux_weight", 0.1) > 0:
+        aux = outputs["loss_ttt"]
+        assert aux.ndim == 0 and torch.isfinite(aux) and aux > 0
+        torch.testing.assert_close(outputs["loss"], pairs + 0.1 * aux)
+    else:
+        assert "loss_ttt" not in outputs
+        torch.testing.assert_close(outputs["loss"], pairs)
+
+
+def test_aux_loss_gradient_reaches_the_tied_text_head_and_every_trunk():
+    model = tiny_model().train()
+    outputs, _ = model(batch_of())
+    outputs["loss_ttt"].backward()
+    tokens = model.encoders["text"].stem.tokens.weight.grad
+    assert tokens is not None and tokens.abs().sum() > 0
+    for modality in ("text", "image", "audio"):
+        for block in model.encoders[modality].blocks:
+            grad = block.mixer.qkv.weight.grad
+            assert grad is not None and grad.abs().sum() > 0, modality
+    # the contrastive side (temperature, pooling heads) takes no part in the aux loss
+    assert model.logit_scale.grad is None
+    assert all(p.grad is None for p in model.encoders["image"].head.parameters())
+
+
+def test_reconstruction_target_is_detached_from_the_stem():
+    """The image/audio target is the stem output itself; were it differentiable, joint training
+    could lower the loss by flattening the stem instead of by learning to predict."""
+    model = tiny_model()
+    encoder = model.encoders["image"]
+    x, _ = queries()["image"]
+    clean = encoder.tokens(x, None)[0].detach().requires_grad_(True)
+    task = ssl_task(encoder, "image", x, None, tokens=(clean, None))
+    assert not task.targets.requires_grad
+    states = torch.randn_like(clean).requires_grad_(True)
+    task.loss_per_row(states).sum().backward()
+    assert states.grad.abs().sum() > 0
+    assert clean.grad is None  # states given directly: only the (detached) target touched `clean`
+    visible = ssl_loss(model, "image", x, None, tokens=(clean, None))
+    visible.backward()
+    selected = task.selected
+    assert clean.grad[selected].abs().sum() == 0  # masked positions: zeroed input, fixed target
+    assert clean.grad[~selected].abs().sum() > 0  # visible positions feed the prediction
+
+
+def _train(model: NLMM, batch: dict[str, torch.Tensor], steps: int) -> NLMM:
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(batch)[0]["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_joint_training_teaches_the_objective_ttt_adapts_on():
+    """After a few joint steps the masked-token loss TTT starts from has fallen well below its
+    untrained value; training on the contrastive loss alone (what every model was before
+    joint training) leaves it where it was, so its gradient carried no learned information."""
+    batch = batch_of()
+    x, mask = batch["text"], batch["text_mask"]
+
+    def start_loss(model: NLMM) -> float:
+        return adapt_and_encode(model, "text", x, mask, steps=1, eta=0.1).losses[0]
+
+    untrained = start_loss(tiny_model())
+    joint = start_loss(_train(tiny_model(enable=True), batch, 16))
+    contrastive_only = start_loss(_train(tiny_model(enable=False), batch, 16))
+    assert joint < 0.8 * untrained, (joint, untrained)
+    assert contrastive_only > 0.9 * untrained, (contrastive_only, untrained)
+
+
+# ------------------------------------------------------------------ ttt.enable in eval / search
+
+class NullSink:
+    def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        pass
+
+
+@pytest.fixture
+def checkpoint_with_ttt(tiny_cache, tmp_path):
+    """A (barely trained) tiny model on the tiny corpus whose config has ttt.enable: true."""
+    from nlmm.train.loop import Trainer
+
+    cfg = config_from_dict({
+        "d_model": 32, "n_heads": 4, "ffn_mult": 2, "L_mem": 2, "embed_dim": 16,
+        "depth": {"text": 1, "image": 1, "audio": 1}, "vocab_size": 300, "patch_size": 8,
+        "cms_levels": [{"name": "fast", "chunk_size": 1}],
+        "ttt": {"enable": True, "adapter_rank": 2, "max_steps": 1, "eta": 0.1},
+        "precision": {"amp": "none"},
+        "data": {"image_size": 32, "max_audio_seconds": 2.0, "text_max_len": 16},
+        "train": {"batch_size": 4, "epochs": 1, "warmup_steps": 0},
+    })
+    trainer = Trainer(cfg, tiny_cache, torch.device("cpu"), tmp_path / "run", NullSink(),
+                      log=lambda m: None)
+    trainer.train_step([next(iter(trainer.loader(0)))])
+    return trainer.checkpoint("last").path
+
+
+@pytest.fixture
+def ttt_calls(monkeypatch):
+    """Counts NLMM.encode_ttt calls (the TTT path of evaluation and search)."""
+    calls = []
+    original = NLMM.encode_ttt
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NLMM, "encode_ttt", counted)
+    return calls
+
+
+def test_eval_follows_the_checkpoint_config_and_no_ttt_overrides_it(checkpoint_with_ttt,
+                                                                     ttt_calls):
+    import json
+
+    from typer.testing import CliRunner
+
+    from nlmm.cli import app
+    from nlmm.train.evaluate import evaluate_target
+
+    results = evaluate_target(str(checkpoint_with_ttt), split="test", device="cpu")
+    assert results["ttt"] is True and "metrics_ttt" in results
+    assert results["ttt_settings"] == {"eta": 0.1, "max_steps": 1, "adapter_rank": 2}
+    assert set(ttt_calls) == {"image", "text", "audio"}
+    assert results["metrics_ttt"].keys() == results["metrics"].keys()
+
+    ttt_calls.clear()
+    off = evaluate_target(str(checkpoint_with_ttt), split="test", device="cpu", ttt=False)
+    assert off["ttt"] is False and "metrics_ttt" not in off and not ttt_calls
+    assert off["metrics"] == results["metrics"]
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["eval", str(checkpoint_with_ttt), "--no-ttt", "--json",
+                              "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["ttt"] is False and not ttt_calls
+    out = runner.invoke(app, ["eval", str(checkpoint_with_ttt), "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert "test-time training: on (eta=0.1, max_steps=1, adapter_rank=2)" in out.stdout
+    assert ttt_calls
+
+
+def test_search_follows_the_checkpoint_config_and_ttt_false_overrides_it(checkpoint_with_ttt,
+                                                                         ttt_calls):
+    from nlmm.search import Searcher
+
+    searcher = Searcher(checkpoint_with_ttt, device="cpu")
+    searcher.query(text="a red circle", target="image", k=2)  # as the dash's search calls it
+    assert ttt_calls == ["text"]
+    searcher.query(text="a red circle", target="image", k=2, ttt=False)
+    assert ttt_calls == ["text"]

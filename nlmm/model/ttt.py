@@ -5,17 +5,36 @@ Every encoder block's mixer output projection carries a `LowRankAdapter` (`up @ 
 random, `up` zero, so the adapted model starts as the trained model. They are not trained by
 the outer optimiser (requires_grad=False) and are never written by an adaptation.
 
+`up` stays zero on purpose. With `up = 0` the gradient of the loss w.r.t. `down` is
+`up^T (dL/dy) x^T = 0`, so the first SGD step moves `up` only (in the directions `down @ x`
+spans: a rank-r update of the projection, as LoRA's first step is) and `down` moves from the
+second step on. A small random `up` would move both from step one, but the adapted model would
+then no longer start AS the trained model: zero steps (or a query whose loss gradient vanishes)
+would already change every embedding by a random rank-r perturbation that the contrastive
+training never saw. Exact equality at step 0 is worth more than the one step of `down`.
+
+The self-supervised objective is built by ONE function, `ssl_task`, and used twice:
+- at training time, when `ttt.enable` is true and `ttt.aux_weight > 0`, `NLMM.forward` adds
+  `aux_weight * ssl_loss(...)` (the same objective, on the batch's own corrupted inputs, through
+  the trunk without adapters) to the contrastive loss, so the masked-token head and the trunk
+  learn the task whose gradient the adapters follow at test time (joint training, as in Sun et
+  al. 2020, "Test-Time Training", and Gandelsman et al. 2022, "Test-Time Training with Masked
+  Autoencoders"). Without it the head is an untrained tie to the token embeddings and the
+  reconstruction objective is arbitrary, so its gradient carries no information;
+- at test time by `adapt_and_encode`.
+
 `adapt_and_encode` adapts one private copy of the adapters PER QUERY ROW: the copies carry a
 batch dimension and the loss is the sum of per-row losses, so one batched backward pass gives
 every row its own gradient. A query's adapted weights and embedding therefore depend on that
 query only — not on the other queries in the batch, their order, or any pairing label (none is
 passed in). Steps are plain SGD (`ttt.max_steps` steps of size `ttt.eta`) on:
 - text: masked-token prediction — TEXT_MASK_RATIO of the valid tokens replaced by the
-  tokenizer's [MASK] id, predicted by a head tied to the token embeddings;
+  tokenizer's [MASK] id, predicted by a head tied to the token embeddings (logits scaled by
+  1/sqrt(d_model));
 - image / audio: masked-patch / masked-frame reconstruction — MASK_RATIO of the valid tokens
   zeroed after the stem, and the final state at each masked position regresses the stem output
   it replaced (both layer-normalised). The stem is a fixed linear map (image) or convolution
-  stack (audio) of the pixels / mel frames, so no untrained decoder head is needed.
+  stack (audio) of the pixels / mel frames, so no separate decoder head is needed.
 Masked positions are the same at every step (the objective is one fixed function being
 minimised) and are chosen deterministically per row (low-discrepancy scores of the positions,
 lowest ranks among the row's valid tokens), so results are reproducible.
@@ -51,6 +70,7 @@ class LowRankAdapter(nn.Module):
         down = torch.empty(rank, d_in)
         nn.init.kaiming_uniform_(down, a=math.sqrt(5))  # the LoRA initialisation of A
         self.down = nn.Parameter(down, requires_grad=False)
+        # zero, so an adaptation starts at the trained model (see the module docstring)
         self.up = nn.Parameter(torch.zeros(d_out, rank), requires_grad=False)
         self.rows: tuple[Tensor, Tensor] | None = None
 
@@ -92,6 +112,80 @@ def _per_row_mean(values: Tensor, where: Tensor) -> Tensor:
     return total.index_add(0, rows, values) / where.sum(dim=1).clamp(min=1)
 
 
+@dataclass
+class SSLTask:
+    """The self-supervised objective of one batch of queries of one modality.
+
+    `corrupted` goes through `Encoder.trunk` (with `token_mask`); `loss_per_row(states)` scores
+    the resulting (N, L, d) states, one loss per row. `clean` is the uncorrupted stem output.
+    """
+
+    encoder: Encoder
+    modality: str
+    clean: Tensor  # (N, L, d) stem output
+    corrupted: Tensor  # (N, L, d) trunk input with the selected positions corrupted
+    token_mask: Tensor | None  # (N, L) valid tokens, None = all valid
+    selected: Tensor  # (N, L) bool, the corrupted positions
+    targets: Tensor  # text: (S,) token ids; image/audio: (S, d) stem outputs (detached)
+
+    def loss_per_row(self, states: Tensor) -> Tensor:
+        """(N,) mean loss over each row's selected positions, in fp32."""
+        picked = states[self.selected]
+        if self.modality == "text":
+            # Tied head: the masked position's state scores every token embedding, scaled by
+            # 1/sqrt(d). The states are layer-normalised (norm about sqrt(d)) and the embeddings
+            # unit-scale, so raw products have a std of about sqrt(d): tens of nats of initial
+            # cross-entropy, whose gradient would swamp the contrastive one in joint training.
+            weight = self.encoder.stem.tokens.weight
+            logits = (picked.float() @ weight.float().T) * weight.shape[1] ** -0.5
+            per_token = F.cross_entropy(logits, self.targets, reduction="none")
+        else:
+            d = picked.shape[-1]
+            pred = F.layer_norm(picked.float(), (d,))
+            target = F.layer_norm(self.targets.float(), (d,))
+            per_token = (pred - target).pow(2).mean(dim=-1)
+        return _per_row_mean(per_token, self.selected)
+
+
+def ssl_task(encoder: Encoder, modality: str, x: Tensor, mask: Tensor | None, *,
+             mask_id: int = MASK_TOKEN_ID,
+             tokens: tuple[Tensor, Tensor | None] | None = None) -> SSLTask:
+    """Corrupt a batch as the self-supervised objective of `modality` asks and return the task.
+
+    `x` and `mask` as `Encoder.tokens` takes them (checked by the caller); `tokens`, when
+    given, is the `encoder.tokens(x, mask)` the caller already computed (training reuses the
+    stem output of the contrastive pass, so the stem runs once). Runs under the caller's grad
+    mode: with gradients on (training), the stem gets gradient through the visible tokens.
+    """
+    clean, token_mask = encoder.tokens(x, mask) if tokens is None else tokens
+    valid = token_mask if token_mask is not None else \
+        torch.ones(clean.shape[:2], dtype=torch.bool, device=clean.device)
+    selected = masked_positions(valid, TEXT_MASK_RATIO if modality == "text" else MASK_RATIO)
+    if modality == "text":
+        corrupted, _ = encoder.tokens(x.masked_fill(selected, mask_id), mask)
+        targets = x[selected]
+    else:
+        corrupted = clean.masked_fill(selected[..., None], 0.0)
+        # The target is the stem's own output, so it is detached: were the gradient to flow
+        # into it, the cheapest way for joint training to lower the loss would be a stem whose
+        # output is trivially predictable (e.g. the same vector at every position), which
+        # costs the contrastive towers their input. With the target fixed, the loss can only
+        # fall by the trunk predicting the stem's features from the visible context.
+        targets = clean[selected].detach()
+    return SSLTask(encoder, modality, clean, corrupted, token_mask, selected, targets)
+
+
+def ssl_loss(model: NLMM, modality: str, x: Tensor, mask: Tensor | None, *,
+             mask_id: int = MASK_TOKEN_ID,
+             tokens: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+    """The auxiliary training loss: the mean over rows of the per-row self-supervised loss that
+    `adapt_and_encode` minimises, through the trunk as it stands (no adapters installed)."""
+    encoder: Encoder = model.encoders[modality]
+    task = ssl_task(encoder, modality, x, mask, mask_id=mask_id, tokens=tokens)
+    states, _ = encoder.trunk(task.corrupted, task.token_mask, model.memory_slots())
+    return task.loss_per_row(states).mean()
+
+
 def adapt_and_encode(model: NLMM, modality: str, x: Tensor, mask: Tensor | None, *,
                      steps: int, eta: float, mask_id: int = MASK_TOKEN_ID) -> AdaptationResult:
     """Adapt per-row adapter copies on the query's own self-supervised loss, then embed it.
@@ -110,26 +204,7 @@ def adapt_and_encode(model: NLMM, modality: str, x: Tensor, mask: Tensor | None,
     n = x.shape[0]
 
     with torch.no_grad():
-        clean, token_mask = encoder.tokens(x, mask)
-        valid = token_mask if token_mask is not None else \
-            torch.ones(clean.shape[:2], dtype=torch.bool, device=clean.device)
-        selected = masked_positions(valid, TEXT_MASK_RATIO if modality == "text" else MASK_RATIO)
-        if modality == "text":
-            corrupted, _ = encoder.tokens(x.masked_fill(selected, mask_id), mask)
-        else:
-            corrupted = clean.masked_fill(selected[..., None], 0.0)
-
-    def ssl_loss_per_row(states: Tensor) -> Tensor:
-        picked = states[selected]
-        if modality == "text":
-            logits = picked.float() @ encoder.stem.tokens.weight.float().T
-            per_token = F.cross_entropy(logits, x[selected], reduction="none")
-        else:
-            d = picked.shape[-1]
-            pred = F.layer_norm(picked.float(), (d,))
-            target = F.layer_norm(clean[selected].float(), (d,))
-            per_token = (pred - target).pow(2).mean(dim=-1)
-        return _per_row_mean(per_token, selected)
+        task = ssl_task(encoder, modality, x, mask, mask_id=mask_id)
 
     copies = [(a.down.detach().expand(n, -1, -1).clone(), a.up.detach().expand(n, -1, -1).clone())
               for a in adapters]
@@ -141,8 +216,8 @@ def adapt_and_encode(model: NLMM, modality: str, x: Tensor, mask: Tensor | None,
                     leaves = [t.requires_grad_(True) for pair in copies for t in pair]
                     for adapter, pair in zip(adapters, copies):
                         adapter.rows = pair
-                    states, _ = encoder.trunk(corrupted, token_mask, slots)
-                    per_row = ssl_loss_per_row(states)
+                    states, _ = encoder.trunk(task.corrupted, task.token_mask, slots)
+                    per_row = task.loss_per_row(states)
                     grads = torch.autograd.grad(per_row.sum(), leaves)
                     losses.append(per_row.mean().item())
                     updated = [(t - eta * g).detach() for t, g in zip(leaves, grads)]
@@ -150,8 +225,8 @@ def adapt_and_encode(model: NLMM, modality: str, x: Tensor, mask: Tensor | None,
         for adapter, pair in zip(adapters, copies):
             adapter.rows = pair
         with torch.no_grad():
-            states, _ = encoder.trunk(clean, token_mask, slots)
-            embeddings = encoder.embed(states, token_mask)
+            states, _ = encoder.trunk(task.clean, task.token_mask, slots)
+            embeddings = encoder.embed(states, task.token_mask)
     finally:
         for adapter in adapters:
             adapter.rows = None
