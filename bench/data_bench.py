@@ -112,7 +112,7 @@ def main() -> None:
         rates: dict[str, float] = {"augment on": 0.0, "augment off": 0.0, "baseline": 0.0}
         for _ in range(args.rounds):
             for augment in (True, False):
-                loader = TrainLoader(cache, "train", args.batch_size, seed=0, augment=augment,
+                loader = TrainLoader(cache, "train", args.batch_size, seed=0, crop=augment, flip=augment,
                                      device="cpu")
                 key = "augment on" if augment else "augment off"
                 rates[key] = max(rates[key], time_loader(loader, n_batches))

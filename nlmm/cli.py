@@ -94,11 +94,15 @@ def data_synth(
     engine: Annotated[str, typer.Option(help="Speech: builtin (same on every machine), espeak "
                                         "(espeak-ng when installed) or auto.")] = "builtin",
     overwrite: Annotated[bool, typer.Option(help="Replace a corpus already in --out.")] = False,
+    objects: Annotated[Optional[int], typer.Option(
+        min=2, max=5, help="Harder mode: exactly N (2-5) objects per image on a 3x3 grid, "
+        "every caption naming them all.")] = None,
 ) -> None:
     """Write an offline synthetic corpus in exactly the Flickr8k + FACC layout."""
     from nlmm.data.synth import synth_corpus
 
-    counts = synth_corpus(out, n_images=images, seed=seed, engine=engine, overwrite=overwrite)
+    counts = synth_corpus(out, n_images=images, seed=seed, engine=engine, overwrite=overwrite,
+                          objects=objects)
     console.print(f"[green]wrote[/] {out}: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
@@ -314,7 +318,9 @@ def model_info(
 def eval_(
     target: Annotated[str, typer.Argument(help="Run name/id or checkpoint path.")],
     split: Annotated[str, typer.Option(help="dev or test.")] = "test",
-    ttt: Annotated[bool, typer.Option("--ttt", help="Also evaluate with test-time training.")] = False,
+    ttt: Annotated[Optional[bool], typer.Option(
+        "--ttt/--no-ttt", help="Also evaluate with test-time training, or not (default: as the "
+        "checkpoint's config says, ttt.enable).")] = None,
     device: Annotated[Device, typer.Option()] = Device.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -340,7 +346,9 @@ def search(
     k: Annotated[int, typer.Option("-k", help="Number of results.")] = 5,
     split: Annotated[Split, typer.Option(help="Gallery split.")] = Split.test,
     data: Annotated[Optional[Path], typer.Option(help="Corpus folder (default: the run's).")] = None,
-    ttt: Annotated[bool, typer.Option("--ttt", help="Adapt to the query first.")] = False,
+    ttt: Annotated[Optional[bool], typer.Option(
+        "--ttt/--no-ttt", help="Adapt to the query first (test-time training), or not (default: "
+        "as the checkpoint's config says, ttt.enable).")] = None,
     device: Annotated[Device, typer.Option()] = Device.auto,
     backend: Annotated[SearchBackend, typer.Option(help="exact top-k, or faiss (needs the "
                                                    "faiss extra).")] = SearchBackend.exact,

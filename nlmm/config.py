@@ -79,12 +79,23 @@ class TTTConfig:
     eta: float = _f(1e-3, min=0.0)
     max_steps: int = _f(3, min=0)
     adapter_rank: int = _f(8, min=1)
+    aux_weight: float = _f(0.1, min=0.0,
+                           help="with enable: weight of the self-supervised loss TTT adapts on, "
+                                "trained jointly with the contrastive loss (logged as loss_ttt) "
+                                "so that its gradient is informative at test time; 0: off")
 
 
 @dataclass
 class PrecisionConfig:
     amp: str = _f("bf16", choices=("none", "bf16", "fp16"), help="autocast dtype on CUDA")
     grad_clip: float = _f(1.0, min=0.0, help="max global grad norm per level; 0 disables")
+
+
+@dataclass
+class AugmentConfig:
+    crop: bool = _f(True, help="random-resized crop (area 0.7-1) of training images")
+    flip: bool = _f(False, help="horizontal flip of training images; it swaps left and right, "
+                                "so it teaches wrong pairings when captions name sides")
 
 
 @dataclass
@@ -96,7 +107,8 @@ class DataConfig:
     hop_length: int = _f(160, min=1, help="STFT hop in samples (10 ms at 16 kHz)")
     max_audio_seconds: float = _f(10.0, min=0.5)
     text_max_len: int = _f(64, min=4)
-    augment: bool = _f(True, help="random crop + flip of images on each batch")
+    augment: AugmentConfig = _f(factory=AugmentConfig,
+                                help="image augmentation of training batches; true/false set both")
 
 
 @dataclass
@@ -172,6 +184,15 @@ class Config:
     mixer: str = _f("softmax", choices=("softmax", "linear"))
     linear_chunk: int = _f(64, min=1, help="chunk length of the parallel linear attention")
     patch_size: int = _f(16, min=2)
+    cms_lr_scaling: str = _f("none", choices=("none", "sqrt", "chunk"),
+                             help="multiply a level's lr by 1, sqrt(chunk_size) or chunk_size when "
+                                  "its optimizer normalises the step (adamw, muon, "
+                                  "universal_anderson)")
+    layer_scale_init: float | None = _f(0.0, min=0.0, help="initial LayerScale gain of every "
+                                        "residual branch of the NL blocks; null: no gains")
+    conv_stems: bool = _f(True, help="true: BatchNorm conv stems (image: stride-2 3x3 stages; "
+                                     "audio: per-clip normalised log-mel, stride-2 stages); "
+                                     "false: one patchify layer and plain strided audio convs")
     audio_stride: int = _f(4, min=1, help="time subsampling of mel frames by the audio stem")
     dropout: float = _f(0.0, min=0.0, max=1.0)
     data: DataConfig = _f(factory=DataConfig)
@@ -370,12 +391,27 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+# Model options added after runs were stored: a stored config (a full `Config.to_dict()` dump)
+# that lacks one was written before it existed, and its weights were trained with these values.
+LEGACY_MODEL_DEFAULTS = {"conv_stems": False, "layer_scale_init": None}
+
+
+def with_legacy_defaults(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored run or checkpoint config with the pre-existing behaviour filled in for every
+    option it predates, so old checkpoints load into the model they were trained as."""
+    return {**LEGACY_MODEL_DEFAULTS, **stored}
+
+
 def config_from_dict(raw: dict[str, Any] | None, source: str = "<config>",
                      overrides: list[str] | None = None) -> Config:
     raw = dict(raw or {})
     if overrides:
         raw = apply_overrides(raw, overrides)
         source = f"{source} with --set"
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("augment"), bool):
+        # the flat form (and every config stored before the switches existed): both on or off
+        raw["data"] = {**data, "augment": {"crop": data["augment"], "flip": data["augment"]}}
     cfg = _build(Config, raw, source)
     cfg.validate(source)
     return cfg

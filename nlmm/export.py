@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import nlmm
-from nlmm.config import Config, load_config, save_config
+from nlmm.config import Config, config_from_dict, save_config, with_legacy_defaults
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
@@ -61,7 +62,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     if missing:
         raise NlmmError(f"{path} is not a complete nlmm bundle (missing {', '.join(missing)}); "
                         "write one with `nlmm export RUN --out DIR`.")
-    cfg = load_config(path / CONFIG)
+    raw = yaml.safe_load((path / CONFIG).read_text()) or {}
+    cfg = config_from_dict(with_legacy_defaults(raw), str(path / CONFIG))
     model = NLMM(cfg)
     model.load_state_dict(load_file(str(path / WEIGHTS)))
     model.to(device).eval()

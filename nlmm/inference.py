@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from nlmm import store
-from nlmm.config import Config, config_from_dict
+from nlmm.config import Config, config_from_dict, with_legacy_defaults
 from nlmm.data.cache import PreparedCache
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
@@ -59,7 +59,7 @@ def load_for_inference(target: str | Path | None, device: str = "auto",
     dev = resolve_device(device)
     payload = load_checkpoint(path, map_location=dev)
     try:
-        cfg = config_from_dict(payload["config"], f"checkpoint {path}")
+        cfg = config_from_dict(with_legacy_defaults(payload["config"]), f"checkpoint {path}")
         model = NLMM(cfg).to(dev)
         model.load_state_dict(payload["model"])
     except (KeyError, RuntimeError, NlmmError) as exc:

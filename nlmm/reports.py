@@ -164,7 +164,20 @@ def compare_table(refs: Iterable[str]) -> Table:
 
 def eval_table(results: dict[str, Any]) -> Group:
     title = f"{results['split']} Recall@K (%) — {results['checkpoint']}"
-    return Group(recall_table(results["metrics"], title=title, second=results.get("metrics_ttt")))
+    parts: list[Any] = [recall_table(results["metrics"], title=title,
+                                     second=results.get("metrics_ttt"))]
+    if "coverage" in results:
+        # a split partly embedded (some spoken captions missing) is scored on fewer queries
+        c = results["coverage"]
+        parts.append(Text(f"scored on {c['n_images']} images, {c['n_captions']} captions, "
+                          f"{c['n_wavs']} spoken captions"))
+    if "ttt" in results:
+        t = results.get("ttt_settings") or {}
+        parts.append(Text(
+            f"test-time training: on (eta={t.get('eta')}, max_steps={t.get('max_steps')}, "
+            f"adapter_rank={t.get('adapter_rank')}); the TTT columns adapt every item"
+            if results["ttt"] else "test-time training: off (--ttt to add it)"))
+    return Group(*parts)
 
 
 def model_info_table(cfg: Config, batch_size: int) -> Group:

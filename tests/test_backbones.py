@@ -360,7 +360,7 @@ def test_unfrozen_backbones_train_in_their_own_level_on_raw_input(small_synth, w
     cache = prepare(small_synth, cfg.data, cfg.vocab_size, workers=1, progress=False,
                     encoders=cfg.encoders)
     assert set(cache.features) == {"audio"} and cache.features["audio"].kind == "waveform"
-    batch = next(iter(TrainLoader(cache, "train", 4, seed=0, augment=True)))
+    batch = next(iter(TrainLoader(cache, "train", 4, seed=0, crop=True, flip=True)))
     assert batch["image"].shape == (4, 3, 64, 64)
     row = int(batch["caption_ids"][0])
     clip = load_clip(cache.wav_path(row), cache.data_cfg)

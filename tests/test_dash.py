@@ -300,11 +300,11 @@ async def test_run_screen_shows_progress_eta_error_system_and_log(dash_store):
         await pilot.press("3")
         await settle(pilot)
         assert set(screen.query_one("#chart-lr", MetricChart).series) == {"fast", "mid", "slow"}
-        await pilot.press("5")
+        await pilot.press("6")
         await settle(pilot)
         latest = plain(screen.query_one("#sys-latest"))
         assert "GPU 0" in latest and "6.0 GB / 24.0 GB" in latest and "210 W" in latest
-        await pilot.press("6")
+        await pilot.press("7")
         await settle(pilot)
         log = screen.query_one("#log-tail")
         assert log.lines[-1] == f"epoch 3 step 300 loss {step_values(300)['loss']:.3f}"

@@ -18,7 +18,7 @@ from PIL import Image
 
 import nlmm.data.cache as cache_mod
 import nlmm.data.parallel
-from nlmm.config import DataConfig
+from nlmm.config import AugmentConfig, DataConfig
 from nlmm.data.cache import PreparedCache, default_cache_dir, is_fresh, prepare
 from nlmm.data.features import (BadInput, load_image, load_log_mel, log_mel, mel_frames,
                                 normalize_images)
@@ -265,7 +265,8 @@ def test_changed_parameter_builds_another_cache(corpus_copy: PublicCorpus, tmp_p
     assert not is_fresh(corpus_copy.root, bigger, TINY_VOCAB)
     big = prepare(corpus_copy.root, bigger, TINY_VOCAB, workers=1, progress=False)
     assert big.path != small.path and big.images.shape == (12, 3, 48, 48)
-    assert is_fresh(corpus_copy.root, dataclasses.replace(cfg, augment=not cfg.augment), TINY_VOCAB)
+    no_crop = dataclasses.replace(cfg.augment, crop=not cfg.augment.crop)
+    assert is_fresh(corpus_copy.root, dataclasses.replace(cfg, augment=no_crop), TINY_VOCAB)
     # An explicit folder holding a cache built with other parameters is rebuilt in place.
     explicit = tmp_path / "explicit"
     prepare(corpus_copy.root, cfg, TINY_VOCAB, cache_dir=explicit, workers=1, progress=False)
@@ -323,7 +324,7 @@ def test_open_refuses_missing_and_other_version_caches(tiny_cache: PreparedCache
 # --------------------------------------------------------------------------- loaders
 
 def test_train_loader_batches_have_the_documented_layout(tiny_cache: PreparedCache) -> None:
-    loader = TrainLoader(tiny_cache, "train", 8, seed=3, augment=False, max_audio_frames=60)
+    loader = TrainLoader(tiny_cache, "train", 8, seed=3, max_audio_frames=60)
     assert len(loader) == 30 // 8
     batches = list(loader)
     assert len(batches) == 3
@@ -352,7 +353,7 @@ def test_train_loader_batches_have_the_documented_layout(tiny_cache: PreparedCac
 
 def test_train_loader_order_is_reproducible_and_resumable(tiny_cache: PreparedCache) -> None:
     def run(**kw):
-        return list(TrainLoader(tiny_cache, "train", 4, seed=7, augment=True, **kw))
+        return list(TrainLoader(tiny_cache, "train", 4, seed=7, crop=True, flip=True, **kw))
 
     full, again = run(epoch=2), run(epoch=2)
     assert len(full) == 7
@@ -367,7 +368,7 @@ def test_train_loader_order_is_reproducible_and_resumable(tiny_cache: PreparedCa
     for a, b in zip(full[4:], tail, strict=True):
         assert torch.equal(a["caption_ids"], b["caption_ids"]) and torch.equal(a["image"], b["image"])
     everything = TrainLoader(tiny_cache, "train", 4, seed=7, drop_last=False, shuffle=False,
-                             device="cpu", augment=False)
+                             device="cpu")
     assert len(everything) == 8
     served = torch.cat([b["caption_ids"] for b in everything]).tolist()
     assert served == tiny_cache.split_captions("train").tolist()
@@ -401,9 +402,35 @@ def test_augmentation_is_a_random_resized_crop_with_flips() -> None:
     assert out.abs().max() <= 1.0 + 1e-5 and torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
 
 
+@pytest.mark.parametrize("crop, flip", [(True, False), (False, True)])
+def test_each_augmentation_is_its_own_switch(crop: bool, flip: bool) -> None:
+    b, size = 64, 40
+    coords = (torch.arange(size, dtype=torch.float32) * 2 + 1) / size - 1
+    ramp = torch.stack([coords.expand(size, size), coords[:, None].expand(size, size),
+                        torch.zeros(size, size)]).expand(b, 3, size, size).contiguous()
+    out = augment_images(ramp, torch.Generator().manual_seed(5), crop=crop, flip=flip)
+    sx = (out[:, 0, 0, -2] - out[:, 0, 0, 1]) / (coords[-2] - coords[1])
+    sy = (out[:, 1, -2, 0] - out[:, 1, 1, 0]) / (coords[-2] - coords[1])
+    if crop:  # cropped, never mirrored: a caption's "left" stays on the left
+        assert (sx > 0).all() and (sx.abs() * sy < 0.99).any()
+    else:  # mirrored only: the whole picture, same scale
+        assert torch.allclose(sx.abs(), torch.ones(b), atol=1e-4) and (sx < 0).any()
+        assert torch.allclose(sy, torch.ones(b), atol=1e-4)
+
+
+def test_flat_augment_flag_sets_both_switches() -> None:
+    from nlmm.config import config_from_dict
+
+    assert config_from_dict({"data": {"augment": False}}).data.augment == AugmentConfig(False, False)
+    assert config_from_dict({"data": {"augment": True}}).data.augment == AugmentConfig(True, True)
+    default = config_from_dict({})
+    assert default.data.augment.crop and not default.data.augment.flip
+    assert config_from_dict({}, overrides=["data.augment.flip=true"]).data.augment.flip
+
+
 def test_augmentation_crops_and_flips_within_the_image(tiny_cache: PreparedCache) -> None:
-    plain = next(iter(TrainLoader(tiny_cache, "train", 8, seed=1, augment=False)))
-    aug = next(iter(TrainLoader(tiny_cache, "train", 8, seed=1, augment=True)))
+    plain = next(iter(TrainLoader(tiny_cache, "train", 8, seed=1)))
+    aug = next(iter(TrainLoader(tiny_cache, "train", 8, seed=1, crop=True, flip=True)))
     assert torch.equal(plain["caption_ids"], aug["caption_ids"])
     assert aug["image"].shape == plain["image"].shape
     assert not torch.allclose(aug["image"], plain["image"])

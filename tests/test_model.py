@@ -163,7 +163,8 @@ def test_audio_stem_gives_quarter_length_tokens():
 def test_every_trainable_parameter_gets_a_gradient():
     torch.manual_seed(0)
     for mixer in ("softmax", "linear"):
-        model = NLMM(tiny_config(mixer=mixer))
+        # non-zero gains: at the default 0 a branch's weights get their first gradient at step 2
+        model = NLMM(tiny_config(mixer=mixer, layer_scale_init=0.5))
         outputs, _ = model(make_batch())
         outputs["loss"].backward()
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -171,6 +172,28 @@ def test_every_trainable_parameter_gets_a_gradient():
         assert not missing, f"{mixer}: no gradient for {missing}"
         adapters = [n for n, p in model.named_parameters() if "adapter" in n]
         assert adapters and all(not p.requires_grad for n, p in model.named_parameters() if "adapter" in n)
+
+
+def test_zero_layer_scale_starts_every_branch_off_and_its_gain_learns_first():
+    torch.manual_seed(0)
+    model = NLMM(tiny_config())
+    batch = make_batch()
+    outputs, _ = model(batch)
+    outputs["loss"].backward()
+    gains = [(n, p) for n, p in model.named_parameters() if n.endswith(".gain")]
+    assert gains and all(float(p.abs().sum()) == 0.0 for _, p in gains)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for _, p in gains)
+    # switched off, the blocks leave the encoder its stem, pooling and head: blocks don't matter
+    torch.manual_seed(0)
+    shallow = NLMM(tiny_config(depth={"text": 0, "image": 0, "audio": 0}))
+    shallow.load_state_dict(model.state_dict(), strict=False)
+    model.eval(), shallow.eval()
+    with torch.no_grad():
+        for modality in ("image", "text"):
+            x = batch[modality]
+            mask = batch.get(f"{modality}_mask")
+            torch.testing.assert_close(model.encode(modality, x, mask),
+                                       shallow.encode(modality, x, mask))
 
 
 def test_grad_checkpointing_gives_the_same_gradients():
@@ -205,8 +228,9 @@ def test_level_params_partition_parameters_by_cms_level():
             assert where[pid] == ["mid", "fast", "slow"][index], name
         else:
             assert where[pid] == "fast", name  # the smallest chunk_size, although listed second
-    # every level holds parameters of every encoder block: 3 encoders x 1 block x (norm 2 + mlp 4)
-    assert len(groups["slow"]) == len(groups["mid"]) == 18
+    # every level holds parameters of every encoder block:
+    # 3 encoders x 1 block x (norm 2 + mlp 4 + LayerScale gain 1)
+    assert len(groups["slow"]) == len(groups["mid"]) == 21
 
 
 def test_forward_losses_and_weighting():

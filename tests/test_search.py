@@ -215,9 +215,12 @@ def test_queries_from_image_and_audio_files(searcher: Searcher, trained: Trained
     up = torchaudio.functional.resample(torch.from_numpy(wave), rate, 44100).numpy()
     stereo = tmp_path / "query.wav"
     sf.write(stereo, np.stack([1.2 * up, 0.8 * up], axis=1), 44100)
+    original = searcher.query(audio=cache.wav_path(row), target="audio", k=1)
+    assert original[0].item == cache.wav_path(row).name and original[0].score > 0.995
     hits = searcher.query(audio=stereo, target="audio", k=5)
-    own = [h for h in hits if h.item == cache.wav_path(row).name]
-    assert own and own[0].score > 0.995, [(h.item, h.score) for h in hits]
+    # a resampling round trip is lossy: the clip stays first, well clear of every other one
+    assert hits[0].item == cache.wav_path(row).name, [(h.item, h.score) for h in hits]
+    assert hits[0].score > 0.95 and hits[0].score - hits[1].score > 0.05
 
     to_image = searcher.query(audio=stereo, k=4)
     assert [h.modality for h in to_image] == ["image"] * 4

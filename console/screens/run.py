@@ -17,7 +17,7 @@ from textual.widgets import Footer, Header, TabbedContent, TabPane
 from console.screens.base import PollingScreen
 from console.widgets.chart import MetricChart, Points
 from console.widgets.log_tail import LogTail, Tail, read_tail
-from console.widgets.run_header import RunHeader
+from console.widgets.run_header import RunHeader, health_warnings
 from console.widgets.system_panel import HISTORY, SystemPanel
 from nlmm import store
 from nlmm.reports import DIRECTIONS
@@ -30,8 +30,10 @@ SAMPLE_ROWS = HISTORY * 9
 
 # tab id -> (title shown on the tab, key that selects it)
 TABS = {"loss": ("Loss", "1"), "recall": ("Recall", "2"), "lr": ("LR", "3"),
-        "speed": ("Speed", "4"), "system": ("System", "5"), "log": ("Log", "6")}
-CHART_TABS = ("loss", "recall", "lr", "speed")
+        "speed": ("Speed", "4"), "spread": ("Spread", "5"), "system": ("System", "6"),
+        "log": ("Log", "7")}
+CHART_TABS = ("loss", "recall", "lr", "speed", "spread")
+HEALTH_KEYS = tuple(f"collapsed/{m}" for m in ("image", "text", "audio"))
 
 
 def chart_series(run_id: int, chart: str, keys: list[str], k: int) -> tuple[dict[str, Points], str]:
@@ -45,6 +47,9 @@ def chart_series(run_id: int, chart: str, keys: list[str], k: int) -> tuple[dict
         if k == 1 and "mean_r1" in present:
             wanted["mean_r1"] = "mean"
         title = f"Recall@{k} (%) per direction   k: K={'/'.join(map(str, RECALL_KS))}"
+    elif chart == "spread":
+        wanted = {key: key.removeprefix("spread/") for key in keys if key.startswith("spread/")}
+        title = "embedding spread (mean pairwise cosine; near 1 = collapsed)"
     elif chart == "lr":
         wanted = {key: key.removeprefix("lr/") for key in keys if key.startswith("lr/")}
         title = "learning rate per CMS level"
@@ -63,10 +68,11 @@ class RunSnapshot:
     charts: dict[str, tuple[dict[str, Points], str]] = field(default_factory=dict)
     samples: list[store.SystemSample] | None = None
     tail: Tail | None = None
+    health: list[str] | None = None
 
 
 class RunScreen(PollingScreen[RunSnapshot]):
-    HELP = ("One run, live. 1-6 switch tabs; k changes K on the Recall tab; p lists its "
+    HELP = ("One run, live. 1-7 switch tabs; k changes K on the Recall tab; p lists its "
             "checkpoints; x stops it.")
 
     BINDINGS = [
@@ -86,6 +92,7 @@ class RunScreen(PollingScreen[RunSnapshot]):
         # What each tab last showed: (run version, K) for charts, the run version for samples.
         self._shown: dict[str, tuple[Any, ...]] = {}
         self._log_stamp: tuple[int, int] | None = None
+        self._health: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -115,6 +122,8 @@ class RunScreen(PollingScreen[RunSnapshot]):
         run = store.get_run(self.run_id)
         version = (run.status, run.step, run.epoch, run.heartbeat_at, run.best_metric, run.ended_at)
         snapshot = RunSnapshot(run, version)
+        if self._shown.get("health") != version:
+            snapshot.health = health_warnings(store.latest_metrics(run.id, HEALTH_KEYS))
         tab = self.active_tab
         if tab in CHART_TABS and self._shown.get(tab) != (version, self.k):
             keys = store.metric_keys(run.id)
@@ -128,7 +137,10 @@ class RunScreen(PollingScreen[RunSnapshot]):
     def apply(self, snapshot: RunSnapshot) -> None:
         self.run = snapshot.run
         self.sub_title = snapshot.run.name
-        self.query_one(RunHeader).show(snapshot.run, self.dash.clock())
+        if snapshot.health is not None:
+            self._health = snapshot.health
+            self._shown["health"] = snapshot.version
+        self.query_one(RunHeader).show(snapshot.run, self.dash.clock(), self._health)
         for tab, (series, title) in snapshot.charts.items():
             self.query_one(f"#chart-{tab}", MetricChart).show(series, title)
             self._shown[tab] = (snapshot.version, self.k)

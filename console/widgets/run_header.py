@@ -40,6 +40,14 @@ def error_text(run: store.Run) -> Text | None:
     return Text("\n".join(lines[-3:]), style="bold red")
 
 
+def health_warnings(latest: dict[str, float]) -> list[str]:
+    """One line per modality that the last finished epoch flagged as collapsed."""
+    return [f"warning: the {key.removeprefix('collapsed/')} embeddings collapsed (mean pairwise "
+            f"cosine above 0.98 for a whole epoch): its retrieval is at chance"
+            for key, value in sorted(latest.items())
+            if key.startswith("collapsed/") and value >= 1.0]
+
+
 class RunHeader(Vertical):
     def compose(self) -> ComposeResult:
         yield Static(id="run-summary")
@@ -47,8 +55,10 @@ class RunHeader(Vertical):
             yield ProgressBar(total=1000, show_eta=False, id="run-progress")
             yield Label(id="run-timing")
         yield Static(id="run-error")
+        yield Static(id="run-health")
 
-    def show(self, run: store.Run, now: float) -> None:
+    def show(self, run: store.Run, now: float, health: list[str] | None = None) -> None:
+        """`health`: warnings about the model itself (a collapsed modality), shown in bold."""
         self.query_one("#run-summary", Static).update(summary_line(run))
         bar = self.query_one("#run-progress", ProgressBar)
         # A run without a planned length shows an empty bar, not the pulsing "unknown" one.
@@ -59,3 +69,7 @@ class RunHeader(Vertical):
         error.display = message is not None
         if message is not None:
             error.update(message)
+        warnings = self.query_one("#run-health", Static)
+        warnings.display = bool(health)
+        if health:
+            warnings.update(Text("\n".join(health), style="bold yellow"))

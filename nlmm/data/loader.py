@@ -93,8 +93,9 @@ def audio_as_float(audio: torch.Tensor) -> torch.Tensor:
     return audio.float()
 
 
-def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random-resized crop (area 0.7-1, aspect 3/4-4/3) and horizontal flip of a float batch.
+def augment_images(images: torch.Tensor, generator: torch.Generator, crop: bool = True,
+                   flip: bool = True) -> torch.Tensor:
+    """Random-resized crop (area 0.7-1, aspect 3/4-4/3) and/or horizontal flip of a float batch.
 
     The parameters are drawn on the CPU from `generator` (identical on any device); one
     bilinear grid_sample then resamples the whole batch where it lives.
@@ -107,13 +108,18 @@ def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     height = (area / ratio).sqrt().clamp(max=1.0)
     cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - width)
     cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - height)
-    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    # every draw is made whatever is switched on, so one switch never changes the other's draws
+    if not crop:
+        width, height, cx, cy = torch.ones(b), torch.ones(b), torch.zeros(b), torch.zeros(b)
+    if not flip:
+        sign = torch.ones(b)
     # Without rotation the sampling grid is separable: x depends on the column only and y on
     # the row only, so it is built by broadcasting (what affine_grid computes with a matmul).
     opts = {"device": images.device, "dtype": images.dtype}
     xs = (torch.arange(w, **opts) * 2 + 1) / w - 1  # pixel centres, align_corners=False
     ys = (torch.arange(h, **opts) * 2 + 1) / h - 1
-    gx = (width * flip).to(**opts)[:, None] * xs + cx.to(**opts)[:, None]
+    gx = (width * sign).to(**opts)[:, None] * xs + cx.to(**opts)[:, None]
     gy = height.to(**opts)[:, None] * ys + cy.to(**opts)[:, None]
     grid = torch.stack((gx[:, None, :].expand(b, h, w), gy[:, :, None].expand(b, h, w)), dim=-1)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -183,7 +189,7 @@ class TrainLoader:
 
     def __init__(self, cache: PreparedCache, split: str, batch_size: int, *, seed: int,
                  epoch: int = 0, shuffle: bool = True, drop_last: bool = True,
-                 device: torch.device | str = "cpu", augment: bool = False,
+                 device: torch.device | str = "cpu", crop: bool = False, flip: bool = False,
                  max_audio_frames: int | None = None, start_batch: int = 0,
                  prefetch_depth: int = PREFETCH_DEPTH) -> None:
         if batch_size < 1:
@@ -194,7 +200,7 @@ class TrainLoader:
         self.seed, self.epoch = seed, epoch
         self.shuffle, self.drop_last = shuffle, drop_last
         self.device = torch.device(device)
-        self.augment = augment
+        self.crop, self.flip = crop, flip
         self.max_audio_frames = max_audio_frames
         self.start_batch = start_batch
         self.prefetch_depth = max(1, prefetch_depth)
@@ -220,9 +226,9 @@ class TrainLoader:
         if images.dtype != torch.uint8:  # cached backbone features: fixed, nothing to augment
             return images.float()
         images = normalize_images(images)
-        if self.augment:
+        if self.crop or self.flip:
             g = torch.Generator().manual_seed(self._augment_seed(batch_index))
-            images = augment_images(images, g)
+            images = augment_images(images, g, self.crop, self.flip)
         return images
 
     def _gather(self, job: tuple[int, np.ndarray]) -> dict[str, Any]:

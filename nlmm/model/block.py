@@ -1,4 +1,10 @@
-"""The NL block: token mixer, shared-memory read, then the CMS chain, all pre-norm residual."""
+"""The NL block: token mixer, shared-memory read, then the CMS chain, all pre-norm residual.
+
+Every residual branch ends in a LayerScale gain (`layer_scale_init`, 0 by default), so a fresh
+encoder is its stem, pooling and head alone and each branch joins as training finds it useful.
+Measured (bench/RESULTS.md): without the gains, two NL blocks per encoder cut test R@1 at 300
+steps from 63 % (no blocks) to 19 %; with them at 0, 51 %.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from torch import Tensor, nn
 
 from nlmm.config import Config
 from nlmm.model.cms import ContinuumMemory
-from nlmm.model.layers import SelfAttention
+from nlmm.model.layers import LayerScale, SelfAttention
 from nlmm.model.memory import MemoryRead
 
 
@@ -19,15 +25,17 @@ class NLBlock(nn.Module):
                                    cfg.ttt.adapter_rank, cfg.dropout)
         self.memory_norm = nn.LayerNorm(d) if cfg.L_mem > 0 else None
         self.memory = MemoryRead(d, cfg.n_heads, cfg.dropout) if cfg.L_mem > 0 else None
-        self.cms = ContinuumMemory(cfg.cms_levels, d, cfg.ffn_mult, cfg.dropout)
+        self.cms = ContinuumMemory(cfg.cms_levels, d, cfg.ffn_mult, cfg.dropout, cfg.layer_scale_init)
         self.drop = nn.Dropout(cfg.dropout)
+        self.mixer_scale = LayerScale(d, cfg.layer_scale_init)
+        self.memory_scale = LayerScale(d, cfg.layer_scale_init) if cfg.L_mem > 0 else None
 
     def forward(self, x: Tensor, mask: Tensor | None, slots: Tensor | None,
                 probe: bool = False) -> tuple[Tensor, Tensor | None]:
         """(B, L, d) -> (B, L, d), plus the memory-read entropy per token when `probe`."""
-        x = x + self.drop(self.mixer(self.mixer_norm(x), mask))
+        x = x + self.mixer_scale(self.drop(self.mixer(self.mixer_norm(x), mask)))
         entropy = None
         if self.memory is not None:
             read, entropy = self.memory(self.memory_norm(x), slots, probe)
-            x = x + self.drop(read)
+            x = x + self.memory_scale(self.drop(read))
         return self.cms(x), entropy

@@ -44,6 +44,8 @@ class TextStem(nn.Module):
 
 
 class ImageStem(nn.Module):
+    """Patchify convolution (kernel = stride = patch_size): the plain ViT stem (`conv_stems: false`)."""
+
     def __init__(self, patch_size: int, d_model: int) -> None:
         super().__init__()
         self.patchify = nn.Conv2d(3, d_model, kernel_size=patch_size, stride=patch_size)
@@ -52,8 +54,8 @@ class ImageStem(nn.Module):
         return self.patchify(image).flatten(2).transpose(1, 2), mask
 
 
-def audio_stem_strides(total: int) -> list[int]:
-    """Split the total time stride into conv stages: 4 -> [2, 2], 6 -> [2, 3], 1 -> [1]."""
+def stem_strides(total: int) -> list[int]:
+    """Split a total stride into conv stages: 4 -> [2, 2], 6 -> [2, 3], 1 -> [1]."""
     strides = []
     while total % 2 == 0 and total > 1:
         strides.append(2)
@@ -63,10 +65,41 @@ def audio_stem_strides(total: int) -> list[int]:
     return strides
 
 
+class ConvImageStem(nn.Module):
+    """Convolutional stem (`conv_stems: true`, Xiao et al. 2021): stride-2 3x3 convolutions with
+    BatchNorm and ReLU, widening to d_model, then a 1x1 projection with BatchNorm; the same token
+    grid as a patch_size patchify layer. The closing BatchNorm centres the tokens over the batch:
+    without it every image's pooled vector starts on one shared offset (ReLU outputs are
+    positive) and the image embeddings begin nearly collapsed.
+
+    A patchify ViT trained from scratch on a few thousand images learns slowly and unstably;
+    overlapping small convolutions give the blocks local features to start from.
+    """
+
+    def __init__(self, patch_size: int, d_model: int) -> None:
+        super().__init__()
+        strides = stem_strides(patch_size)
+        layers: list[nn.Module] = []
+        channels = 3
+        for i, s in enumerate(strides):
+            width = max(16, d_model >> (len(strides) - 1 - i))
+            layers += [nn.Conv2d(channels, width, kernel_size=2 * (s // 2) + 1, stride=s,
+                                 padding=s // 2, bias=False),
+                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            channels = width
+        layers += [nn.Conv2d(channels, d_model, kernel_size=1, bias=False), nn.BatchNorm2d(d_model)]
+        self.convs = nn.Sequential(*layers)
+
+    def forward(self, image: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        return self.convs(image).flatten(2).transpose(1, 2), mask
+
+
 class AudioStem(nn.Module):
+    """Strided 1-D convolutions over time, the mel bins as channels (`conv_stems: false`)."""
+
     def __init__(self, n_mels: int, d_model: int, stride: int) -> None:
         super().__init__()
-        self.strides = audio_stem_strides(stride)
+        self.strides = stem_strides(stride)
         # kernel 2*(s//2)+1 with padding s//2 gives ceil(T/s) outputs, matching mask[:, ::s].
         self.convs = nn.ModuleList(
             nn.Conv1d(n_mels if i == 0 else d_model, d_model, kernel_size=2 * (s // 2) + 1,
@@ -83,6 +116,46 @@ class AudioStem(nn.Module):
             if i < len(self.convs) - 1:
                 x = F.gelu(x)
         return x.transpose(1, 2), mask
+
+
+class ConvAudioStem(nn.Module):
+    """Log-mel through BatchNorm, strided convolutions with BatchNorm and GELU, and a 1x1
+    projection with BatchNorm (`conv_stems: true`).
+
+    Raw log-mels sit far from zero (about -14 in silence); the input BatchNorm rescales each
+    bin with statistics over the training data, keeping what differs between clips (a per-clip
+    normalisation would remove each clip's mean, the very thing mean pooling reads at init).
+    Kernel 5 at each stride-2 stage: a 4x stem then sees ~130 ms per token, a syllable, so the
+    blocks compose words from pieces that already mean something. The closing BatchNorm centres
+    the tokens over the batch, so pooled vectors start apart instead of sharing one offset.
+    """
+
+    def __init__(self, n_mels: int, d_model: int, stride: int) -> None:
+        super().__init__()
+        self.strides = stem_strides(stride)
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.input_norm = nn.BatchNorm1d(n_mels)
+        channels = n_mels
+        for s in self.strides:
+            # kernel 2*(s//2)+1 (5 at stride 2) with padding s//2 (+1 at stride 2) gives ceil(T/s)
+            # outputs, matching mask[:, ::s]
+            kernel = 5 if s == 2 else 2 * (s // 2) + 1
+            self.convs.append(nn.Conv1d(channels, d_model, kernel_size=kernel, stride=s,
+                                        padding=kernel // 2, bias=False))
+            self.norms.append(nn.BatchNorm1d(d_model))
+            channels = d_model
+        self.proj = nn.Conv1d(d_model, d_model, kernel_size=1, bias=False)
+        self.proj_norm = nn.BatchNorm1d(d_model)
+
+    def forward(self, mel: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        x = self.input_norm(mel[:, 0])
+        for conv, norm, s in zip(self.convs, self.norms, self.strides):
+            if mask is not None:
+                x = x * mask[:, None, :].to(x.dtype)
+                mask = mask[:, ::s]
+            x = F.gelu(norm(conv(x)))
+        return self.proj_norm(self.proj(x)).transpose(1, 2), mask
 
 
 class FeatureStem(nn.Module):
@@ -162,8 +235,9 @@ def build_encoder(modality: str, cfg: Config) -> Encoder:
         return Encoder(cfg, TextStem(cfg.vocab_size, d), depth, cfg.max_position_embeddings, True)
     if modality == "image":
         n_patches = (cfg.data.image_size // cfg.patch_size) ** 2
-        return Encoder(cfg, ImageStem(cfg.patch_size, d), depth, n_patches, True)
+        stem = ConvImageStem if cfg.conv_stems else ImageStem
+        return Encoder(cfg, stem(cfg.patch_size, d), depth, n_patches, True)
     if modality == "audio":
-        stem = AudioStem(cfg.data.n_mels, d, cfg.audio_stride)
+        stem = (ConvAudioStem if cfg.conv_stems else AudioStem)(cfg.data.n_mels, d, cfg.audio_stride)
         return Encoder(cfg, stem, depth, cfg.max_position_embeddings, False)
     raise NlmmError(f"unknown modality {modality!r}; use one of image, text, audio.")

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from nlmm.config import MODALITIES, PAIRS, Config
-from nlmm.model.encoders import audio_stem_strides
+from nlmm.model.encoders import stem_strides
 from nlmm.model.nlmm import NLMM
 
 OPTIMIZER_STATE_COPIES = {
@@ -57,7 +57,7 @@ def parameter_counts(cfg: Config) -> dict[str, Any]:
             adapters += p.numel()
         elif not p.requires_grad:
             continue  # frozen pretrained backbones are not trained
-        elif pieces[0] == "memory" or "memory" in pieces or "memory_norm" in pieces:
+        elif pieces[0] == "memory" or any(piece.startswith("memory") for piece in pieces):
             parts["memory"] += p.numel()
         elif pieces[0] == "logit_scale" or pieces[2] in ("pool", "head"):
             parts["heads"] += p.numel()
@@ -88,26 +88,66 @@ def _forward_flops(cfg: Config, modality: str, n: int, frames: int,
     slots = 2 * 2 * d * d * m / batch_size
     blocks = depth * (n * per_token + slots)
     input_layer, stem = 0.0, 0.0
-    if modality == "image":
+    if modality == "image" and not cfg.conv_stems:
         input_layer = 2 * 3 * cfg.patch_size ** 2 * d * n
+    elif modality == "image":
+        side, channels = cfg.data.image_size, 3
+        strides = stem_strides(cfg.patch_size)
+        for i, s in enumerate(strides):
+            side = math.ceil(side / s)
+            width = max(16, d >> (len(strides) - 1 - i))
+            conv = 2 * channels * (2 * (s // 2) + 1) ** 2 * width * side * side
+            if i == 0:
+                input_layer = conv
+            else:
+                stem += conv
+            channels = width
+        stem += 2 * channels * d * n
     elif modality == "audio":
         length, channels = frames, cfg.data.n_mels
-        for i, s in enumerate(audio_stem_strides(cfg.audio_stride)):
+        for i, s in enumerate(stem_strides(cfg.audio_stride)):
             length = math.ceil(length / s)
-            conv = 2 * channels * (2 * (s // 2) + 1) * d * length
+            kernel = 5 if cfg.conv_stems and s == 2 else 2 * (s // 2) + 1
+            conv = 2 * channels * kernel * d * length
             if i == 0:
                 input_layer = conv
             else:
                 stem += conv
             channels = d
+        if cfg.conv_stems:
+            stem += 2 * d * d * length
     pooling = n * (2 * 2 * d * d + 4 * d) + 2 * d * cfg.embed_dim
     return input_layer, stem + blocks + pooling
 
 
-def _activation_bytes(cfg: Config, tokens: dict[str, int], batch_size: int) -> float:
+def _conv_stem_values(cfg: Config, frames: int) -> float:
+    """Values the BatchNorm conv stems keep for backward per triple (conv, norm and activation
+    outputs of every stage; the normalised log-mel), 0 for the plain stems."""
+    if not cfg.conv_stems:
+        return 0.0
+    d, values = cfg.d_model, 0.0
+    if cfg.encoders.backbone("image") is None:
+        side, strides = cfg.data.image_size, stem_strides(cfg.patch_size)
+        for i, s in enumerate(strides):
+            side = math.ceil(side / s)
+            values += 2 * max(16, d >> (len(strides) - 1 - i)) * side * side  # conv, norm(+ReLU)
+    if cfg.encoders.backbone("audio") is None:
+        length = frames
+        values += 2 * cfg.data.n_mels * frames
+        for s in stem_strides(cfg.audio_stride):
+            length = math.ceil(length / s)
+            values += 3 * d * length
+    return values
+
+
+def _activation_bytes(cfg: Config, tokens: dict[str, int], batch_size: int,
+                      frames: int) -> float:
     d, f, k = cfg.d_model, cfg.ffn_mult, len(cfg.cms_levels)
     width = 2 if cfg.precision.amp in ("bf16", "fp16") else 4
+    stems = batch_size * _conv_stem_values(cfg, frames) * width
     per_block = 8 + (5 if cfg.L_mem else 0) + k * (2 + 2 * f)
+    if cfg.layer_scale_init is not None:  # each gain keeps its branch's output
+        per_block += 1 + (1 if cfg.L_mem else 0) + k
     if cfg.mixer == "linear":
         # feature-mapped and masked q, k, v, intra-chunk scores, per-chunk states
         per_block += 4 + cfg.n_heads * cfg.linear_chunk / d + 2 * (d // cfg.n_heads) / cfg.linear_chunk
@@ -116,8 +156,8 @@ def _activation_bytes(cfg: Config, tokens: dict[str, int], batch_size: int) -> f
         kept = sum(rows[m] * (getattr(cfg.depth, m) + 4) for m in rows)
         recomputed = max(rows[m] * per_block for m in rows if getattr(cfg.depth, m)) \
             if any(getattr(cfg.depth, m) for m in rows) else 0.0
-        return kept + recomputed
-    return sum(rows[m] * (getattr(cfg.depth, m) * per_block + 4) for m in rows)
+        return stems + kept + recomputed
+    return stems + sum(rows[m] * (getattr(cfg.depth, m) * per_block + 4) for m in rows)
 
 
 def model_info(cfg: Config, batch_size: int = 32, audio_seconds: float = 5.0,
@@ -142,7 +182,7 @@ def model_info(cfg: Config, batch_size: int = 32, audio_seconds: float = 5.0,
         "params": weights,
         "grads": 4 * counts["trainable"],
         "optimizer": optimizer_bytes,
-        "activations": _activation_bytes(cfg, tokens, batch_size),
+        "activations": _activation_bytes(cfg, tokens, batch_size, frames),
     }
     memory["total"] = sum(memory.values())
     return {

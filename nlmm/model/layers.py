@@ -121,6 +121,19 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+class LayerScale(nn.Module):
+    """Per-channel gain on a residual branch (Touvron et al. 2021, CaiT), or the identity when
+    `init` is None. At init 0 the branch starts switched off, yet its gain gets a gradient at
+    once and the branch's weights from the second step on."""
+
+    def __init__(self, d_model: int, init: float | None) -> None:
+        super().__init__()
+        self.gain = None if init is None else nn.Parameter(torch.full((d_model,), float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if self.gain is None else x * self.gain.to(x.dtype)
+
+
 class AttentionPool(nn.Module):
     """A learned query per head attends over the valid tokens and returns one (B, d) vector.
 

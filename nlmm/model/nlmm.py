@@ -13,7 +13,6 @@ training starts) loads the configured ones, and a checkpoint load replaces them.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,15 +23,17 @@ from nlmm.config import MODALITIES, CMSLevel, Config
 from nlmm.errors import NlmmError
 from nlmm.model.backbones import Backbone
 from nlmm.model.encoders import FeatureStem, build_encoder
-from nlmm.model.layers import INIT_STD, trunc_normal
+from nlmm.model.layers import trunc_normal
 from nlmm.model.losses import (INIT_LOGIT_SCALE, logit_scale_value,
                                 pair_losses)
 from nlmm.model.memory import SharedMemory
-from nlmm.model.ttt import MASK_TOKEN_ID, adapt_and_encode
+from nlmm.model.ttt import MASK_TOKEN_ID, adapt_and_encode, ssl_loss
 
 if TYPE_CHECKING:
     from nlmm.optim import LevelScheduler
 
+# Parameters that are looked up or read row by row rather than applied as a linear map.
+LOOKUP_TABLES = ("positions", "tokens.weight", "slots", "pool.query")
 
 
 @dataclass
@@ -68,26 +69,35 @@ class NLMM(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
+        """Linear maps at std 1/sqrt(fan_in), token embeddings at unit scale.
+
+        Adam moves every weight by about lr per step whatever its scale, so the init scale sets
+        the relative step: at GPT-2's fixed 0.02, lr 2e-3 rewrites a weight in ten steps, and the
+        towers lurched into collapse (every embedding alike, pair losses pinned at ln(batch)).
+        At 1/sqrt(fan_in) the same lr changes a 128-wide layer by ~2 % per step. Unit-scale token
+        embeddings let a caption's words, not the positions shared by every caption, decide its
+        pooled vector at init, so captions start spread apart.
+        """
         if isinstance(module, nn.Linear):
-            trunc_normal(module.weight)
+            trunc_normal(module.weight, module.weight.shape[1] ** -0.5)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            trunc_normal(module.weight)
+            trunc_normal(module.weight, 1.0)
 
     def _scale_residual_outputs(self) -> None:
-        """GPT-2 scaled init: each projection writing into the residual stream gets std
-        0.02/sqrt(number of residual branches of its encoder), so the stream's variance does not
-        grow with depth. Not zero: every weight then gets a gradient from the first step."""
+        """Each projection writing into the residual stream gets std 1/sqrt(fan_in · number of
+        residual branches of its encoder) (GPT-2's scaled init, on the fan-in base), so the
+        stream's variance does not grow with depth. Not zero: every weight then gets a gradient
+        from the first step."""
         for encoder in self.encoders.values():
             branches = sum(2 + len(block.cms.levels) for block in encoder.blocks)
-            std = INIT_STD / math.sqrt(max(branches, 1))
             for block in encoder.blocks:
                 outs = [block.mixer.out] + [level.mlp.down for level in block.cms.levels]
                 if block.memory is not None:
                     outs.append(block.memory.out)
                 for linear in outs:
-                    trunc_normal(linear.weight, std)
+                    trunc_normal(linear.weight, (linear.weight.shape[1] * max(branches, 1)) ** -0.5)
 
     def memory_slots(self) -> Tensor | None:
         return None if self.memory is None else self.memory.slots
@@ -161,10 +171,12 @@ class NLMM(nn.Module):
 
     # ----------------------------------------------------------------------- encoding
 
-    def _encode(self, modality: str, x: Tensor, mask: Tensor | None,
-                probe: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    def _encode(self, modality: str, x: Tensor, mask: Tensor | None, probe: bool,
+                stem: tuple[Tensor, Tensor | None] | None = None
+                ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """`stem`: `encoder.tokens(x, mask)` when the caller already has it."""
         encoder = self.encoders[modality]
-        tokens, token_mask = encoder.tokens(x, mask)
+        tokens, token_mask = encoder.tokens(x, mask) if stem is None else stem
         states, entropy = encoder.trunk(tokens, token_mask, self.memory_slots(), probe)
         if token_mask is None:
             n_tokens = torch.tensor(tokens.shape[0] * tokens.shape[1], device=tokens.device)
@@ -208,6 +220,12 @@ class NLMM(nn.Module):
         `outputs["audio_rows"]` (B,) bool says which rows `emb_audio` belongs to. Every pair
         present gets its `loss_<pair>`; `loss` averages them with cfg.train.loss_weights
         (a pair missing from the weights counts 0), over the pairs present only.
+
+        With `ttt.enable` and `ttt.aux_weight > 0` (joint training for test-time training),
+        `loss_ttt` is the self-supervised loss `encode_ttt` minimises at test time (masked tokens
+        / masked patches / masked frames, nlmm.model.ttt.ssl_loss), averaged over the modalities
+        encoded, and `loss` adds `aux_weight * loss_ttt`. Text masks use MASK_TOKEN_ID, the
+        [MASK] id of every nlmm tokenizer.
         """
         present = [m for m in MODALITIES if m in batch]
         if not present:
@@ -222,6 +240,8 @@ class NLMM(nn.Module):
         embeddings: dict[str, Tensor] = {}
 
         audio_rows = None
+        aux = self.cfg.ttt.enable and self.cfg.ttt.aux_weight > 0
+        ssl: dict[str, Tensor] = {}
         for modality in present:
             x, mask = batch[modality], batch.get(f"{modality}_mask")
             if modality == "audio":
@@ -236,7 +256,11 @@ class NLMM(nn.Module):
                 if x.shape[0] == 0:
                     continue
             mask = self._checked_input(modality, x, mask)
-            emb, entropy, n_tokens = self._encode(modality, x, mask, probe=True)
+            stem = self.encoders[modality].tokens(x, mask)
+            emb, entropy, n_tokens = self._encode(modality, x, mask, probe=True, stem=stem)
+            if aux:
+                # the test-time objective, on this batch's corrupted inputs (nlmm.model.ttt)
+                ssl[modality] = ssl_loss(self, modality, x, mask, tokens=stem)
             embeddings[modality] = outputs[f"emb_{modality}"] = emb
             state.rows[modality] = x.shape[0]
             state.tokens[modality] = n_tokens.detach()
@@ -245,6 +269,9 @@ class NLMM(nn.Module):
 
         outputs.update(pair_losses(embeddings, image_ids, audio_rows, self.logit_scale,
                                    self.cfg.train.loss_weights))
+        if ssl:
+            outputs["loss_ttt"] = torch.stack(list(ssl.values())).mean()
+            outputs["loss"] = outputs["loss"] + self.cfg.ttt.aux_weight * outputs["loss_ttt"]
         outputs["temperature"] = 1.0 / logit_scale_value(self.logit_scale).detach()
         return outputs, state
 
@@ -283,6 +310,14 @@ class NLMM(nn.Module):
                          fastest.weight_decay)
                 for m, b in self.backbones().items() if not b.spec.frozen]
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters that take no weight decay (open_clip's and nanoGPT's rule):
+        vectors (norm gains, biases, the temperature) and lookup tables (token embeddings,
+        positions, memory slots, pooling queries). Decay would only pull them toward zero: a
+        shrunk norm gain or position table changes what the model computes, not its capacity."""
+        return {name for name, p in self.named_parameters()
+                if p.ndim < 2 or name.endswith(LOOKUP_TABLES)}
+
     def configure_scheduler(self, cfg: Config) -> LevelScheduler:
         """Set the model up for training: load the pretrained backbone weights, then build the
         per-level multi-frequency optimiser for its parameter groups."""
@@ -291,9 +326,10 @@ class NLMM(nn.Module):
         self.load_pretrained_backbones()
 
         # Orthogonalised updates suit weight matrices that map features to features; lookup
-        # tables (tokens, positions, memory slots, pooling queries) and output heads keep
-        # Adam-style per-entry steps, as in the Muon reference setup.
-        exclude_from_muon(*(p for name, p in self.named_parameters()
-                            if name.endswith(("positions", "tokens.weight", "slots", "pool.query",
-                                              "head.weight"))))
-        return LevelScheduler.from_config(self.level_params(), cfg, self.backbone_levels(cfg))
+        # tables and output heads keep Adam-style per-entry steps, as in the Muon reference setup.
+        named = dict(self.named_parameters())
+        exclude_from_muon(*(p for name, p in named.items()
+                            if name.endswith(LOOKUP_TABLES + ("head.weight",))))
+        no_decay = [named[name] for name in self.no_weight_decay()]
+        return LevelScheduler.from_config(self.level_params(), cfg, self.backbone_levels(cfg),
+                                          no_decay)

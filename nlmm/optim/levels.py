@@ -11,11 +11,11 @@ the C_ℓ steps of the chunk. The training loop, once per optimizer step:
 `global_step` numbers optimizer steps over the whole run, never the batch index in an epoch, so
 the levels keep their rhythm across epoch boundaries and resumes.
 
-step_all: (fp16) unscale this step's fresh gradients exactly once and check them; a non-finite
-value skips the step for every level: the fresh gradients are dropped, accumulated chunk sums are
-left as they were, the loss scale halves and [] is returned (`last_step_skipped` is then True;
-a loop that wants every chunk to sum exactly C_ℓ gradients should call the next step with the
-same `global_step`). Otherwise each level with C_ℓ > 1 adds the fresh gradients to its chunk sum;
+step_all: unscale this step's fresh gradients exactly once (fp16) and check them (always); a
+non-finite value skips the step for every level: the fresh gradients are dropped, accumulated
+chunk sums are left as they were, the fp16 loss scale halves and [] is returned
+(`last_step_skipped` is then True; a loop that wants every chunk to sum exactly C_ℓ gradients
+should call the next step with the same `global_step`). Otherwise each level with C_ℓ > 1 adds the fresh gradients to its chunk sum;
 each level due at this step gets the chunk sum (or, for C_ℓ = 1, the fresh gradient) in `.grad`,
 has its norm clipped to `grad_clip` (per level, on the unscaled gradient), and steps its
 optimizer. Every `.grad` is None afterwards. bf16 and fp32 use no loss scale.
@@ -23,7 +23,7 @@ optimizer. Every `.grad` is None afterwards. bf16 and fp32 use no loss scale.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,21 @@ from nlmm.optim.factory import build_optimizer
 
 AMP_MODES = ("none", "bf16", "fp16")
 _STATE_VERSION = 1
+
+
+# Optimizers whose step size does not grow with the gradient: given a chunk's summed gradient
+# they move a level about as far as one fast step, so a level stepped every C steps drifts C
+# times slower than the fast level unless its lr is scaled (`cms_lr_scaling`).
+SCALE_INVARIANT = ("adamw", "muon", "universal_anderson")
+
+
+def chunk_lr_scale(chunk_size: int, optimizer: str, rule: str) -> float:
+    """The factor `cms_lr_scaling` applies to a level's lr: Nested Learning's chunk rule
+    θ ← θ − Σ_chunk η∇ moves a level by the sum of C per-step updates, which for a normalised
+    step is C·η when the gradients agree ("chunk") and √C·η when they are noise ("sqrt")."""
+    if rule == "none" or optimizer not in SCALE_INVARIANT:
+        return 1.0
+    return float(chunk_size) if rule == "chunk" else chunk_size ** 0.5
 
 
 @dataclass
@@ -87,14 +102,16 @@ class LevelScheduler:
 
     @classmethod
     def from_config(cls, level_params: dict[str, list[Parameter]], cfg: Config,
-                    extra_levels: Sequence[CMSLevel] = ()) -> LevelScheduler:
+                    extra_levels: Sequence[CMSLevel] = (),
+                    no_decay: Collection[Parameter] = ()) -> LevelScheduler:
         """One optimizer per CMS level of `cfg` (then per `extra_levels` entry, e.g. a
         fine-tuned backbone) over that level's parameters.
 
         `cfg.train.optimizer`, when set, replaces every level's optimizer; `cfg.train.lr`, when
         set, becomes the lr of the fastest CMS level (smallest chunk_size, the first listed on a
         tie) and every other level keeps its ratio to it. Levels without trainable parameters
-        are left out. Loss scaling and clipping come from `cfg.precision`.
+        are left out; the parameters in `no_decay` take no weight decay. Loss scaling and
+        clipping come from `cfg.precision`.
         """
         all_specs = [*cfg.cms_levels, *extra_levels]
         specs = {spec.name: spec for spec in all_specs}
@@ -118,7 +135,8 @@ class LevelScheduler:
             if not params:
                 continue
             name = cfg.train.optimizer or spec.optimizer
-            optimizer = build_optimizer(name, params, spec.lr * factor, spec.weight_decay)
+            lr = spec.lr * factor * chunk_lr_scale(spec.chunk_size, name, cfg.cms_lr_scaling)
+            optimizer = build_optimizer(name, params, lr, spec.weight_decay, no_decay)
             levels.append(Level(spec.name, spec.chunk_size, optimizer))
         if not levels:
             raise NlmmError("no CMS level has trainable parameters; check that the model assigns "
@@ -166,10 +184,11 @@ class LevelScheduler:
         if global_step < 1:
             raise NlmmError(f"global_step must count optimizer steps from 1, got {global_step}.")
         self.last_step_skipped = False
-        if self._scaling and not self._unscale_fresh_grads():
+        if not self._unscale_fresh_grads():
             self.zero_grad()
-            self._scale *= 0.5
-            self._good_steps = 0
+            if self._scaling:
+                self._scale *= 0.5
+                self._good_steps = 0
             self.last_step_skipped = True
             return []
         stepped = []
@@ -216,7 +235,9 @@ class LevelScheduler:
             torch._foreach_add_(adding_to, adding)
 
     def _unscale_fresh_grads(self) -> bool:
-        """Divide the fresh grads by the loss scale in place; False if any is inf or nan."""
+        """Divide the fresh grads by the loss scale (1 without fp16) in place; False if any is
+        inf or nan. Checked in every precision: one non-finite gradient stepped into a level
+        would turn its weights, and every later loss, into NaN."""
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for params in self._params:
             for p in params:

@@ -40,7 +40,7 @@ from nlmm.data.loader import iter_modality, owner_images
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
 from nlmm.model.losses import logit_scale_value, pair_losses
-from nlmm.train.retrieval import retrieval_metrics
+from nlmm.train.evaluate import score_split
 
 MODALITIES = ("image", "text", "audio")
 # Long enough for rank 0 to write a large checkpoint or evaluate while the others wait.
@@ -123,11 +123,17 @@ def wrap_model(model: NLMM, device: torch.device, ctx: DistContext) -> nn.Module
     """The DDP wrapper of `model` (None for one process).
 
     find_unused_parameters: a rank whose slice holds no spoken caption does not run the audio
-    encoder, so its audio parameters get no gradient on that rank.
+    encoder, so its audio parameters get no gradient on that rank. On CUDA the BatchNorm layers
+    of the conv stems become SyncBatchNorm, so they normalise over the global batch as one
+    process would; on the CPU (gloo), which SyncBatchNorm does not support, each rank normalises
+    its own shard.
     """
     if not ctx.enabled:
         return None
     from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=True)
@@ -220,6 +226,11 @@ def global_batch_losses(outputs: dict[str, Tensor], shard: dict[str, Tensor], mo
     # spoken caption), because DDP waits for a gradient of every parameter its forward used.
     untouched = sum(e.sum() for e in local) * 0.0
     losses["loss"] = losses["loss"] + untouched
+    if "loss_ttt" in outputs:
+        # the TTT auxiliary loss is per row, so this rank's shard mean is its share: DDP's
+        # gradient average over ranks makes it the global batch's mean (logged: rank 0's)
+        losses["loss_ttt"] = outputs["loss_ttt"]
+        losses["loss"] = losses["loss"] + cfg.ttt.aux_weight * outputs["loss_ttt"]
     losses["temperature"] = 1.0 / logit_scale_value(model.logit_scale).detach()
     return losses
 
@@ -254,4 +265,4 @@ def evaluate_split_sharded(model: NLMM, cache: PreparedCache, split: str, device
         block = torch.cat(mine) if mine else torch.zeros(0, model.cfg.embed_dim, device=device)
         emb[modality] = _gather_ragged(block, ctx)
         owner[modality] = torch.as_tensor(owners, device=device)
-    return retrieval_metrics(emb, owner)
+    return score_split(cache, split, emb, owner)

@@ -29,7 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
     TimeRemainingColumn
 
 from nlmm import store
-from nlmm.config import Config, config_from_dict, resolve_config, save_config
+from nlmm.config import (Config, config_from_dict, resolve_config, save_config,
+                         with_legacy_defaults)
 from nlmm.errors import NlmmError
 from nlmm.train.checkpoint import load_checkpoint
 from nlmm.train.loop import resolve_device
@@ -155,7 +156,8 @@ def join(req: TrainRequest, console: Console | None = None,
         raise NlmmError("node 0 registers the run: start it with launch(), not join().")
     known = store.find_run(req.resume) if req.resume else None
     if known is not None:
-        cfg = config_from_dict(json.loads(known.config), f"run {known.name}", req.overrides)
+        cfg = config_from_dict(with_legacy_defaults(json.loads(known.config)), f"run {known.name}",
+                               req.overrides)
     else:
         cfg = resolve_config(req.config or ("tiny_cpu" if req.synthetic else "flickr8k"),
                              req.overrides)
@@ -181,7 +183,7 @@ def _reopen(req: TrainRequest, device: str) -> store.Run:
     if not last.is_file():
         raise NlmmError(f"run {run.name} has no checkpoint to resume from ({last}); start a new "
                         "run instead.")
-    cfg_dict = json.loads(run.config)
+    cfg_dict = with_legacy_defaults(json.loads(run.config))
     # Read in full now: a damaged file is one clear error here rather than a failed worker.
     progress = load_checkpoint(last)["progress"]
     if req.add_epochs:

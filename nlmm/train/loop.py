@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+from torch import nn
 
 from nlmm.config import Config
+from nlmm.errors import NlmmError
 from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import PREFETCH_DEPTH, TrainLoader
 from nlmm.model import NLMM
@@ -36,6 +38,23 @@ from nlmm.train.distributed import (
 from nlmm.train.evaluate import evaluate_split
 
 LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a")
+LOSS_KEYS += ("loss_ttt",)  # the TTT auxiliary loss, with ttt.enable (see NLMM.forward)
+EMBEDDED = ("image", "text", "audio")
+# A modality whose batch embeddings keep a mean pairwise cosine above this for a whole epoch
+# has collapsed: every item maps to (nearly) the same point and retrieval is at chance.
+COLLAPSE_SPREAD = 0.98
+# Steps skipped in a row for a non-finite loss or gradient before the run is failed: isolated
+# overflows happen (and fp16 loss-scale calibration skips a few at the start), a streak is a
+# diverged model that would otherwise loop on the same step forever.
+MAX_SKIPPED_IN_A_ROW = 25
+
+
+def embedding_spread(emb: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine of L2-normalised (N, E) embeddings, the diagonal left out:
+    about 0 for well-spread embeddings, 1 for a collapsed modality."""
+    n = emb.shape[0]
+    total = emb.float().sum(dim=0)
+    return ((total @ total) - n) / max(n * n - n, 1)
 
 
 class MetricSink(Protocol):
@@ -62,8 +81,6 @@ class CheckpointEvent:
 
 
 def resolve_device(name: str) -> torch.device:
-    from nlmm.errors import NlmmError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -105,9 +122,17 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = NLMM(cfg).to(device)
         self.sched = self.model.configure_scheduler(cfg)
+        self.norm_stats = [t for m in self.model.modules()
+                           if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
+                           for t in (m.running_mean, m.running_var)]
         self.ddp = wrap_model(self.model, device, dist)
         self.progress = Progress()
-        self.batches_per_epoch = len(self._loader(0))
+        self.skipped_steps = 0
+        self.skipped_in_a_row = 0
+        self.epoch_min_spread: dict[str, float] = {}
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_step = -1
+        self.batches_per_epoch = len(self.loader(0))
         self.steps_per_epoch = self.batches_per_epoch // cfg.train.accumulate
         if self.steps_per_epoch == 0:
             raise ValueError(f"the train split has fewer than batch_size x accumulate = "
@@ -118,12 +143,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _loader(self, epoch: int, start_batch: int = 0) -> TrainLoader:
+    def loader(self, epoch: int, start_batch: int = 0) -> TrainLoader:
+        """The shuffled training batches of `epoch` (0-based), from batch `start_batch` on."""
         cfg = self.cfg
         max_frames = int(cfg.data.max_audio_seconds * cfg.data.sample_rate / cfg.data.hop_length) + 1
         return TrainLoader(self.cache, "train", cfg.train.batch_size, seed=cfg.train.seed,
                            epoch=epoch, shuffle=True, drop_last=True, device=self.device,
-                           augment=cfg.data.augment, max_audio_frames=max_frames,
+                           crop=cfg.data.augment.crop, flip=cfg.data.augment.flip,
+                           max_audio_frames=max_frames,
                            start_batch=start_batch,
                            prefetch_depth=cfg.train.num_workers or PREFETCH_DEPTH)
 
@@ -168,15 +195,27 @@ class Trainer:
         return torch.autocast("cuda", dtype=dtype)
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Losses of the (global) batch, plus `spread/<modality>` of this rank's embeddings."""
         if self.ddp is None:
-            return self.model(batch)[0]
-        shard = shard_batch(batch, self.dist)
-        outputs, _ = self.ddp(shard)
-        return global_batch_losses(outputs, shard, self.model, self.dist)
+            outputs = self.model(batch)[0]
+            losses = dict(outputs)
+        else:
+            shard = shard_batch(batch, self.dist)
+            outputs, _ = self.ddp(shard)
+            losses = global_batch_losses(outputs, shard, self.model, self.dist)
+        with torch.no_grad():
+            for modality in EMBEDDED:
+                emb = outputs.get(f"emb_{modality}")
+                if emb is not None and emb.shape[0] > 1:
+                    losses[f"spread/{modality}"] = embedding_spread(emb.detach())
+        return losses
 
-    def _step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One optimizer step over `accumulate` micro-batches; returns detached losses."""
         self.model.train()
+        # a batch that turns the loss non-finite also writes NaN into BatchNorm's running
+        # statistics, which would poison every later evaluation: kept to put back on a skip
+        saved_stats = [t.clone() for t in self.norm_stats]
         totals: dict[str, torch.Tensor] = {}
         n = len(batches)
         for i, batch in enumerate(batches):
@@ -184,7 +223,7 @@ class Trainer:
                 with self._autocast():
                     outputs = self._forward(batch)
                 self.sched.scale_loss(outputs["loss"] / n).backward()
-            for key in LOSS_KEYS + ("temperature",):
+            for key in LOSS_KEYS + ("temperature",) + tuple(f"spread/{m}" for m in EMBEDDED):
                 if key in outputs:
                     value = outputs[key].detach().float() / n
                     totals[key] = totals[key] + value if key in totals else value
@@ -192,16 +231,55 @@ class Trainer:
         self.sched.set_lr_factor(lr_factor(step, self.total_steps, self.cfg.train.warmup_steps,
                                            self.cfg.train.schedule))
         self.sched.step_all(step)
-        if not self.sched.last_step_skipped:
-            # an fp16 overflow retries the same step number, so slow levels keep their rhythm
+        if self.sched.last_step_skipped:
+            if self.norm_stats:
+                torch._foreach_copy_(self.norm_stats, saved_stats)
+            # a non-finite loss or gradient (or an fp16 overflow) retries the same step number,
+            # so slow levels keep their rhythm
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise NlmmError(f"training diverged: {self.skipped_in_a_row} steps in a row had a "
+                                f"non-finite loss or gradient at step {step}; lower the learning "
+                                f"rate (--lr) or raise train.warmup_steps and start again.")
+        else:
+            self.skipped_in_a_row = 0
             self.progress.global_step = step
         return totals
 
     def evaluate(self, split: str) -> dict[str, float]:
+        """Recall@K on `split`: embedded under the training autocast, scored in fp32 (the
+        scoring turns autocast off), so the figures equal `nlmm eval` on the same weights."""
+        # Plain embeddings even with ttt.enable: TTT costs max_steps forward+backward passes per
+        # item, too much for every epoch; `nlmm eval` reports the TTT figures beside these.
         with self._autocast():
             if self.dist.enabled:
                 return evaluate_split_sharded(self.model, self.cache, split, self.device, self.dist)
             return evaluate_split(self.model, self.cache, split, self.device)
+
+    def _watch_spread(self, values: dict[str, float]) -> None:
+        """Track each modality's lowest window spread of the epoch (see _warn_collapse)."""
+        for modality in EMBEDDED:
+            spread = values.get(f"spread/{modality}")
+            if spread is not None:
+                low = self.epoch_min_spread.get(modality, math.inf)
+                self.epoch_min_spread[modality] = min(low, spread)
+
+    def _warn_collapse(self) -> None:
+        """At an epoch's end: a warning line for every modality whose spread stayed above
+        COLLAPSE_SPREAD in every logged window of the epoch, and a `collapsed/<modality>` flag."""
+        flags = {}
+        for modality, low in self.epoch_min_spread.items():
+            collapsed = low > COLLAPSE_SPREAD
+            flags[f"collapsed/{modality}"] = float(collapsed)
+            if collapsed:
+                self.log(f"warning: the {modality} embeddings collapsed in epoch {self.progress.epoch + 1}: "
+                         f"their mean pairwise cosine stayed above {COLLAPSE_SPREAD} (lowest "
+                         f"{low:.3f}), so {modality} retrieval is at chance; lower the learning "
+                         f"rate or check the {modality} data.")
+        if flags:
+            self.sink.log(self.progress.global_step, self.progress.epoch, flags)
+        self.epoch_min_spread = {}
 
     def _stop_requested(self) -> bool:
         # all ranks must leave the loop at the same step, wherever the signal arrived
@@ -215,29 +293,34 @@ class Trainer:
         log_every = cfg.train.log_every
         window: dict[str, torch.Tensor] = {}
         # throughput counts training time only: evaluation and checkpoints reset the tick
-        window_steps, window_time, tick = 0, 0.0, time.perf_counter()
+        window_steps, window_skipped, window_time, tick = 0, 0, 0.0, time.perf_counter()
         while p.global_step < self.total_steps and p.epoch < cfg.train.epochs:
-            loader = self._loader(p.epoch, start_batch=p.batch_in_epoch)
+            loader = self.loader(p.epoch, start_batch=p.batch_in_epoch)
             pending: list[dict[str, torch.Tensor]] = []
             for batch in loader:
                 pending.append(batch)
                 if len(pending) < acc:
                     continue
-                losses = self._step(pending)
+                losses = self.train_step(pending)
                 now = time.perf_counter()
                 window_time, tick = window_time + now - tick, now
                 p.batch_in_epoch += len(pending)
                 pending = []
-                for key, value in losses.items():
-                    window[key] = window[key] + value if key in window else value
-                window_steps += 1
-                if p.global_step % log_every == 0 or p.global_step == self.total_steps:
-                    values = {k: float(v) / window_steps for k, v in window.items()}
-                    values["triples_per_s"] = (window_steps * acc * cfg.train.batch_size
-                                               / max(window_time, 1e-9))
-                    values.update({f"lr/{k}": v for k, v in self.sched.lrs().items()})
-                    self.sink.log(p.global_step, p.epoch, values)
-                    window, window_steps, window_time = {}, 0, 0.0
+                if self.sched.last_step_skipped:
+                    window_skipped += 1  # its losses are not finite: kept out of the means
+                else:
+                    for key, value in losses.items():
+                        window[key] = window[key] + value if key in window else value
+                    window_steps += 1
+                    if p.global_step % log_every == 0 or p.global_step == self.total_steps:
+                        values = {k: float(v) / window_steps for k, v in window.items()}
+                        values["skipped_steps"] = float(window_skipped)
+                        values["triples_per_s"] = ((window_steps + window_skipped) * acc
+                                                   * cfg.train.batch_size / max(window_time, 1e-9))
+                        values.update({f"lr/{k}": v for k, v in self.sched.lrs().items()})
+                        self.sink.log(p.global_step, p.epoch, values)
+                        self._watch_spread(values)
+                        window, window_steps, window_skipped, window_time = {}, 0, 0, 0.0
                 if self._stop_requested():
                     self.checkpoint("last")
                     return "stopped"
@@ -245,6 +328,7 @@ class Trainer:
                     break
             epoch_done = p.batch_in_epoch >= self.steps_per_epoch * acc
             if epoch_done:
+                self._warn_collapse()
                 p.epoch += 1
                 p.batch_in_epoch = 0
             if epoch_done and (p.epoch % cfg.train.eval_every == 0 or p.global_step >= self.total_steps):
@@ -257,9 +341,7 @@ class Trainer:
             tick = time.perf_counter()
             if self._stop_requested():
                 return "stopped"
-        test = self.evaluate("test")
-        self.sink.log(p.global_step, p.epoch, {f"test/{k}": v for k, v in test.items()})
-        self.log("test " + " ".join(f"{k}={v:.1f}" for k, v in test.items() if k.endswith("_r1")))
+        self._test_best_and_last()
         return "finished"
 
     def _evaluate_and_keep(self) -> None:
@@ -269,6 +351,33 @@ class Trainer:
         self.sink.log(p.global_step, p.epoch, metrics)
         self.log(f"epoch {p.epoch} step {p.global_step} " +
                  " ".join(f"{k}={v:.1f}" for k, v in metrics.items() if k.endswith("_r1")))
-        if metrics.get("mean_r1", -1.0) > p.best_metric:
+        # a model with non-finite weights scores 0 (non-finite scores are misses), but it must
+        # not replace a good best.pt even on a tie at 0
+        finite = all(bool(torch.isfinite(t).all()) for t in self.model.state_dict().values()
+                     if t.is_floating_point())
+        if finite and metrics.get("mean_r1", -1.0) > p.best_metric:
             p.best_metric = metrics["mean_r1"]
             self.checkpoint("best", metrics)
+            self.best_weights = {k: v.detach().to("cpu", copy=True)
+                                 for k, v in self.model.state_dict().items()}
+            self.best_step = p.global_step
+
+    def _test_best_and_last(self) -> None:
+        """Test the dev-selected best model as `test/…` (what `nlmm eval RUN` scores, from
+        best.pt) and the last model as `test_last/…`. The model is left holding the best weights."""
+        p = self.progress
+        last = self.evaluate("test")
+        self.sink.log(p.global_step, p.epoch, {f"test_last/{k}": v for k, v in last.items()})
+        best = self.best_weights
+        path = self.run_dir / "checkpoints" / "best.pt"
+        if best is None and path.is_file():  # resumed: the best model is only on disk
+            from nlmm.train.checkpoint import load_checkpoint
+            best = load_checkpoint(path)["model"]
+        if best is None or self.best_step == p.global_step:
+            test = last
+        else:
+            self.model.load_state_dict(best)
+            test = self.evaluate("test")
+        self.sink.log(p.global_step, p.epoch, {f"test/{k}": v for k, v in test.items()})
+        self.log("test (best dev checkpoint) " +
+                 " ".join(f"{k}={v:.1f}" for k, v in test.items() if k.endswith("_r1")))

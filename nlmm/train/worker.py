@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from nlmm import store
-from nlmm.config import config_from_dict
+from nlmm.config import config_from_dict, with_legacy_defaults
 from nlmm.data.cache import PreparedCache
 from nlmm.errors import NlmmError
 from nlmm.train import distributed
@@ -107,7 +107,7 @@ def _run_follower(ctx: DistContext, device: torch.device, data: Path | None) -> 
     try:
         spec, payload = distributed.broadcast_from_main(None, ctx, device)
         _set_threads(ctx)
-        cfg = config_from_dict(spec["config"], f"run {spec['name']}")
+        cfg = config_from_dict(with_legacy_defaults(spec["config"]), f"run {spec['name']}")
         cache = _open_cache(data or Path(spec["cache"]), spec["cache_key"])
         trainer = Trainer(cfg, cache, device, Path(spec["run_dir"]), NullSink(),
                           log=lambda _msg: None, dist=ctx)
@@ -142,7 +142,7 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
     monitor = None
     try:
         cfg_dict = json.loads(run.config)
-        cfg = config_from_dict(cfg_dict, f"run {run.name}")
+        cfg = config_from_dict(with_legacy_defaults(cfg_dict), f"run {run.name}")
         _set_threads(ctx)
         if not ctx.enabled:
             device = resolve_device(run.device)
