@@ -123,6 +123,9 @@ class TrainConfig:
     eval_every: int = _f(1, min=1, help="evaluate every N epochs")
     eval_split: str = _f("dev", choices=("dev", "test"))
     checkpoint_every: int = _f(0, min=0, help="also keep a checkpoint every N epochs (0: only last/best)")
+    checkpoint_minutes: float = _f(10.0, min=0.0, help="also write last.pt after this many minutes "
+                                                       "of training since the last one (0: only at "
+                                                       "epoch ends and stops)")
     seed: int = _f(0)
     num_workers: int = _f(0, min=0, help="batches the loader thread prepares ahead (0: 2)")
     grad_checkpointing: bool = _f(False)

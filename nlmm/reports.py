@@ -94,10 +94,23 @@ def summary_table(run: store.Run) -> Group:
     metrics = (best.metrics if best and best.metrics else None) or _eval_metrics(run.id)
     if metrics:
         parts.append(recall_table(metrics, title="best dev Recall@K (%)"))
-    test = _eval_metrics(run.id, prefix="test/")
-    if test:
-        parts.append(recall_table(test, title="test Recall@K (%), final model"))
+    parts += _test_parts(run.id)
     return Group(*parts)
+
+
+TEST_TITLE = "test Recall@K (%), best dev checkpoint (best.pt, as `nlmm eval` scores it)"
+
+
+def _test_parts(run_id: int) -> list[Any]:
+    """The test table of the dev-selected best model and the last model's test mean R@1."""
+    test = _eval_metrics(run_id, prefix="test/")
+    if not test:
+        return []
+    parts: list[Any] = [recall_table(test, title=TEST_TITLE)]
+    last = store.latest_metrics(run_id, keys=["test_last/mean_r1"]).get("test_last/mean_r1")
+    if last is not None:
+        parts.append(Text(f"last model (last.pt): test mean R@1 {last:.1f}"))
+    return parts
 
 
 def run_details(ref: str) -> Group:
@@ -126,6 +139,7 @@ def run_details(ref: str) -> Group:
     metrics = _eval_metrics(run.id)
     if metrics:
         parts.append(recall_table(metrics, title="latest dev Recall@K (%)"))
+    parts += _test_parts(run.id)
     ckpts = store.list_checkpoints(run.id)
     if ckpts:
         table = Table(title="checkpoints")

@@ -340,6 +340,35 @@ def _write_more_steps(db_url: str, run_id: int, first: int, last: int, batches: 
     writer.close()
 
 
+async def test_run_screen_warns_of_a_collapsed_modality_and_plots_spreads(dash_store):
+    run = add_run("collapsing", "finished", steps=100, steps_total=100, epochs_total=1)
+    with store.MetricWriter(run.id) as writer:
+        for step in range(10, 101, 10):
+            writer.log(step, 0, {"spread/image": 0.995, "spread/text": 0.3, "spread/audio": 0.2})
+        writer.log(100, 1, {"collapsed/image": 1.0, "collapsed/text": 0.0, "collapsed/audio": 0.0,
+                            "test/mean_r1": 12.5, "test_last/mean_r1": 11.0})
+    healthy = add_run("healthy", "finished", steps=100, steps_total=100, epochs_total=1)
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.push_screen(RunScreen(run.id))
+        await settle(pilot)
+        screen = app.screen
+        health = screen.query_one("#run-health")
+        assert health.display and "image embeddings collapsed" in plain(health)
+        assert "text" not in plain(health)
+        assert "test R@1 12.5 (best.pt)" in plain(screen.query_one("#run-summary"))
+        await pilot.press("5")
+        await settle(pilot)
+        spread = screen.query_one("#chart-spread", MetricChart)
+        assert set(spread.series) == {"image", "text", "audio"}
+        assert spread.series["image"][-1] == (100, 0.995)
+
+        app.pop_screen()
+        app.push_screen(RunScreen(healthy.id))
+        await settle(pilot)
+        assert not app.screen.query_one("#run-health").display
+
+
 async def test_live_update_when_a_writer_process_adds_metrics(dash_store):
     run = add_run("live", "running", steps=100, steps_total=1000, started=T0)
     # Started before the app: the headless app's stdio cannot be handed to a spawned child.

@@ -128,6 +128,27 @@ def assert_store_points_at_complete_files(run_id: int) -> None:
 
 # ---- a worker killed with SIGKILL --------------------------------------------------------------
 
+def test_a_run_killed_before_its_first_checkpoint_restarts_from_step_0(synth_root, env):
+    out = nlmm("train", "flickr8k", "--synthetic", "--data", str(synth_root), "--detach",
+               "--name", "early", "--batch-size", "8", "--epochs", "1", "--set",
+               "train.checkpoint_minutes=0", *SMALL, env=env)
+    assert out.returncode == 0, out.stderr
+    run = store.get_run("early")
+    wait_for(lambda: any(key == "loss" for key, _ in committed_rows(run.id)), 120,
+             "the first committed loss row")
+    assert store.last_checkpoint(run.id) is None
+    os.kill(store.get_run(run.id).pid, signal.SIGKILL)
+    wait_for(lambda: any(r.id == run.id and r.status == "lost" for r in store.list_runs()),
+             15, "the run to show as lost", poll=0.1)
+
+    resumed = nlmm("train", "--resume", "early", "--steps", "2", "--device", "cpu", env=env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "no checkpoint yet" in resumed.stdout and "restarting it from step 0" in resumed.stdout
+    again = store.get_run("early")
+    assert again.status == "finished" and again.step == 2
+    assert [r.name for r in store.list_runs()] == ["early"]
+
+
 def test_killed_worker_is_lost_within_10s_and_resumes_without_losing_rows(synth_root, env):
     # a constant learning rate, so that resuming with a shorter --steps replays the same updates;
     # small batches make an epoch long enough that the writer's 2 s flush lands between two

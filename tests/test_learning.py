@@ -154,3 +154,22 @@ def test_weight_decay_skips_vectors_and_lookup_tables():
     assert matrices
     for name in matrices:
         assert decay_of[name] > 0.0, name
+
+
+def test_logged_test_figures_are_what_nlmm_eval_prints_for_best_pt(tiny_cache, tmp_path):
+    """`test/…` is the dev-selected best model, scored exactly as `nlmm eval` scores best.pt;
+    `test_last/…` is the last model."""
+    from nlmm.train.evaluate import evaluate_target
+
+    sink = ListSink()
+    trainer = Trainer(_small("train.epochs=3", "train.eval_every=1"), tiny_cache,
+                      torch.device("cpu"), tmp_path, sink, log=lambda m: None)
+    assert trainer.fit() == "finished"
+    logged = {k.removeprefix("test/"): v for _, _, row in sink.rows for k, v in row.items()
+              if k.startswith("test/")}
+    assert any(k.startswith("test_last/") for _, _, row in sink.rows for k in row)
+    printed = evaluate_target(str(tmp_path / "checkpoints" / "best.pt"), split="test",
+                              device="cpu")
+    for key, value in printed["metrics"].items():
+        assert logged[key] == value, key
+    assert printed["coverage"] == {k: int(logged[k]) for k in ("n_images", "n_captions", "n_wavs")}

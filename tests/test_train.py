@@ -104,3 +104,20 @@ def test_stop_mid_epoch_checkpoints_and_resumes_at_that_step(synth_cache, tmp_pa
     assert again.progress.global_step == 4
     for key, value in _weights(trainer.model).items():
         torch.testing.assert_close(again.model.state_dict()[key], value)
+
+
+def test_last_checkpoint_is_also_written_by_time_within_an_epoch(tiny_cache, tmp_path):
+    """With train.checkpoint_minutes elapsed, last.pt is written mid-epoch (here after every
+    step: 1e-6 minutes), so a crash in a long first epoch leaves something to resume."""
+    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
+                                      "depth={text: 1, image: 1, audio: 1}", "train.batch_size=8",
+                                      "train.epochs=1", "train.checkpoint_minutes=1e-6",
+                                      "data.image_size=32", "data.max_audio_seconds=2.0",
+                                      "data.text_max_len=16"])
+    events = []
+    trainer = Trainer(cfg, tiny_cache, torch.device("cpu"), tmp_path, ListSink(),
+                      on_checkpoint=events.append, log=lambda m: None)
+    trainer.fit()
+    mid_epoch = [e for e in events if e.kind == "last" and e.progress.batch_in_epoch > 0]
+    assert len(mid_epoch) >= 2 and mid_epoch[0].progress.global_step == 1
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["global_step"] == 3

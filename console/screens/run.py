@@ -34,6 +34,7 @@ TABS = {"loss": ("Loss", "1"), "recall": ("Recall", "2"), "lr": ("LR", "3"),
         "log": ("Log", "7")}
 CHART_TABS = ("loss", "recall", "lr", "speed", "spread")
 HEALTH_KEYS = tuple(f"collapsed/{m}" for m in ("image", "text", "audio"))
+TEST_KEY = "test/mean_r1"  # the dev-selected best checkpoint's, logged when a run finishes
 
 
 def chart_series(run_id: int, chart: str, keys: list[str], k: int) -> tuple[dict[str, Points], str]:
@@ -69,6 +70,7 @@ class RunSnapshot:
     samples: list[store.SystemSample] | None = None
     tail: Tail | None = None
     health: list[str] | None = None
+    test_r1: float | None = None
 
 
 class RunScreen(PollingScreen[RunSnapshot]):
@@ -93,6 +95,7 @@ class RunScreen(PollingScreen[RunSnapshot]):
         self._shown: dict[str, tuple[Any, ...]] = {}
         self._log_stamp: tuple[int, int] | None = None
         self._health: list[str] = []
+        self._test_r1: float | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -123,7 +126,9 @@ class RunScreen(PollingScreen[RunSnapshot]):
         version = (run.status, run.step, run.epoch, run.heartbeat_at, run.best_metric, run.ended_at)
         snapshot = RunSnapshot(run, version)
         if self._shown.get("health") != version:
-            snapshot.health = health_warnings(store.latest_metrics(run.id, HEALTH_KEYS))
+            latest = store.latest_metrics(run.id, HEALTH_KEYS + (TEST_KEY,))
+            snapshot.health = health_warnings(latest)
+            snapshot.test_r1 = latest.get(TEST_KEY)
         tab = self.active_tab
         if tab in CHART_TABS and self._shown.get(tab) != (version, self.k):
             keys = store.metric_keys(run.id)
@@ -138,9 +143,9 @@ class RunScreen(PollingScreen[RunSnapshot]):
         self.run = snapshot.run
         self.sub_title = snapshot.run.name
         if snapshot.health is not None:
-            self._health = snapshot.health
+            self._health, self._test_r1 = snapshot.health, snapshot.test_r1
             self._shown["health"] = snapshot.version
-        self.query_one(RunHeader).show(snapshot.run, self.dash.clock(), self._health)
+        self.query_one(RunHeader).show(snapshot.run, self.dash.clock(), self._health, self._test_r1)
         for tab, (series, title) in snapshot.charts.items():
             self.query_one(f"#chart-{tab}", MetricChart).show(series, title)
             self._shown[tab] = (snapshot.version, self.k)

@@ -12,12 +12,15 @@ from nlmm import store
 from nlmm.reports import status_text
 
 
-def summary_line(run: store.Run) -> Text:
+def summary_line(run: store.Run, test_r1: float | None = None) -> Text:
+    """`test_r1`: test mean R@1 of the dev-selected best checkpoint, once the run has one."""
     parts = [Text(run.name, style="bold"), Text("  "), status_text(run.status),
              Text(f"  {run.device or '-'}  epoch {run.epoch or 0}/{run.epochs_total or '?'}"
                   f"  step {run.step or 0}/{run.steps_total or '?'}")]
     if run.best_metric is not None:
-        parts.append(Text(f"  best R@1 {run.best_metric:.1f}"))
+        parts.append(Text(f"  best dev R@1 {run.best_metric:.1f}"))
+    if test_r1 is not None:
+        parts.append(Text(f"  test R@1 {test_r1:.1f} (best.pt)"))
     return Text.assemble(*parts)
 
 
@@ -57,9 +60,11 @@ class RunHeader(Vertical):
         yield Static(id="run-error")
         yield Static(id="run-health")
 
-    def show(self, run: store.Run, now: float, health: list[str] | None = None) -> None:
-        """`health`: warnings about the model itself (a collapsed modality), shown in bold."""
-        self.query_one("#run-summary", Static).update(summary_line(run))
+    def show(self, run: store.Run, now: float, health: list[str] | None = None,
+             test_r1: float | None = None) -> None:
+        """`health`: warnings about the model itself (a collapsed modality), shown in bold;
+        `test_r1`: see summary_line."""
+        self.query_one("#run-summary", Static).update(summary_line(run, test_r1))
         bar = self.query_one("#run-progress", ProgressBar)
         # A run without a planned length shows an empty bar, not the pulsing "unknown" one.
         bar.update(progress=round((cells.progress_fraction(run) or 0.0) * 1000))

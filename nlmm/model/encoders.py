@@ -6,13 +6,17 @@ final norm) and `embed(states, mask)` (attention pooling, projection, L2 normali
 
 Stems:
 - text: token embeddings; learned positions up to max_position_embeddings.
-- image: patchify convolution (kernel = stride = patch_size); learned positions per patch.
+- image (`conv_stems: true`, the default): stride-2 3x3 convolutions with BatchNorm and ReLU
+  down to a patch_size grid, then a 1x1 projection with BatchNorm; `conv_stems: false`: one
+  patchify convolution (kernel = stride = patch_size). Learned positions per grid cell.
 - audio: 1-D convolutions over time with the mel bins as channels, strides multiplying to
   audio_stride (stride-2 stages, then one stage for any odd remainder), so a 10 s clip at a
-  10 ms hop and stride 4 becomes 250 tokens; fixed sinusoidal positions, so every length up
-  to max_position_embeddings is handled alike. Padded frames are zeroed before every
+  10 ms hop and stride 4 becomes 250 tokens; with `conv_stems` the log-mel goes through a
+  BatchNorm first and every stage has BatchNorm and GELU. Fixed sinusoidal positions, so every
+  length up to max_position_embeddings is handled alike. Padded frames are zeroed before every
   convolution and the mask is subsampled with it, so a valid output sees exactly what it would
-  see at the end of an unpadded clip (the convolution's own zero padding).
+  see at the end of an unpadded clip (the convolution's own zero padding); in evaluation the
+  BatchNorms are per-channel affine maps, so this holds there exactly.
 - features (a modality with `encoders.<modality>.backbone`): the backbone's feature tokens
   (B, N, C), cached by `nlmm data prepare` when the backbone is frozen, or computed here from
   raw pixels / waveforms by the backbone the stem holds; LayerNorm over C (backbones differ

@@ -121,7 +121,7 @@ def launch(req: TrainRequest, console: Console | None = None) -> store.Run:
     if req.node_rank > 0:
         raise NlmmError("a node other than node 0 joins a run with join(), it does not launch one.")
     if req.resume:
-        run = _reopen(req, device)
+        run = _reopen(req, device, console)
     else:
         cfg = resolve_config(req.config or ("tiny_cpu" if req.synthetic else "flickr8k"),
                              req.overrides)
@@ -172,7 +172,7 @@ def join(req: TrainRequest, console: Console | None = None,
                                 start_new_session=True)
 
 
-def _reopen(req: TrainRequest, device: str) -> store.Run:
+def _reopen(req: TrainRequest, device: str, console: Console | None = None) -> store.Run:
     run = store.get_run(req.resume)
     if run.status in ACTIVE and _alive(run.pid):
         raise NlmmError(f"run {run.name} is still {run.status}; stop it first with "
@@ -180,12 +180,17 @@ def _reopen(req: TrainRequest, device: str) -> store.Run:
     last = store.run_dir(run.name) / "checkpoints" / "last.pt"
     if run.log_path:
         last = Path(run.log_path).parent / "checkpoints" / "last.pt"
-    if not last.is_file():
-        raise NlmmError(f"run {run.name} has no checkpoint to resume from ({last}); start a new "
-                        "run instead.")
     cfg_dict = with_legacy_defaults(json.loads(run.config))
-    # Read in full now: a damaged file is one clear error here rather than a failed worker.
-    progress = load_checkpoint(last)["progress"]
+    if last.is_file():
+        # Read in full now: a damaged file is one clear error here rather than a failed worker.
+        progress = load_checkpoint(last)["progress"]
+    else:
+        # died before its first checkpoint: nothing to continue from, but the run (name,
+        # config, corpus, history in the store) is kept and trained again from step 0
+        progress = {"epoch": 0}
+        if console is not None:
+            console.print(f"run {run.name} has no checkpoint yet ({last}): restarting it from "
+                          f"step 0 with its config")
     if req.add_epochs:
         cfg_dict["train"]["epochs"] = progress["epoch"] + req.add_epochs
         cfg_dict["train_steps"] = None

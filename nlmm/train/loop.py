@@ -132,6 +132,7 @@ class Trainer:
         self.epoch_min_spread: dict[str, float] = {}
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.best_step = -1
+        self.saved_at = time.perf_counter()  # when a checkpoint was last written (or training began)
         self.batches_per_epoch = len(self.loader(0))
         self.steps_per_epoch = self.batches_per_epoch // cfg.train.accumulate
         if self.steps_per_epoch == 0:
@@ -180,6 +181,7 @@ class Trainer:
         payload = self.state_dict()
         payload["metrics"] = metrics or {}
         nbytes = save_checkpoint(path, payload)
+        self.saved_at = time.perf_counter()
         event = CheckpointEvent(path, kind, Progress(**vars(self.progress)), metrics or {}, nbytes)
         if self.on_checkpoint:
             self.on_checkpoint(event)
@@ -324,6 +326,11 @@ class Trainer:
                 if self._stop_requested():
                     self.checkpoint("last")
                     return "stopped"
+                if cfg.train.checkpoint_minutes and \
+                        time.perf_counter() - self.saved_at >= 60 * cfg.train.checkpoint_minutes:
+                    # an epoch on a large corpus can take hours: a crash loses minutes, not it
+                    self.checkpoint("last", p.last_eval)
+                    tick = time.perf_counter()
                 if p.global_step >= self.total_steps:
                     break
             epoch_done = p.batch_in_epoch >= self.steps_per_epoch * acc
