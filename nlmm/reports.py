@@ -98,7 +98,7 @@ def summary_table(run: store.Run) -> Group:
     return Group(*parts)
 
 
-TEST_TITLE = "test Recall@K (%), best dev checkpoint (best.pt, as `nlmm eval` scores it)"
+TEST_TITLE = "test Recall@K (%), best dev checkpoint (best.pt)"
 
 
 def _test_parts(run_id: int) -> list[Any]:
