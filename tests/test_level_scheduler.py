@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from nlmm.config import config_from_dict
+from nlmm.config import config_from_dict, resolve_config
 from nlmm.errors import NlmmError
 from nlmm.optim import SGDW, Level, LevelScheduler, UniversalAnderson
 
@@ -326,3 +326,15 @@ def test_resume_with_other_chunk_sizes_is_refused() -> None:
     other.cms_levels[1].chunk_size = 16
     with pytest.raises(NlmmError, match="every 8 steps"):
         LevelScheduler.from_config(model.level_params(), other).load_state_dict(state)
+
+
+@pytest.mark.parametrize("rule, factor", [("none", 1.0), ("sqrt", 4.0), ("chunk", 16.0)])
+def test_cms_lr_scaling_multiplies_normalised_levels_only(rule, factor):
+    from nlmm.model import NLMM
+
+    for optimizer, expected in (("adamw", factor), ("sgd", 1.0)):
+        cfg = resolve_config("tiny_cpu", [f"cms_lr_scaling={rule}", f"train.optimizer={optimizer}"])
+        lrs = NLMM(cfg).configure_scheduler(cfg).lrs()
+        slow = next(level for level in cfg.cms_levels if level.chunk_size == 16)
+        assert lrs[slow.name] == pytest.approx(slow.lr * expected), (rule, optimizer)
+        assert lrs["fast"] == pytest.approx(cfg.cms_levels[0].lr)

@@ -24,7 +24,7 @@ from nlmm.reports import DIRECTIONS
 
 MAX_POINTS = 300
 RECALL_KS = (1, 5, 10)
-LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a")
+LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a", "loss_ttt")
 # Samples read for the system panel: the sparkline history for up to 8 GPUs and the host.
 SAMPLE_ROWS = HISTORY * 9
 

@@ -15,10 +15,10 @@ step_all: unscale this step's fresh gradients exactly once (fp16) and check them
 non-finite value skips the step for every level: the fresh gradients are dropped, accumulated
 chunk sums are left as they were, the fp16 loss scale halves and [] is returned
 (`last_step_skipped` is then True; a loop that wants every chunk to sum exactly C_ℓ gradients
-should call the next step with the same `global_step`). Otherwise each level with C_ℓ > 1 adds the fresh gradients to its chunk sum;
-each level due at this step gets the chunk sum (or, for C_ℓ = 1, the fresh gradient) in `.grad`,
-has its norm clipped to `grad_clip` (per level, on the unscaled gradient), and steps its
-optimizer. Every `.grad` is None afterwards. bf16 and fp32 use no loss scale.
+should call the next step with the same `global_step`). Otherwise each level with C_ℓ > 1 adds
+the fresh gradients to its chunk sum; each level due at this step gets the chunk sum (or, for
+C_ℓ = 1, the fresh gradient) in `.grad`, has its norm clipped to `grad_clip` (per level, on the
+unscaled gradient), and steps its optimizer. Every `.grad` is None afterwards. bf16 and fp32 use no loss scale.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from nlmm.config import Config
-from nlmm.errors import NlmmError
+from nlmm.config import MODALITIES, Config
 from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import PREFETCH_DEPTH, TrainLoader
+from nlmm.errors import NlmmError
 from nlmm.model import NLMM
 from nlmm.train.checkpoint import save_checkpoint
 from nlmm.train.distributed import (
@@ -37,9 +37,8 @@ from nlmm.train.distributed import (
 )
 from nlmm.train.evaluate import evaluate_split
 
-LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a")
-LOSS_KEYS += ("loss_ttt",)  # the TTT auxiliary loss, with ttt.enable (see NLMM.forward)
-EMBEDDED = ("image", "text", "audio")
+# loss_ttt: the TTT auxiliary loss, with ttt.enable (see NLMM.forward)
+LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a", "loss_ttt")
 # A modality whose batch embeddings keep a mean pairwise cosine above this for a whole epoch
 # has collapsed: every item maps to (nearly) the same point and retrieval is at chance.
 COLLAPSE_SPREAD = 0.98
@@ -206,7 +205,7 @@ class Trainer:
             outputs, _ = self.ddp(shard)
             losses = global_batch_losses(outputs, shard, self.model, self.dist)
         with torch.no_grad():
-            for modality in EMBEDDED:
+            for modality in MODALITIES:
                 emb = outputs.get(f"emb_{modality}")
                 if emb is not None and emb.shape[0] > 1:
                     losses[f"spread/{modality}"] = embedding_spread(emb.detach())
@@ -225,7 +224,7 @@ class Trainer:
                 with self._autocast():
                     outputs = self._forward(batch)
                 self.sched.scale_loss(outputs["loss"] / n).backward()
-            for key in LOSS_KEYS + ("temperature",) + tuple(f"spread/{m}" for m in EMBEDDED):
+            for key in LOSS_KEYS + ("temperature",) + tuple(f"spread/{m}" for m in MODALITIES):
                 if key in outputs:
                     value = outputs[key].detach().float() / n
                     totals[key] = totals[key] + value if key in totals else value
@@ -261,7 +260,7 @@ class Trainer:
 
     def _watch_spread(self, values: dict[str, float]) -> None:
         """Track each modality's lowest window spread of the epoch (see _warn_collapse)."""
-        for modality in EMBEDDED:
+        for modality in MODALITIES:
             spread = values.get(f"spread/{modality}")
             if spread is not None:
                 low = self.epoch_min_spread.get(modality, math.inf)
