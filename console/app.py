@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from textual import work
+from textual import on, work
 from textual.app import App
 from textual.binding import Binding
 
+from console.messages import SearchRequested, StopRequested
 from console.screens.dialogs import ConfirmScreen, HelpScreen, NewRunForm, NewRunScreen
 from console.screens.run import RunScreen
 from console.screens.runs import RunsScreen
 from console.screens.search import SearchScreen
+from console.searchers import SearcherCache
 from console.widgets.cells import ACTIVE_STATUSES
 from nlmm import store
 from nlmm.errors import NlmmError
 from nlmm.paths import DB_URL_ENV
-
-if TYPE_CHECKING:
-    from nlmm.search import Searcher
 
 THEMES = ("textual-dark", "textual-light")
 APP_HELP = ("Everywhere: ? or F1 help, t light/dark theme, s search, n new run, q quit, Esc back; "
@@ -33,8 +30,9 @@ APP_HELP = ("Everywhere: ? or F1 help, t light/dark theme, s search, n new run, 
 class NlmmDash(App[None]):
     """Runs → run → checkpoints → search, refreshed from the store every `poll_s` seconds.
 
-    `clock` gives the wall time used for elapsed and ETA; tests pass a fixed one so screens
-    render the same on every run.
+    Screens ask for what outlives them (stopping a run, opening a search on a model) by posting
+    the messages in `console.messages`, handled here. `clock` gives the wall time used for
+    elapsed and ETA; tests pass a fixed one so screens render the same on every run.
     """
 
     CSS_PATH = Path(__file__).with_name("nlmm.tcss")
@@ -55,8 +53,7 @@ class NlmmDash(App[None]):
         self.poll_s = poll_s
         self.clock = clock
         self.theme = theme
-        self._searcher: Searcher | None = None
-        self._searcher_lock = threading.Lock()
+        self.searchers = SearcherCache()
 
     def on_mount(self) -> None:
         self.push_screen(RunsScreen())
@@ -82,10 +79,12 @@ class NlmmDash(App[None]):
         self.theme = THEMES[1] if self.theme == THEMES[0] else THEMES[0]
 
     def action_search(self) -> None:
-        self.open_search(run=getattr(self.screen, "search_run", None))
+        self.post_message(SearchRequested(run=getattr(self.screen, "search_run", None)))
 
-    def open_search(self, run: str | None = None, checkpoint: Path | None = None) -> None:
-        self.push_screen(SearchScreen(run=run, checkpoint=checkpoint))
+    @on(SearchRequested)
+    def open_search(self, request: SearchRequested) -> None:
+        self.push_screen(SearchScreen(self.searchers, run=request.run,
+                                      checkpoint=request.checkpoint))
 
     def action_new_run(self) -> None:
         self.push_screen(NewRunScreen(), self._start_run)
@@ -112,8 +111,10 @@ class NlmmDash(App[None]):
         self.call_from_thread(self.notify, f"started run {run.name}")
         self.call_from_thread(self.push_screen, RunScreen(run.id))
 
-    def confirm_stop(self, run: store.Run) -> None:
-        """Ask, then stop `run` (its worker checkpoints first); runs that ended are left alone."""
+    @on(StopRequested)
+    def confirm_stop(self, request: StopRequested) -> None:
+        """Ask, then stop the run (its worker checkpoints first); runs that ended are left alone."""
+        run = request.run
         if run.status not in ACTIVE_STATUSES:
             self.notify(f"run {run.name} is {run.status}; there is nothing to stop",
                         severity="warning")
@@ -138,23 +139,6 @@ class NlmmDash(App[None]):
                                   severity="error")
             return
         self.call_from_thread(self.notify, f"run {name} is {status}")
-
-    # ---- search model cache
-
-    def searcher_for(self, checkpoint: Path | None, run: str | None) -> Searcher:
-        """A Searcher for the checkpoint (or the run's best one), reusing the last one loaded.
-
-        Called from worker threads; the lock keeps two queries from loading the model twice.
-        """
-        from nlmm.inference import checkpoint_for
-        from nlmm.search import Searcher
-
-        path = (checkpoint or checkpoint_for(run)).resolve()
-        with self._searcher_lock:
-            if self._searcher is None or self._searcher.loaded.checkpoint_path.resolve() != path:
-                self._searcher = None  # let the old model go before loading the next one
-                self._searcher = Searcher(path)
-            return self._searcher
 
 
 def run_dashboard(db_url: str | None = None, run: str | None = None) -> None:

@@ -10,8 +10,11 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import nlmm
+from nlmm.cli_errors import describe, help_instead
+from nlmm.cli_help import use_readable_help
 from nlmm.errors import NlmmError
 
 console = Console()
@@ -21,15 +24,16 @@ app = typer.Typer(
     name="nlmm",
     help="Train and use tri-modal (image · text · speech) Nested-Learning retrieval models.",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # plain help: Rich's panels cut option names at 80 columns
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 data_app = typer.Typer(help="Get, check and prepare corpora (Flickr8k + FACC layout).",
-                       no_args_is_help=True)
+                       no_args_is_help=True, rich_markup_mode=None)
 runs_app = typer.Typer(help="List, inspect, stop, delete and compare training runs.",
-                       no_args_is_help=True)
-model_app = typer.Typer(help="Inspect model configurations.", no_args_is_help=True)
+                       no_args_is_help=True, rich_markup_mode=None)
+model_app = typer.Typer(help="Inspect model configurations.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(model_app, name="model")
@@ -56,6 +60,11 @@ class Split(str, Enum):
     dev = "dev"
     test = "test"
     all = "all"
+
+
+class EvalSplit(str, Enum):
+    dev = "dev"
+    test = "test"
 
 
 class Modality(str, Enum):
@@ -88,7 +97,7 @@ def _root(
 
 @data_app.command("synth")
 def data_synth(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write the corpus into.")] = Path("data/synth"),
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder to write the corpus into.")] = Path("data/synth"),
     images: Annotated[int, typer.Option("--images", "-n", min=8, help="Number of images.")] = 120,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
     engine: Annotated[str, typer.Option(help="Speech: builtin (same on every machine), espeak "
@@ -109,7 +118,7 @@ def data_synth(
 @data_app.command("download")
 def data_download(
     dataset: Annotated[str, typer.Argument(help="Dataset to fetch (flickr8k).")] = "flickr8k",
-    dest: Annotated[Path, typer.Option("--dest", help="Where to unpack it.")] = Path("data/flickr8k"),
+    dest: Annotated[Path, typer.Option("--dest", metavar="DIR", help="Where to unpack it.")] = Path("data/flickr8k"),
     keep_archives: Annotated[bool, typer.Option(help="Keep the archives (about 5 GB) after "
                                                 "unpacking.")] = False,
 ) -> None:
@@ -138,8 +147,8 @@ def data_check(
 @data_app.command("prepare")
 def data_prepare(
     root: Annotated[Path, typer.Argument(help="Corpus folder in the Flickr8k + FACC layout.")],
-    config: Annotated[str, typer.Option("--config", "-c", help="Config name or YAML path.")] = "flickr8k",
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.sub=value.")] = None,
+    config: Annotated[str, typer.Option("--config", "-c", metavar="NAME|FILE", help="Config name or YAML path.")] = "flickr8k",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.sub=value.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even when the cache is fresh.")] = False,
 ) -> None:
     """Decode images, compute log-mels and tokenize captions once, into a versioned cache."""
@@ -160,14 +169,17 @@ def data_prepare(
 def train(
     dataset: Annotated[str, typer.Argument(help="Dataset to train on (flickr8k).")] = "flickr8k",
     data: Annotated[Optional[Path], typer.Option("--data", "--data_dir", "--data-dir",
+                                                 metavar="DIR",
                                                  help="Corpus folder (default ./data/flickr8k, "
-                                                      "downloaded when absent).")] = None,
+                                                      "downloaded there when absent or "
+                                                      "incomplete).")] = None,
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Use (and create) the offline "
                                             "synthetic corpus in ./data/synth.")] = False,
-    config: Annotated[Optional[str], typer.Option("--config", "-c", help="Config name in configs/ "
+    config: Annotated[Optional[str], typer.Option("--config", "-c", metavar="NAME|FILE",
+                                                  help="Config name in configs/ "
                                                   "or a YAML path (default flickr8k, or tiny_cpu "
                                                   "with --synthetic).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key.sub=value.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.sub=value.")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (with --resume: epochs to add).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "--batch_size", min=2)] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Learning rate of the fastest level.")] = None,
@@ -176,7 +188,7 @@ def train(
     name: Annotated[Optional[str], typer.Option(help="Run name (default: generated).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Start the run and return at once.")] = False,
-    resume: Annotated[Optional[str], typer.Option(help="Continue RUN from its last checkpoint.")] = None,
+    resume: Annotated[Optional[str], typer.Option(metavar="RUN", help="Continue RUN from its last checkpoint.")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", min=1, help="Evaluate every N epochs.")] = None,
     accumulate: Annotated[Optional[int], typer.Option(min=1, help="Micro-batches per optimizer step.")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", "--image_size", min=16)] = None,
@@ -186,7 +198,9 @@ def train(
                                                        help="Batches prepared ahead by the "
                                                             "loader thread (the cache makes "
                                                             "worker processes unnecessary).")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after at most this many "
+                                                 "optimizer steps (the epochs still bound the "
+                                                 "run; a cap above them is reported).")] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard "
                                               "scalars to runs/<run>/tensorboard.")] = False,
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (offline "
@@ -198,8 +212,9 @@ def train(
                                         "same command on each.")] = 1,
     node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This node's index; node 0 "
                                            "registers the run and writes the store.")] = 0,
-    rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of "
-                                                         "node 0 that every node can reach.")] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", metavar="HOST:PORT",
+                                                         help="HOST:PORT of node 0 that every "
+                                                              "node can reach.")] = None,
 ) -> None:
     """Prepare the corpus if needed, start a training run as a subprocess and follow it."""
     from nlmm.train.launcher import TrainRequest, follow, join, launch
@@ -257,7 +272,7 @@ def runs_ls(
 
 
 @runs_app.command("show")
-def runs_show(run: Annotated[str, typer.Argument(help="Run name or id.")]) -> None:
+def runs_show(run: Annotated[str, typer.Argument(metavar="RUN", help="Run name or id.")]) -> None:
     """Show a run: status, config summary, latest metrics, checkpoints."""
     from nlmm.reports import run_details
 
@@ -266,7 +281,7 @@ def runs_show(run: Annotated[str, typer.Argument(help="Run name or id.")]) -> No
 
 @runs_app.command("stop")
 def runs_stop(
-    run: Annotated[str, typer.Argument(help="Run name or id.")],
+    run: Annotated[str, typer.Argument(metavar="RUN", help="Run name or id.")],
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the checkpoint.")] = 120.0,
 ) -> None:
     """Stop a running run: it checkpoints, then ends with status `stopped`."""
@@ -278,21 +293,28 @@ def runs_stop(
 
 @runs_app.command("rm")
 def runs_rm(
-    runs: Annotated[list[str], typer.Argument(help="Run names or ids.")],
+    runs: Annotated[list[str], typer.Argument(metavar="RUN", help="Run names or ids.")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
 ) -> None:
     """Delete runs: their rows in the store and their folders under runs/."""
+    from nlmm import store
     from nlmm.train.launcher import remove
 
-    if not yes and not typer.confirm(f"Delete {', '.join(runs)} and their checkpoints?"):
-        raise typer.Exit(1)
-    for ref in runs:
-        remove(ref)
-        console.print(f"deleted {ref}")
+    names = [store.get_run(ref).name for ref in runs]  # an unknown run fails before the question
+    if not yes:
+        if not sys.stdin.isatty():
+            raise NlmmError(f"not deleting {', '.join(names)}: there is no terminal to confirm "
+                            "on; pass -y to delete without asking.")
+        if not typer.confirm(f"Delete {', '.join(names)} and their checkpoints?"):
+            console.print("nothing deleted")
+            raise typer.Exit(1)
+    for name in names:
+        remove(name)
+        console.print(f"deleted {name}")
 
 
 @runs_app.command("compare")
-def runs_compare(runs: Annotated[list[str], typer.Argument(help="Run names or ids.")]) -> None:
+def runs_compare(runs: Annotated[list[str], typer.Argument(metavar="RUN", help="Run names or ids.")]) -> None:
     """Best retrieval figures of several runs side by side."""
     from nlmm.reports import compare_table
 
@@ -303,8 +325,8 @@ def runs_compare(runs: Annotated[list[str], typer.Argument(help="Run names or id
 
 @model_app.command("info")
 def model_info(
-    config: Annotated[str, typer.Option("--config", "-c", help="Config name or YAML path.")] = "flickr8k",
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key.")] = None,
+    config: Annotated[str, typer.Option("--config", "-c", metavar="NAME|FILE", help="Config name or YAML path.")] = "flickr8k",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 32,
 ) -> None:
     """Parameters per part and per CMS level, FLOPs per triple, memory at a batch size."""
@@ -316,11 +338,14 @@ def model_info(
 
 @app.command("eval")
 def eval_(
-    target: Annotated[str, typer.Argument(help="Run name/id or checkpoint path.")],
-    split: Annotated[str, typer.Option(help="dev or test.")] = "test",
+    target: Annotated[str, typer.Argument(metavar="RUN|CHECKPOINT", help="Run name/id or checkpoint path.")],
+    split: Annotated[EvalSplit, typer.Option(help="Split to score.")] = EvalSplit.test,
     ttt: Annotated[Optional[bool], typer.Option(
         "--ttt/--no-ttt", help="Also evaluate with test-time training, or not (default: as the "
         "checkpoint's config says, ttt.enable).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", help="Score on this corpus (Flickr8k layout) instead of the run's own: "
+        "prepared with the run's data settings and tokenizer.")] = None,
     device: Annotated[Device, typer.Option()] = Device.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -328,7 +353,7 @@ def eval_(
     from nlmm.reports import eval_table
     from nlmm.train.evaluate import evaluate_target
 
-    results = evaluate_target(target, split=split, ttt=ttt, device=device.value)
+    results = evaluate_target(target, split=split.value, ttt=ttt, device=device.value, data=data)
     if as_json:
         print(json.dumps(results))
     else:
@@ -338,14 +363,14 @@ def eval_(
 @app.command("search")
 def search(
     query: Annotated[Optional[str], typer.Argument(help="Text query.")] = None,
-    image: Annotated[Optional[Path], typer.Option("--image", help="Query with an image file.")] = None,
-    audio: Annotated[Optional[Path], typer.Option("--audio", help="Query with a WAV file.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", metavar="FILE", help="Query with an image file.")] = None,
+    audio: Annotated[Optional[Path], typer.Option("--audio", metavar="FILE", help="Query with a WAV file.")] = None,
     run: Annotated[Optional[str], typer.Option(help="Run name/id (default: latest finished).")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Checkpoint file.")] = None,
     in_: Annotated[Optional[Modality], typer.Option("--in", help="Modality to retrieve.")] = None,
     k: Annotated[int, typer.Option("-k", help="Number of results.")] = 5,
     split: Annotated[Split, typer.Option(help="Gallery split.")] = Split.test,
-    data: Annotated[Optional[Path], typer.Option(help="Corpus folder (default: the run's).")] = None,
+    data: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Corpus folder (default: the run's).")] = None,
     ttt: Annotated[Optional[bool], typer.Option(
         "--ttt/--no-ttt", help="Adapt to the query first (test-time training), or not (default: "
         "as the checkpoint's config says, ttt.enable).")] = None,
@@ -353,38 +378,65 @@ def search(
     backend: Annotated[SearchBackend, typer.Option(help="exact top-k, or faiss (needs the "
                                                    "faiss extra).")] = SearchBackend.exact,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
+    no_server: Annotated[bool, typer.Option("--no-server", help="Search in this process even "
+                                            "when `nlmm serve` is running.")] = False,
 ) -> None:
-    """Retrieve images, captions or spoken captions with a trained checkpoint."""
-    from nlmm.reports import search_table
-    from nlmm.search import SearchRequest, run_search
+    """Retrieve images, captions or spoken captions with a trained checkpoint (through a running
+    `nlmm serve` when there is one)."""
+    from nlmm.reports import search_shortfall, search_table
+    from nlmm.search_types import SearchRequest
+    from nlmm.serve_client import search as search_anywhere
 
     request = SearchRequest(text=query, image=image, audio=audio, run=run, checkpoint=checkpoint,
                             target=in_.value if in_ else None, k=k, split=split.value, data=data,
                             ttt=ttt, device=device.value, backend=backend.value)
-    hits = run_search(request, console=err_console)
+    results = search_anywhere(request, console=err_console, use_server=not no_server)
     if as_json:
-        for hit in hits:
+        for hit in results.hits:
             print(json.dumps(hit.to_dict()))
+        shortfall = search_shortfall(results)
+        if shortfall:  # stdout stays JSON lines
+            err_console.print(escape(shortfall), soft_wrap=True)
     else:
-        console.print(search_table(hits))
+        console.print(search_table(results))
+
+
+@app.command("serve")
+def serve(
+    tcp: Annotated[Optional[int], typer.Option("--tcp", metavar="PORT", min=0, max=65535,
+                                               help="Listen on 127.0.0.1:PORT (0: any free "
+                                               "port) instead of the Unix socket "
+                                               "runs/.serve.sock.")] = None,
+    max_models: Annotated[int, typer.Option("--max-models", min=1, help="Models kept loaded; "
+                                            "the least recently used goes first.")] = 2,
+) -> None:
+    """Keep models and gallery indexes loaded and answer `nlmm search` from them, until Ctrl-C."""
+    from nlmm.serve import serve as serve_forever
+
+    def log(line: str) -> None:  # plain text, one line per event however long its paths
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    serve_forever(tcp_port=tcp, max_models=max_models, log=log)
 
 
 @app.command("export")
 def export(
-    target: Annotated[str, typer.Argument(help="Run name/id or checkpoint path.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
+    target: Annotated[str, typer.Argument(metavar="RUN|CHECKPOINT", help="Run name/id or checkpoint path.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Bundle folder to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the bundle in a folder that "
+                                        "is not empty.")] = False,
 ) -> None:
     """Write a self-contained inference bundle (safetensors weights, config, tokenizer)."""
     from nlmm.export import export_bundle
 
-    path = export_bundle(target, out)
+    path = export_bundle(target, out, force=force)
     console.print(f"[green]exported[/] {path}")
 
 
 @app.command("plot")
 def plot(
-    runs: Annotated[list[str], typer.Argument(help="Run names or ids.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG file to write.")] = Path("training_progress.png"),
+    runs: Annotated[list[str], typer.Argument(metavar="RUN", help="Run names or ids.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="PNG file to write.")] = Path("training_progress.png"),
 ) -> None:
     """Plot losses and Recall@K curves of runs into a PNG (the guide's results plots)."""
     from nlmm.plots import plot_runs
@@ -395,8 +447,8 @@ def plot(
 
 @app.command("dash")
 def dash(
-    db: Annotated[Optional[str], typer.Option(help="Store URL (default runs/nlmm.db or NLMM_DB_URL).")] = None,
-    run: Annotated[Optional[str], typer.Option(help="Open this run's view first.")] = None,
+    db: Annotated[Optional[str], typer.Option(metavar="URL", help="Store URL (default runs/nlmm.db or NLMM_DB_URL).")] = None,
+    run: Annotated[Optional[str], typer.Option(metavar="RUN", help="Open this run's view first.")] = None,
 ) -> None:
     """Open the live Textual dashboard: runs, curves, GPU stats, checkpoints, search."""
     from console.app import run_dashboard
@@ -410,34 +462,48 @@ def _only_flickr8k(dataset: str) -> None:
                         "(use --synthetic for the offline corpus).")
 
 
+def _command_path(argv: list[str]) -> str:
+    """`nlmm runs rm` for argv `runs rm x -y`: the command the user was typing."""
+    path, command = ["nlmm"], typer.main.get_command(app)
+    for token in argv:
+        commands = getattr(command, "commands", {})
+        if token in commands:
+            path.append(token)
+            command = commands[token]
+        elif not token.startswith("-"):
+            break
+    return " ".join(path)
+
+
+use_readable_help(app)
+
+
 def main() -> None:
     """Entry point: user errors as one red sentence, tracebacks only with --debug."""
     try:
         # without standalone mode click returns a command's typer.Exit code instead of exiting
-        sys.exit(app(standalone_mode=False) or 0)
+        sys.exit(app(prog_name="nlmm", standalone_mode=False) or 0)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code or 0)
     except typer.Abort:
-        err_console.print("[yellow]aborted[/]")
+        # a prompt was cut short (Ctrl-C, end of input): end its line first
+        err_console.print("\n[yellow]aborted[/]")
         sys.exit(130)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except Exception as exc:  # the one place that turns exceptions into exit codes
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+        shown = help_instead(exc)
+        if shown is not None:
+            print(shown)
+            sys.exit(0)
         if _state["debug"] or "--debug" in sys.argv:
             raise
-        if isinstance(exc, NlmmError):
-            err_console.print(f"[bold red]error:[/] {exc}")
-        else:
-            err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} "
-                              "(rerun with --debug for the traceback)")
-        sys.exit(1)
+        message, code = describe(exc, _command_path(sys.argv[1:]))
+        # one unwrapped line: the terminal folds it, so paths and URLs copy whole
+        err_console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

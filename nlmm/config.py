@@ -89,6 +89,8 @@ class TTTConfig:
 class PrecisionConfig:
     amp: str = _f("bf16", choices=("none", "bf16", "fp16"), help="autocast dtype on CUDA")
     grad_clip: float = _f(1.0, min=0.0, help="max global grad norm per level; 0 disables")
+    tf32: bool = _f(True, help="on CUDA with amp none: the training step's fp32 matmuls and "
+                               "convolutions on TF32 tensor cores (false: full fp32)")
 
 
 @dataclass
@@ -129,6 +131,11 @@ class TrainConfig:
     seed: int = _f(0)
     num_workers: int = _f(0, min=0, help="batches the loader thread prepares ahead (0: 2)")
     grad_checkpointing: bool = _f(False)
+    compile: bool = _f(False, help="torch.compile each encoder's stem and NL blocks for training "
+                                   "(the first steps compile, on a GPU for minutes); where it "
+                                   "fails, training goes on eagerly after a warning")
+    channels_last: bool = _f(True, help="on CUDA: the conv image stem in NHWC (channels_last) "
+                                        "memory layout, cuDNN's fastest for convolutions")
     loss_weights: dict[str, float] = _f(factory=lambda: {"i2t": 1.0, "i2a": 1.0, "t2a": 1.0})
     log_every: int = _f(10, min=1, help="write step metrics every N steps")
     mirrors: list[str] = _f(factory=list, help="also log to: tensorboard, wandb")
@@ -196,6 +203,10 @@ class Config:
     conv_stems: bool = _f(True, help="true: BatchNorm conv stems (image: stride-2 3x3 stages; "
                                      "audio: per-clip normalised log-mel, stride-2 stages); "
                                      "false: one patchify layer and plain strided audio convs")
+    image_stem: str = _f("pool", choices=("pool", "stride"),
+                         help="conv image stem stages (with conv_stems): pool = stride-1 3x3 conv "
+                              "then max-pool; stride = one strided 3x3 conv (cheaper, learns "
+                              "slower)")
     audio_stride: int = _f(4, min=1, help="time subsampling of mel frames by the audio stem")
     dropout: float = _f(0.0, min=0.0, max=1.0)
     data: DataConfig = _f(factory=DataConfig)
@@ -396,7 +407,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 # Model options added after runs were stored: a stored config (a full `Config.to_dict()` dump)
 # that lacks one was written before it existed, and its weights were trained with these values.
-LEGACY_MODEL_DEFAULTS = {"conv_stems": False, "layer_scale_init": None}
+LEGACY_MODEL_DEFAULTS = {"conv_stems": False, "layer_scale_init": None,
+                         "image_stem": "stride"}
 
 
 def with_legacy_defaults(stored: dict[str, Any]) -> dict[str, Any]:
@@ -410,7 +422,8 @@ def config_from_dict(raw: dict[str, Any] | None, source: str = "<config>",
     raw = dict(raw or {})
     if overrides:
         raw = apply_overrides(raw, overrides)
-        source = f"{source} with --set"
+        # the overrides come from --set and from options such as --image-size: name them as keys
+        source = f"{source} with {'; '.join(overrides)}"
     data = raw.get("data")
     if isinstance(data, dict) and isinstance(data.get("augment"), bool):
         # the flat form (and every config stored before the switches existed): both on or off
@@ -442,7 +455,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# The shipped configs: a link to the top-level configs/ folder that users edit, packaged with
+# nlmm (package-data), so a wheel install resolves `--config NAME` as a checkout does.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def resolve_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:

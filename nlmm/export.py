@@ -11,6 +11,8 @@ Loading a bundle needs only `nlmm` installed (no store, no run folder, no data c
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +37,22 @@ class Bundle:
     meta: dict
 
 
-def export_bundle(target: str, out: Path) -> Path:
-    """Write the best checkpoint of a run (or a checkpoint file) as a bundle in `out`."""
+def export_bundle(target: str, out: Path, force: bool = False) -> Path:
+    """Write the best checkpoint of a run (or a checkpoint file) as a bundle in `out`.
+
+    A folder that holds anything already is refused unless `force`, which overwrites the
+    bundle's files there and leaves any other file alone.
+    """
     from nlmm.inference import load_for_inference
 
-    loaded = load_for_inference(target, device="cpu")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NlmmError(f"{out} is a file; choose a folder to export the bundle into.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise NlmmError(f"{out} is not empty; pass --force to overwrite the bundle there, or "
+                        f"choose another folder.")
+    loaded = load_for_inference(target, device="cpu")
     out.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared storage (tied weights); clone so every tensor owns its memory
-    state = {k: v.detach().contiguous().clone() for k, v in loaded.model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS))
     save_config(loaded.cfg, out / CONFIG)
     loaded.tokenizer.save(out / TOKENIZER)
     progress = loaded.payload.get("progress", {})
@@ -52,6 +60,12 @@ def export_bundle(target: str, out: Path) -> Path:
             "step": progress.get("global_step"), "metrics": loaded.payload.get("metrics", {}),
             "embed_dim": loaded.cfg.embed_dim}
     (out / META).write_text(json.dumps(meta, indent=2))
+    # safetensors refuses shared storage (tied weights); clone so every tensor owns its memory
+    state = {k: v.detach().contiguous().clone() for k, v in loaded.model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    # safetensors creates its file 0600 whatever the umask; give it the mode the umask gave
+    # the bundle's other files, so whoever may read the config may read the weights too
+    os.chmod(out / WEIGHTS, stat.S_IMODE((out / META).stat().st_mode))
     return out
 
 

@@ -1,21 +1,35 @@
-"""Load a trained model for evaluation, search or export: by run (its best checkpoint) or file."""
+"""Load a trained model for evaluation, search or export: by run (its best checkpoint) or file.
+
+The weights come from the checkpoint's weights-only copy (`nlmm.weights_cache`), derived on the
+first load and memory-mapped on every later one, into a model built without random
+initialisation: every weight is overwritten by the loaded state dict anyway, and initialising a
+177M-parameter model takes seconds on a CPU.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nlmm import store
 from nlmm.config import Config, config_from_dict, with_legacy_defaults
-from nlmm.data.cache import PreparedCache
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
-from nlmm.model import NLMM
-from nlmm.train.checkpoint import load_checkpoint
-from nlmm.train.loop import resolve_device
+from nlmm.weights_cache import (checkpoint_key, read_weights, small_payload, weights_path,
+                                write_weights)
+
+if TYPE_CHECKING:
+    from nlmm.data.cache import PreparedCache
+    from nlmm.model import NLMM
+
+# Times a checkpoint replaced while it is being read is read again before giving up.
+READ_ATTEMPTS = 3
+_init_lock = threading.Lock()
 
 
 @dataclass
@@ -26,7 +40,8 @@ class LoadedModel:
     cache: PreparedCache | None
     device: torch.device
     checkpoint_path: Path
-    payload: dict[str, Any]
+    payload: dict[str, Any]  # the checkpoint's entries besides the weights (config, metrics, ...)
+    source_key: str | None  # checkpoint_key of the bytes the weights came from
 
 
 def checkpoint_for(target: str | Path | None) -> Path:
@@ -34,6 +49,8 @@ def checkpoint_for(target: str | Path | None) -> Path:
     if target is not None and (isinstance(target, Path) or Path(target).suffix == ".pt"
                                or Path(target).is_file()):
         return Path(target)
+    from nlmm import store  # only a run name needs the store (and SQLAlchemy's import time)
+
     if target is None:
         run = store.latest_run(status="finished")
         if run is None:
@@ -48,6 +65,80 @@ def checkpoint_for(target: str | Path | None) -> Path:
     return Path(ckpt.path)
 
 
+@contextlib.contextmanager
+def skipped_init() -> Iterator[None]:
+    """torch.nn.init's initialisers as no-ops while a model whose every weight is then loaded
+    is built. The patch is process-wide while it lasts, so loads take turns; nlmm builds models
+    to train only in worker processes, never beside a load."""
+    names = [n for n in vars(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    with _init_lock:
+        saved = {n: getattr(torch.nn.init, n) for n in names}
+        try:
+            for name in names:
+                setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+            yield
+        finally:
+            for name, fn in saved.items():
+                setattr(torch.nn.init, name, fn)
+
+
+def build_model(cfg: Config, state: dict[str, torch.Tensor], device: torch.device,
+                assign: bool) -> NLMM:
+    """The model of `cfg` holding `state`, in eval mode on `device`. With `assign` the model
+    takes the tensors themselves (memory-mapped ones stay mapped), else copies them in."""
+    from nlmm.model import NLMM
+
+    with skipped_init():
+        model = NLMM(cfg)
+    model.load_state_dict(state, assign=assign)
+    return model.to(device).eval()
+
+
+def _derive(path: Path, key: str | None,
+            device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
+    """(weights, small payload, key) read from the checkpoint itself, and written as its
+    weights-only copy. The key is taken before and after the read: a checkpoint replaced in
+    between is read again, so a copy is never filed under the key of other bytes."""
+    from nlmm.train.checkpoint import load_checkpoint
+
+    for _ in range(READ_ATTEMPTS):
+        payload = load_checkpoint(path, map_location="cpu")
+        after = checkpoint_key(path)
+        if after == key:
+            break
+        key = after
+    else:
+        raise NlmmError(f"checkpoint {path} was replaced {READ_ATTEMPTS} times while being read; "
+                        "load it again when training has saved it.")
+    small = small_payload(payload)
+    with _matching(path):
+        model = build_model(_config(small, path), payload["model"], torch.device("cpu"), False)
+    state = model.state_dict()  # the model's own dtypes, as every later load gets them
+    del model, payload
+    if key is not None:
+        copy = weights_path(path, key)
+        if write_weights(copy, key, state, small):
+            # read back like every later load, so all loads share one memory layout
+            mapped = read_weights(copy, key, device)
+            if mapped is not None:
+                return mapped[0], mapped[1], key
+    return state, small, key
+
+
+def _config(payload: dict[str, Any], path: Path) -> Config:
+    return config_from_dict(with_legacy_defaults(payload["config"]), f"checkpoint {path}")
+
+
+@contextlib.contextmanager
+def _matching(path: Path) -> Iterator[None]:
+    """A checkpoint whose config or weights this nlmm cannot build: one sentence saying so."""
+    try:
+        yield
+    except (KeyError, RuntimeError, NlmmError) as exc:
+        raise NlmmError(f"checkpoint {path} does not match this version of nlmm's model "
+                        f"({str(exc).splitlines()[0]}); retrain or use a matching nlmm.") from None
+
+
 def load_for_inference(target: str | Path | None, device: str = "auto",
                        data: Path | None = None) -> LoadedModel:
     """Model in eval mode plus the tokenizer and (when available) the prepared data cache.
@@ -55,31 +146,35 @@ def load_for_inference(target: str | Path | None, device: str = "auto",
     With `data`, the corpus is prepared (or its cache reused) with the checkpoint's own data
     parameters, so a gallery always matches the features the model was trained on.
     """
+    from nlmm.data.cache import PreparedCache
+    from nlmm.train.loop import resolve_device
+
     path = checkpoint_for(target)
     dev = resolve_device(device)
-    payload = load_checkpoint(path, map_location=dev)
-    try:
-        cfg = config_from_dict(with_legacy_defaults(payload["config"]), f"checkpoint {path}")
-        model = NLMM(cfg).to(dev)
-        model.load_state_dict(payload["model"])
-    except (KeyError, RuntimeError, NlmmError) as exc:
-        raise NlmmError(f"checkpoint {path} does not match this version of nlmm's model "
-                        f"({str(exc).splitlines()[0]}); retrain or use a matching nlmm.") from None
-    model.eval()
+    key = checkpoint_key(path)
+    mapped = read_weights(weights_path(path, key), key, dev) if key is not None else None
+    if mapped is None:
+        state, payload, key = _derive(path, key, dev)
+    else:
+        state, payload = mapped
+    with _matching(path):
+        cfg = _config(payload, path)
+        model = build_model(cfg, state, dev, True)
     tokenizer = TextTokenizer.from_json(payload["tokenizer"])
     cache = None
     if data is not None:
         from nlmm.data.cache import prepare
 
+        # the model's own tokenizer: one trained on another corpus would give other token ids
         cache = prepare(Path(data), cfg.data, cfg.vocab_size, progress=True,
-                        encoders=cfg.encoders, device=dev)
+                        encoders=cfg.encoders, device=dev, tokenizer=tokenizer)
     else:
         cache_path = Path(payload.get("data", {}).get("cache", ""))
         if cache_path.is_dir():
             from nlmm.data.backbone_features import ensure_features
 
             cache = ensure_features(PreparedCache.open(cache_path), cfg.encoders, dev)
-    return LoadedModel(model, cfg, tokenizer, cache, dev, path, payload)
+    return LoadedModel(model, cfg, tokenizer, cache, dev, path, payload, key)
 
 
 def require_cache(loaded: LoadedModel) -> PreparedCache:

@@ -1,9 +1,14 @@
-"""Where runs live on disk and where the store is, each overridable from the environment."""
+"""Where runs live on disk and where the store is, each overridable from the environment.
+
+The store records the files of a run (its log, its checkpoints) relative to the runs folder, so
+that a runs folder copied, moved or restored from a backup, database included, reads and writes
+its own files and never those of the folder it was copied from.
+"""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePath
 
 RUNS_DIR_ENV = "NLMM_RUNS_DIR"
 DB_URL_ENV = "NLMM_DB_URL"
@@ -22,3 +27,29 @@ def default_db_url() -> str:
 def run_dir(run_name: str) -> Path:
     """The folder of one run: checkpoints, log file, config snapshot, search index."""
     return runs_dir() / run_name
+
+
+def to_stored(path: str | os.PathLike[str]) -> str:
+    """`path` as the store keeps it: relative to the runs folder (POSIX form) when it lies
+    inside it, else absolute."""
+    absolute = Path(path).expanduser().absolute()
+    try:
+        return absolute.relative_to(runs_dir()).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
+def from_stored(stored: str) -> str:
+    """The file a stored path names now: a relative one under the current runs folder."""
+    return stored if PurePath(stored).is_absolute() else str(runs_dir() / stored)
+
+
+def relative_to_run(path: str, run_name: str) -> str | None:
+    """An absolute path written by older nlmm, re-rooted at its run's folder (`<run>/...`), or
+    None when no folder of the path is named after the run. Every run folder is named after its
+    run, so the last such folder is the run's own."""
+    parts = PurePath(path).parts
+    if not PurePath(path).is_absolute() or run_name not in parts:
+        return None
+    start = len(parts) - 1 - parts[::-1].index(run_name)
+    return PurePath(*parts[start:]).as_posix()

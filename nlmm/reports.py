@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from nlmm import store
-from nlmm.config import Config
+if TYPE_CHECKING:  # `runs ls` and the like need no config machinery (yaml), and `nlmm
+    # search` through a server no store (SQLAlchemy): each function imports what it uses
+    from nlmm import store
+    from nlmm.config import Config
+    from nlmm.search_types import SearchResults
 
 STATUS_STYLE = {"running": "green", "queued": "cyan", "finished": "bold green",
                 "stopped": "yellow", "failed": "bold red", "lost": "magenta"}
@@ -21,12 +24,10 @@ ARROWS = {"i2t": "image→text", "t2i": "text→image", "i2a": "image→audio",
 
 
 def _elapsed(run: store.Run, now: float | None = None) -> str:
-    """Wall time of a run (store times are seconds since the epoch)."""
-    if not run.started_at:
-        return "-"
-    end = run.ended_at or (now if now is not None else time.time())
-    seconds = max(0, int(end - run.started_at))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    """Wall time of a run over all its workers (store times are seconds since the epoch)."""
+    from nlmm import store
+
+    return store.hms(store.elapsed_seconds(run, time.time() if now is None else now))
 
 
 def status_text(status: str) -> Text:
@@ -34,6 +35,9 @@ def status_text(status: str) -> Text:
 
 
 def runs_table(status: str | None = None) -> Table | Text:
+    from nlmm import store
+
+    store.mark_lost()
     runs = store.list_runs(status=status)
     if not runs:
         return Text("no runs yet: start one with `nlmm train flickr8k` (or `--synthetic` offline)")
@@ -45,9 +49,15 @@ def runs_table(status: str | None = None) -> Table | Text:
         progress = f"{run.step or 0}/{run.steps_total}" if run.steps_total else str(run.step or 0)
         best = f"{run.best_metric:.1f}" if run.best_metric is not None else "-"
         table.add_row(str(run.id), run.name, status_text(run.status), progress,
-                      f"{run.epoch or 0}/{run.epochs_total or '?'}", best, run.device or "-",
+                      f"{run.epoch or 0}/{run.epochs_total or '?'}", best, device_text(run),
                       _elapsed(run))
     return table
+
+
+def device_text(run: store.Run) -> str:
+    """The run's device, with the number of worker processes when there are several."""
+    device = run.device or "-"
+    return f"{device} ×{run.processes}" if (run.processes or 1) > 1 else device
 
 
 def _pct(value: float | None) -> str:
@@ -81,6 +91,8 @@ def recall_table(metrics: dict[str, float], title: str = "Recall@K (%)",
 
 
 def _eval_metrics(run_id: int, prefix: str = "") -> dict[str, float]:
+    from nlmm import store
+
     keys = [f"{prefix}{d}_r{k}" for d in DIRECTIONS for k in (1, 5, 10)] + [f"{prefix}mean_r1"]
     latest = store.latest_metrics(run_id, keys=keys)
     return {k[len(prefix):]: v for k, v in latest.items()}
@@ -88,6 +100,8 @@ def _eval_metrics(run_id: int, prefix: str = "") -> dict[str, float]:
 
 def summary_table(run: store.Run) -> Group:
     """End-of-run summary: status and the best dev figures (plus test ones when present)."""
+    from nlmm import store
+
     parts: list[Any] = [Text.assemble(("run ", ""), (run.name, "bold"), (": ", ""),
                                       status_text(run.status))]
     best = store.best_checkpoint(run.id)
@@ -103,6 +117,8 @@ TEST_TITLE = "test Recall@K (%), best dev checkpoint (best.pt)"
 
 def _test_parts(run_id: int) -> list[Any]:
     """The test table of the dev-selected best model and the last model's test mean R@1."""
+    from nlmm import store
+
     test = _eval_metrics(run_id, prefix="test/")
     if not test:
         return []
@@ -113,23 +129,46 @@ def _test_parts(run_id: int) -> list[Any]:
     return parts
 
 
+def _levels(run: store.Run) -> str:
+    """The levels as the run trains them: its optimizer and lr options applied to cms_levels."""
+    from nlmm.config import config_from_dict, with_legacy_defaults
+    from nlmm.optim.levels import level_settings
+
+    cfg = config_from_dict(with_legacy_defaults(json.loads(run.config)), f"run {run.name}")
+    return ", ".join(f"{lv.name}/{lv.chunk_size} {lv.optimizer} lr {lv.lr:g}"
+                     for lv in level_settings(cfg))
+
+
 def run_details(ref: str) -> Group:
+    from nlmm import store
+
+    store.mark_lost()
     run = store.get_run(ref)
     cfg = json.loads(run.config)
     info = Table.grid(padding=(0, 2))
     info.add_column(style="bold")
     info.add_column()
-    rows = [("name", run.name), ("status", status_text(run.status)), ("device", run.device or "-"),
+    now = time.time()
+    eta = store.eta_seconds(run, now)
+    processes = run.processes or 1
+    status = status_text(run.status)
+    if run.phase and run.status in store.ACTIVE_STATUSES:
+        status = Text.assemble(status, f" ({run.phase})")
+    rows = [("name", run.name), ("status", status),
+            ("device", (run.device or "-") + (f", {processes} processes" if processes > 1 else "")),
             ("progress", f"step {run.step or 0}/{run.steps_total or '?'}, epoch "
                          f"{run.epoch or 0}/{run.epochs_total or '?'}"),
-            ("elapsed", _elapsed(run)), ("data", run.data or "-"), ("log", run.log_path or "-"),
+            ("elapsed", _elapsed(run, now) + (f", ETA {store.hms(eta)}" if eta is not None else "")),
+            ("data", run.data or "-"), ("log", run.log_path or "-"),
             ("model", f"d_model {cfg.get('d_model')}, heads {cfg.get('n_heads')}, depth "
                       f"{cfg.get('depth')}, mixer {cfg.get('mixer')}"),
-            ("levels", ", ".join(f"{lv['name']}/{lv['chunk_size']} {lv['optimizer']} "
-                                 f"lr {lv['lr']:g}" for lv in cfg.get("cms_levels", [])))]
+            ("levels", _levels(run))]
     for key, value in rows:
         info.add_row(key, value if isinstance(value, Text) else str(value))
     parts: list[Any] = [info]
+    note = store.steps_cap_note(cfg.get("train_steps"), run.steps_total, run.epochs_total)
+    if note:
+        parts.append(Text(f"note: {note}", style="yellow"))
     if run.error:
         parts.append(Text(run.error.strip().splitlines()[0], style="red"))
     latest = store.latest_metrics(run.id, keys=["loss", "loss_i2t", "loss_i2a", "loss_t2a",
@@ -153,27 +192,81 @@ def run_details(ref: str) -> Group:
     return Group(*parts)
 
 
-def compare_table(refs: Iterable[str]) -> Table:
+COMPARE_LOSSES = ("loss", "loss_i2t", "loss_i2a", "loss_t2a")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _settings(run: store.Run) -> dict[str, str]:
+    """What a person compares runs by: every config value, the levels as they trained (the
+    run's optimizer and lr options applied) instead of the raw cms_levels list."""
+    flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+            for k, v in _flat(json.loads(run.config)).items() if k != "cms_levels"}
+    flat["levels"] = _levels(run)
+    return flat
+
+
+def _figure_rows(table: Table, rows: list[tuple[str, list[float | None]]], best: str) -> None:
+    """Rows of figures, the best of each row (max or min) in bold green."""
+    for label, values in rows:
+        known = [v for v in values if v is not None]
+        if not known:
+            continue
+        top = max(known) if best == "max" else min(known)
+        table.add_row(label, *[Text("-") if v is None else
+                               Text(f"{v:.3g}" if best == "min" else f"{v:.1f}",
+                                    style="bold green" if v == top and len(values) > 1 else "")
+                               for v in values])
+
+
+def compare_table(refs: Iterable[str]) -> Group:
+    """Runs side by side: the settings that differ, the best dev figures, the test figures of
+    each run's best.pt, and the final training losses."""
+    from nlmm import store
+
     runs = [store.get_run(r) for r in refs]
-    table = Table(title="best dev Recall@K (%)")
-    table.add_column("metric")
-    for run in runs:
-        table.add_column(run.name, justify="right")
-    per_run = []
+
+    def table(title: str) -> Table:
+        t = Table(title=title, min_width=len(title) + 4)  # a title never wraps
+        t.add_column("")
+        for run in runs:
+            t.add_column(run.name, justify="right")
+        return t
+
+    settings = [_settings(run) for run in runs]
+    differs = table("settings that differ")
+    for key in sorted(set().union(*settings)):
+        values = [s.get(key, "-") for s in settings]
+        if len(set(values)) > 1:
+            differs.add_row(key, *values)
+    parts: list[Any] = [differs if differs.row_count else
+                        Text("the runs have the same settings", style="dim")]
+    keys = [f"{d}_r{k}" for d in DIRECTIONS for k in (1, 5, 10)] + ["mean_r1"]
+    dev = []
     for run in runs:
         best = store.best_checkpoint(run.id)
-        per_run.append((best.metrics if best and best.metrics else None) or _eval_metrics(run.id))
-    keys = [f"{d}_r{k}" for d in DIRECTIONS for k in (1, 5, 10)] + ["mean_r1"]
-    for key in keys:
-        values = [m.get(key) for m in per_run]
-        if all(v is None for v in values):
-            continue
-        best_value = max(v for v in values if v is not None)
-        cells = [Text("-") if v is None else
-                 Text(f"{v:.1f}", style="bold green" if v == best_value and len(runs) > 1 else "")
-                 for v in values]
-        table.add_row(key, *cells)
-    return table
+        dev.append((best.metrics if best and best.metrics else None) or _eval_metrics(run.id))
+    test = [_eval_metrics(run.id, prefix="test/") for run in runs]
+    for title, per_run in (("best dev Recall@K (%)", dev),
+                           ("test Recall@K (%), best dev checkpoint (best.pt)", test)):
+        figures = table(title)
+        _figure_rows(figures, [(k, [m.get(k) for m in per_run]) for k in keys], "max")
+        if figures.row_count:
+            parts.append(figures)
+    latest = [store.latest_metrics(run.id, keys=list(COMPARE_LOSSES)) for run in runs]
+    losses = table("final training losses (last log window)")
+    _figure_rows(losses, [(k, [m.get(k) for m in latest]) for k in COMPARE_LOSSES], "min")
+    if losses.row_count:
+        parts.append(losses)
+    return Group(*parts)
 
 
 def eval_table(results: dict[str, Any]) -> Group:
@@ -194,46 +287,97 @@ def eval_table(results: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
+def file_size(nbytes: float) -> str:
+    """`10.39 GB` from a gigabyte on, `721 MB` below (decimal units, as disks are sold)."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
 def model_info_table(cfg: Config, batch_size: int) -> Group:
     from nlmm.model.info import model_info
+    from nlmm.optim.levels import level_settings
 
     info = model_info(cfg, batch_size=batch_size)
     parts = Table(title="parameters")
     parts.add_column("part")
     parts.add_column("params", justify="right")
     parts.add_column("fwd+bwd GFLOPs / triple", justify="right")
+    flops = info["flops_per_triple"]
     for name, count in info["params"].items():
-        if name == "trainable":
+        if name in ("trainable", "ttt_adapters"):
             continue
-        flops = info["flops_per_triple"].get(name)
-        parts.add_row(name, f"{count:,}", "" if flops is None else f"{flops / 1e9:.2f}")
-    parts.add_row("trainable", f"{info['params']['trainable']:,}",
-                  f"{info['flops_per_triple']['total'] / 1e9:.2f}", style="bold")
+        parts.add_row(name, f"{count:,}", "" if name not in flops else f"{flops[name] / 1e9:.2f}")
+    parts.add_row("contrastive loss", "", f"{flops['loss'] / 1e9:.2f}")
+    # the sum of the rows above; the adapters below are frozen while training
+    parts.add_row("trainable (sum)", f"{info['params']['trainable']:,}",
+                  f"{flops['total'] / 1e9:.2f}", style="bold", end_section=True)
+    parts.add_row("TTT adapters (test time only)", f"{info['params']['ttt_adapters']:,}", "")
     levels = Table(title="parameters per CMS level (optimizer groups)")
     for col in ("level", "chunk", "optimizer", "lr", "params"):
         levels.add_column(col, justify="left" if col in ("level", "optimizer") else "right")
-    for lv in cfg.cms_levels:
-        levels.add_row(lv.name, str(lv.chunk_size), cfg.train.optimizer or lv.optimizer,
-                       f"{lv.lr:g}", f"{info['params_per_level'].get(lv.name, 0):,}")
+    for lv in level_settings(cfg):
+        levels.add_row(lv.name, str(lv.chunk_size), lv.optimizer, f"{lv.lr:g}",
+                       f"{info['params_per_level'].get(lv.name, 0):,}")
     memory = Table(title=f"training memory at batch {batch_size} (estimate)")
     memory.add_column("part")
     memory.add_column("GiB", justify="right")
     for name, nbytes in info["memory_bytes"].items():
         memory.add_row(name, f"{nbytes / 2**30:.2f}", style="bold" if name == "total" else "")
+    files = Table(title="checkpoint files per run (estimate)")
+    files.add_column("file")
+    files.add_column("size", justify="right")
+    files.add_column("holds")
+    files.add_row("best.pt", file_size(info["checkpoint_bytes"]["best"]),
+                  "weights, config, tokenizer, metrics (eval, search, export)")
+    files.add_row("last.pt", file_size(info["checkpoint_bytes"]["last"]),
+                  "also the optimizer state of every level (resume)")
     tokens = ", ".join(f"{m} {n}" for m, n in info["tokens_per_triple"].items())
-    return Group(parts, levels, memory, Text(f"tokens per triple: {tokens} (audio "
-                                             f"{info['audio_seconds']:g} s, text "
-                                             f"{info['text_len']} tokens)"))
+    seconds, text_len = info["audio_seconds"], info["text_len"]
+    capped = [f"{key} caps it" for key, limit, value in
+              (("data.max_audio_seconds", cfg.data.max_audio_seconds, seconds),
+               ("data.text_max_len", cfg.data.text_max_len, text_len)) if value == limit]
+    return Group(parts, levels, memory, files, Text(
+        f"tokens per triple: {tokens} (audio {seconds:g} s, text {text_len} tokens"
+        + "".join(f"; {c}" for c in capped) + ")"))
 
 
-def search_table(hits: list[Any]) -> Table | Text:
-    if not hits:
-        return Text("no results")
-    table = Table(title="results")
+GALLERY_NOUNS = {"image": "images", "text": "captions", "audio": "spoken captions"}
+# Per gallery modality: the two columns after rank and score, and the hit fields they show.
+SEARCH_COLUMNS = {"image": (("image", "item"), ("its first caption", "caption")),
+                  "text": (("caption", "item"), ("image", "image_id")),
+                  "audio": (("spoken caption", "item"), ("what is said", "caption"))}
+
+
+def search_title(results: SearchResults) -> str:
+    """What was searched: the query, the gallery (modality, split, size) and the model."""
+    model = results.checkpoint.name if results.run is None else \
+        f"run {results.run}, {results.checkpoint.name}"
+    if results.step is not None:
+        model += f" (step {results.step})"
+    return (f"{GALLERY_NOUNS[results.target]} for {results.query_modality} query "
+            f"{results.query!r} in the {results.split} split ({results.gallery_size} "
+            f"{GALLERY_NOUNS[results.target]}) — {model}")
+
+
+def search_shortfall(results: SearchResults) -> str | None:
+    """A note when -k asked for more results than the gallery holds, else None."""
+    if results.k <= results.gallery_size:
+        return None
+    return (f"-k {results.k} asked for more than the {results.gallery_size} "
+            f"{GALLERY_NOUNS[results.target]} of the {results.split} split; all are shown")
+
+
+def search_table(results: SearchResults) -> Table | Text:
+    """The hits of `nlmm search` under a title naming what was searched; a text hit shows its
+    image, an image hit its first caption."""
+    if not results.hits:
+        return Text(f"no results: {search_title(results)}")
+    table = Table(title=search_title(results), caption=search_shortfall(results))
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
-    table.add_column("item")
-    table.add_column("caption")
-    for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.3f}", hit.item, hit.caption or "")
+    columns = SEARCH_COLUMNS[results.target]
+    for header, _ in columns:
+        table.add_column(header)
+    for hit in results.hits:
+        table.add_row(str(hit.rank), f"{hit.score:.3f}",
+                      *(getattr(hit, field) or "" for _, field in columns))
     return table

@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from nlmm.data.flickr import SPLITS
 from nlmm.data.loader import MODALITIES, iter_modality, modality_rows
 from nlmm.errors import NlmmError
 from nlmm.inference import LoadedModel, checkpoint_for, load_for_inference, require_cache
+from nlmm.search_types import SearchHit, SearchRequest, SearchResults  # re-exported here
 
 INDEX_VERSION = 2
 BACKENDS = ("exact", "faiss")
@@ -46,35 +47,6 @@ TOP_K_CHUNK = 65536
 IN_MEMORY_FRACTION = 0.5
 # Every new best.pt gets its own indexes; the least recently used ones beyond this are deleted.
 KEEP_INDEX_FILES = 24
-
-
-@dataclass
-class SearchRequest:
-    text: str | None = None
-    image: Path | None = None
-    audio: Path | None = None
-    run: str | None = None
-    checkpoint: Path | None = None
-    target: str | None = None
-    k: int = 5
-    split: str = "test"
-    data: Path | None = None
-    ttt: bool | None = None  # None: as the checkpoint's config says (ttt.enable)
-    device: str = "auto"
-    backend: str = "exact"
-
-
-@dataclass
-class SearchHit:
-    rank: int
-    score: float
-    modality: str
-    item: str  # image file, caption text or wav file
-    caption: str | None  # the caption (for audio: what the speaker read)
-    path: str | None  # file on disk, when the item is a file
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -252,6 +224,10 @@ class Searcher:
         self.index_dir = index_dir_for(self.loaded.checkpoint_path)
         self.indexes: dict[tuple[str, str], GalleryIndex] = {}
         self.builds = 0  # gallery encodings done by this searcher (tests check reuse)
+        # image row -> its first caption row (captions are stored grouped by image)
+        images, first = np.unique(self.cache.caption_image(np.arange(self.cache.n_captions)),
+                                  return_index=True)
+        self._first_caption = dict(zip(images.tolist(), first.tolist()))
 
     # ------------------------------------------------------------------ gallery
 
@@ -416,13 +392,35 @@ class Searcher:
         cache = self.cache
         if modality == "image":
             name = cache.image_file(row)
-            return SearchHit(rank, score, modality, name, None, str(cache.image_path(row)))
+            first = self._first_caption.get(row)
+            return SearchHit(rank, score, modality, name,
+                             None if first is None else cache.caption_text(first),
+                             str(cache.image_path(row)), name)
         text = cache.caption_text(row)
+        image = cache.image_file(int(cache.caption_image(row)))
         if modality == "text":
-            return SearchHit(rank, score, modality, text, text, None)
+            return SearchHit(rank, score, modality, text, text, None, image)
         wav = cache.wav_path(row)
         return SearchHit(rank, score, modality, wav.name if wav else "?", text,
-                         str(wav) if wav else None)
+                         str(wav) if wav else None, image)
+
+    def answer(self, req: SearchRequest) -> SearchResults:
+        """The results of a request whose model, device, data and backend are this searcher's
+        (run_search and `nlmm serve` build the searcher from them)."""
+        query_modality = check_request(req)
+        target = req.target or default_target(query_modality)
+        hits = self.query(text=req.text, image=req.image, audio=req.audio, target=target,
+                          k=req.k, split=req.split, ttt=req.ttt)
+        step = self.loaded.payload.get("progress", {}).get("global_step")
+        query = req.text if query_modality == "text" else Path(req.image or req.audio).name
+        return SearchResults(hits, query, query_modality, target, req.split,
+                             len(self.gallery(req.split, target).rows), req.k,
+                             self.loaded.checkpoint_path, step, self.run_name())
+
+    def run_name(self) -> str | None:
+        """The run whose folder (`<runs>/<run>/checkpoints/`) holds the checkpoint, if any."""
+        folder = self.loaded.checkpoint_path.resolve().parent
+        return folder.parent.name if folder.name == "checkpoints" else None
 
 
 def top_k(query: torch.Tensor, gallery: torch.Tensor | np.ndarray, k: int,
@@ -447,16 +445,22 @@ def top_k(query: torch.Tensor, gallery: torch.Tensor | np.ndarray, k: int,
     return best_s, best_i
 
 
-def run_search(req: SearchRequest, console: Console | None = None) -> list[SearchHit]:
-    """`nlmm search`: one query against the gallery of a checkpoint (default: the best one of
-    the latest finished run). The request is checked before any model is loaded."""
-    checked_query(req.text, req.image, req.audio)
+def check_request(req: SearchRequest) -> str:
+    """The query's modality; NlmmError for a request that cannot be answered, raised before
+    any model is loaded."""
+    query_modality, _ = checked_query(req.text, req.image, req.audio)
     check_options(req.target, req.k, req.split)
     check_backend(req.backend)
     if req.run is not None and req.checkpoint is not None:
         raise NlmmError("give --run or --checkpoint, not both.")
-    target = req.checkpoint if req.checkpoint is not None else req.run
-    searcher = Searcher(target, device=req.device, data=req.data, console=console,
+    return query_modality
+
+
+def run_search(req: SearchRequest, console: Console | None = None) -> SearchResults:
+    """`nlmm search` in this process: one query against the gallery of a checkpoint (default:
+    the best one of the latest finished run). The request is checked before any model is
+    loaded."""
+    check_request(req)
+    searcher = Searcher(req.model, device=req.device, data=req.data, console=console,
                         backend=req.backend)
-    return searcher.query(text=req.text, image=req.image, audio=req.audio, target=req.target,
-                          k=req.k, split=req.split, ttt=req.ttt)
+    return searcher.answer(req)

@@ -1,6 +1,9 @@
-"""Shared fixtures: a hand-written Flickr8k + FACC corpus and its prepared cache."""
+"""Shared fixtures: a hand-written Flickr8k + FACC corpus and its prepared cache, and the
+device the device-aware tests run on."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 from corpus_factory import PublicCorpus, write_public_corpus
@@ -8,6 +11,46 @@ from corpus_factory import PublicCorpus, write_public_corpus
 from nlmm.config import DataConfig
 
 TINY_VOCAB = 300
+DEVICES = ("cpu", "cuda")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default=os.environ.get("NLMM_TEST_DEVICE", "cpu"),
+                     help="device of the tests that take the `device` fixture: cpu or cuda "
+                          "(default: $NLMM_TEST_DEVICE, else cpu); `-m device` selects them")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "device: runs on the --device of the session (set for "
+                                       "every test that takes the `device` fixture)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "device" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig: pytest.Config):
+    """The torch device named by --device / NLMM_TEST_DEVICE. On CUDA, TF32 is off for the
+    session: these tests compare fp32 results at fp32 tolerances."""
+    import torch
+
+    name = pytestconfig.getoption("--device")
+    if name not in DEVICES:
+        pytest.exit(f"--device (or NLMM_TEST_DEVICE) must be cpu or cuda, got {name!r}.",
+                    returncode=4)
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--device cuda was asked for but torch sees no CUDA GPU; run on a GPU "
+                    "machine or pass --device cpu.", returncode=4)
+    if name == "cpu":
+        yield torch.device("cpu")
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 def tiny_data_config() -> DataConfig:

@@ -115,6 +115,16 @@ def test_foreground_train_follows_to_the_end_and_prints_a_summary(synth_root, en
     assert "finished" in out.stdout and "image→text" in out.stdout and "mean R@1" in out.stdout
     run = store.get_run("fg")
     assert run.status == "finished" and run.step == 6
+    # stdout is a pipe, not a terminal: the run's train.log lines are shown as they are written,
+    # a progress line per log window and every phase after the last step
+    log = Path(run.log_path).read_text()
+    for text in (out.stdout, log):
+        progress = [line for line in text.splitlines() if line.startswith("step ")]
+        assert progress and progress[-1].startswith("step 6/6 · epoch "), text
+        assert " triples/s · ETA " in progress[-1] and " 0 triples/s" not in progress[-1]
+        for phase in ("evaluating dev at step 6", "saved best.pt (", "saved last.pt (",
+                      "testing the last and the best dev model"):
+            assert phase in text, (phase, text)
     keys = set(store.metric_keys(run.id))
     expected = {f"{d}_r{k}" for d in ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t") for k in (1, 5, 10)}
     assert expected | {"mean_r1", "loss", "loss_i2t", "loss_i2a", "loss_t2a", "triples_per_s",
@@ -134,3 +144,35 @@ def test_model_info_counts_the_real_parameters(env):
     assert f"{trainable:,}" in out.stdout
     for level in ("fast", "mid", "slow"):
         assert level in out.stdout
+
+
+def test_runs_show_names_the_optimizer_and_lr_each_level_trained_with(env):
+    from nlmm.config import resolve_config
+
+    cfg = resolve_config("tiny_cpu", ["train.optimizer=muon", "train.lr=5e-4"])
+    assert {level.optimizer for level in cfg.cms_levels} == {"adamw"}  # the per-level defaults
+    store.create_run("muon-run", cfg.to_dict(), "data/synth", "cpu", 8, None)
+    out = nlmm("runs", "show", "muon-run", env=env)
+    assert out.returncode == 0, out.stderr
+    shown = " ".join(out.stdout.split())
+    assert "fast/1 muon lr 0.0005, mid/4 muon lr 0.00025, slow/16 muon lr 0.000125" in shown
+    assert "adamw" not in shown
+
+
+def test_ctrl_c_in_the_foreground_stops_the_run_and_its_log_says_sigint(synth_root, env):
+    proc = subprocess.Popen([*NLMM, "train", "flickr8k", "--synthetic", "--data", str(synth_root),
+                             "--name", "ctrlc", "--batch-size", "8", "--device", "cpu", *SMALL,
+                             "--epochs", "50"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: store.find_run("ctrlc") is not None
+                 and (store.get_run("ctrlc").step or 0) > 0, 180, "the run's first steps")
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends the foreground `nlmm train`
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    run = store.get_run("ctrlc")
+    assert run.status == "stopped" and "resume with" in out
+    log = Path(run.log_path).read_text()
+    assert "received SIGINT" in log and "SIGTERM" not in log, log

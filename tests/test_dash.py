@@ -16,18 +16,21 @@ import multiprocessing
 import multiprocessing.synchronize
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 from rich.console import Console
 from sqlalchemy import update
 from textual.pilot import Pilot
-from textual.widgets import Input, Select
+from textual.widgets import Input, Select, SelectionList
 
 from console.app import NlmmDash, run_dashboard
+from console.screens.base import PollingScreen
 from console.screens.checkpoints import CheckpointsScreen
 from console.screens.compare import CompareScreen
 from console.screens.dialogs import ConfirmScreen, HelpScreen, NewRunScreen
@@ -38,6 +41,7 @@ from console.widgets.chart import MetricChart
 from console.widgets.keyed_table import KeyedTable
 from nlmm import store
 from nlmm.errors import NlmmError
+from nlmm.search import SearchHit
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC: every stored time is fixed relative to it
 OTHER_HOST = "gpu-node-7"  # runs "running" elsewhere are never marked lost by this host
@@ -64,9 +68,10 @@ def eval_values(step: int) -> dict[str, float]:
 def add_run(name: str, status: str, *, steps: int = 200, steps_total: int = 400,
             epochs_total: int = 4, started: float = T0, seconds: float = 3725.0,
             error: str | None = None, device: str = "cpu", log_every: int = 10,
-            eval_every: int = 100, checkpoint: bool = True) -> store.Run:
+            eval_every: int = 100, checkpoint: bool = True, gpu: bool = True) -> store.Run:
     """A run as a worker leaves it: metrics every `log_every` steps, an evaluation (and a best
-    checkpoint) every `eval_every` steps, a log file, system samples, then fixed times."""
+    checkpoint) every `eval_every` steps, a log file, system samples (host only without `gpu`,
+    as a worker on a machine without one records), then fixed times."""
     folder = Path(os.environ["NLMM_RUNS_DIR"]) / name
     folder.mkdir(parents=True, exist_ok=True)
     run = store.create_run(name, CONFIG, data="data/synth", device=device,
@@ -88,7 +93,7 @@ def add_run(name: str, status: str, *, steps: int = 200, steps_total: int = 400,
     store.add_system_samples(
         [{"run_id": run.id, "time": started + t, "device_index": 0, "gpu_util": 40.0 + t % 50,
           "gpu_mem_used": 6 * 2**30, "gpu_mem_total": 24 * 2**30, "power_w": 210.0,
-          "temperature_c": 64.0} for t in range(0, 60, 2)]
+          "temperature_c": 64.0} for t in range(0, 60, 2) if gpu]
         + [{"run_id": run.id, "time": started + t, "cpu_percent": 20.0 + t % 30,
             "ram_used": 12 * 2**30, "ram_total": 64 * 2**30} for t in range(0, 60, 2)])
     (folder / "train.log").write_text("".join(f"epoch {e} step {e * per_epoch} loss "
@@ -160,6 +165,30 @@ def plain(widget: object) -> str:
 def table_rows(app: NlmmDash, selector: str) -> list[list[str]]:
     table = app.screen.query_one(selector, KeyedTable)
     return [[str(cell) for cell in table.get_row(key)] for key in table.keys]
+
+
+def screen_lines(app: NlmmDash) -> list[str]:
+    """The terminal as the user sees it, one string per row (dialogs over their screen),
+    rendered as App.export_screenshot renders it."""
+    width, height = app.size
+    console = Console(width=width, height=height, file=io.StringIO(), record=True)
+    console.print(app.screen._compositor.render_update(full=True,
+                                                       screen_stack=app._background_screens))
+    return console.export_text().splitlines()
+
+
+def footer_keys_missing(app: NlmmDash) -> list[str]:
+    """The keys the current screen shows in its footer (`key Description`) not on its last row."""
+    footer = screen_lines(app)[-1]
+    shown = [f"{app.get_key_display(active.binding)} {active.binding.description}"
+             for active in app.screen.active_bindings.values() if active.binding.show]
+    assert shown
+    return [key for key in shown if key not in footer]
+
+
+def fits_its_width(table: KeyedTable) -> bool:
+    """No column is cut by the table's edge: nothing to scroll to sideways."""
+    return table.virtual_size.width <= table.scrollable_content_region.width
 
 
 # ---- runs screen
@@ -317,6 +346,273 @@ async def test_run_screen_shows_progress_eta_error_system_and_log(dash_store):
         assert "CUDA out of memory" in plain(error)
 
 
+# ---- layout: what fits at 80x24 and what a dialog shows
+
+
+async def test_every_screen_fits_80x24_with_all_its_keys(dash_store):
+    runs = {run.name: run for run in fill_demo_store()}
+    async with make_app().run_test(size=(80, 24)) as pilot:
+        app = pilot.app
+        await settle(pilot)
+        table = app.screen.query_one("#runs-table", KeyedTable)
+        header = screen_lines(app)[2]
+        assert fits_its_width(table), header
+        assert "started" in header and "best R@1" in header
+        assert "device" not in header  # hidden first when the columns do not all fit
+        rows = table_rows(app, "#runs-table")
+        assert {row[1] for row in rows} == set(runs)  # names whole, not cut
+        assert [row[-1] for row in rows] == ["11-14 22:43", "11-14 22:33", "11-14 22:23",
+                                             "11-14 22:13"]
+        assert footer_keys_missing(app) == []
+
+        await pilot.press("down", "down", "enter")  # flickr8k-muon
+        await settle(pilot)
+        assert isinstance(app.screen, RunScreen) and footer_keys_missing(app) == []
+        await pilot.press("p")
+        await settle(pilot)
+        assert isinstance(app.screen, CheckpointsScreen) and footer_keys_missing(app) == []
+        await pilot.press("s")
+        await pilot.pause()
+        assert isinstance(app.screen, SearchScreen) and footer_keys_missing(app) == []
+        await pilot.press("escape", "escape", "escape", "c")
+        await settle(pilot)
+        assert isinstance(app.screen, CompareScreen) and footer_keys_missing(app) == []
+
+    async with make_app().run_test(size=(120, 30)) as pilot:  # room for every column
+        await settle(pilot)
+        table = pilot.app.screen.query_one("#runs-table", KeyedTable)
+        assert [c.label.plain for c in table.ordered_columns][-2:] == ["device", "started"]
+        assert fits_its_width(table)
+        await pilot.resize_terminal(80, 24)
+        await settle(pilot)
+        assert "device" not in [c.label.plain for c in table.ordered_columns]
+        assert fits_its_width(table)
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)])
+async def test_stop_dialog_shows_its_whole_question(dash_store, size):
+    fill_demo_store()
+    async with make_app().run_test(size=size) as pilot:
+        await settle(pilot)
+        await pilot.press("down", "down", "x")  # flickr8k-muon, running
+        await pilot.pause()
+        assert isinstance(pilot.app.screen, ConfirmScreen)
+        words = " ".join(" ".join(screen_lines(pilot.app)).replace("█", " ").split())
+        assert ("Stop run flickr8k-muon? Its worker saves a checkpoint and ends as 'stopped'."
+                in words)
+        await pilot.press("n")
+        await pilot.pause()
+        assert isinstance(pilot.app.screen, RunsScreen)
+        assert store.get_run(runs_named(pilot.app, "flickr8k-muon")).status == "running"
+
+
+def runs_named(app: NlmmDash, name: str) -> int:
+    return next(run.id for run in app.screen.runs.values() if run.name == name)
+
+
+async def test_compare_opened_with_nothing_marked_ticks_exactly_what_it_charts(dash_store):
+    fill_demo_store()
+    async with make_app().run_test(size=(80, 24)) as pilot:
+        app = pilot.app
+        await settle(pilot)
+        await pilot.press("c")  # nothing marked: the run under the cursor, synth-smoke
+        await settle(pilot)
+        runs_list = app.screen.query_one("#compare-runs", SelectionList)
+        chart = app.screen.query_one("#compare-chart", MetricChart)
+
+        def ticks_shown() -> dict[str, bool]:
+            """Each run's name and whether its box shows a tick (an X unlike its background)."""
+            shown = {}
+            for y in range(runs_list.option_count):
+                box = next(seg for seg in runs_list.render_line(y) if seg.text == "X")
+                shown[str(runs_list.get_option_at_index(y).prompt)] = (
+                    box.style.color != box.style.bgcolor)
+            return shown
+
+        assert ticks_shown() == {"synth-smoke": True, "flickr8k-lr-high": False,
+                                 "flickr8k-muon": False, "flickr8k-baseline": False}
+        assert set(chart.series) == {"synth-smoke"}
+
+        await pilot.press("r", "down", "down", "down")  # the list's highlight starts above it
+        assert str(runs_list.get_option_at_index(runs_list.highlighted).prompt) == "flickr8k-muon"
+        await pilot.press("space")
+        await settle(pilot)
+        assert ticks_shown() == {"synth-smoke": True, "flickr8k-lr-high": False,
+                                 "flickr8k-muon": True, "flickr8k-baseline": False}
+        assert set(chart.series) == {"synth-smoke", "flickr8k-muon"}
+
+
+async def test_system_tab_says_no_gpu_once_for_a_host_only_run(dash_store):
+    cpu_only = add_run("cpu-only", "finished", steps=100, gpu=False)
+    with_gpu = add_run("with-gpu", "finished", steps=100)
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.push_screen(RunScreen(cpu_only.id))
+        await settle(pilot)
+        await pilot.press("6")
+        await settle(pilot)
+        text = "\n".join(screen_lines(app))
+        assert text.count("no GPU") == 1
+        assert "GPU 0" not in text  # neither in the table nor as flat sparklines
+        assert "host CPU" in text and "host RAM" in text
+
+        app.pop_screen()
+        app.push_screen(RunScreen(with_gpu.id))
+        await settle(pilot)
+        await pilot.press("6")
+        await settle(pilot)
+        text = "\n".join(screen_lines(app))
+        assert "no GPU" not in text
+        assert "GPU 0 util" in text and "GPU 0 mem" in text
+
+
+# ---- search and checkpoint results without a trained model (the worker test below has one)
+
+
+class RecordingSearchers:
+    """Stands in for the app's SearcherCache: answers every query with hits of the gallery asked
+    for (auto: images), whose captions are `caption`, and records each target."""
+
+    def __init__(self, caption: str) -> None:
+        self.caption = caption
+        self.targets: list[str | None] = []
+        self.loaded = SimpleNamespace(checkpoint_path=Path("stub.pt"))
+
+    def get(self, checkpoint: Path | None, run: str | None) -> RecordingSearchers:
+        return self
+
+    def query(self, *, text: str | None, image: Path | None, audio: Path | None,
+              target: str | None, k: int) -> list[SearchHit]:
+        self.targets.append(target)
+        modality = target or "image"
+        return [SearchHit(rank, 1.0 - rank / 10, modality, f"item{rank}", self.caption,
+                          None if modality == "text" else f"/gallery/item{rank}.jpg")
+                for rank in range(1, 4)]
+
+
+async def test_search_reruns_on_a_new_target_and_ends_cut_captions_with_an_ellipsis(dash_store):
+    caption = ("a brown dog with a red collar runs along the beach beside a child who is "
+               "building a sandcastle while the waves roll in")
+    searchers = RecordingSearchers(caption)
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.push_screen(SearchScreen(searchers, checkpoint=Path("stub.pt")))
+        await pilot.pause()
+        target = app.screen.query_one("#search-target", Select)
+        target.value = "text"  # before any query: nothing to search yet
+        await settle(pilot)
+        assert searchers.targets == []
+        await pilot.press(*"a dog on the beach", "enter")
+        await until(pilot, lambda: len(app.screen.hits) == 3, 10, "the first results")
+        assert searchers.targets == ["text"]
+
+        target.value = "image"
+        await until(pilot, lambda: searchers.targets == ["text", "image"], 10,
+                    "the search to run again")
+        await until(pilot, lambda: all(row[2] == "image"
+                                       for row in table_rows(app, "#search-results")), 10,
+                    "image hits")
+
+        table = app.screen.query_one("#search-results", KeyedTable)
+        assert fits_its_width(table)
+        shown = [line for line in screen_lines(app) if "item1.jpg" in line][0]
+        assert shown.rstrip().endswith("…")
+        assert shown.split("item1.jpg")[1].strip().removesuffix("…") in caption
+        await pilot.resize_terminal(200, 24)  # room for the whole caption: no ellipsis
+        await settle(pilot)
+        assert fits_its_width(table)
+        shown = [line for line in screen_lines(app) if "item1.jpg" in line][0]
+        assert shown.rstrip().endswith(caption)
+
+
+async def test_test_results_stay_when_the_worker_saves_the_checkpoint_again(dash_store,
+                                                                            monkeypatch):
+    import nlmm.train.evaluate
+
+    run = add_run("training", "running", steps=200)
+    last = Path(run.log_path).parent / "checkpoints" / "last.pt"
+    store.record_checkpoint(run.id, 200, 2, str(last), "last", {}, False, 48 * 2**20)
+    evaluated: list[str] = []
+
+    def evaluate_target(target: str, split: str = "test") -> dict:
+        evaluated.append(target)
+        return {"checkpoint": target, "split": split, "metrics": eval_values(250)}
+
+    # The evaluation itself is exercised with a real checkpoint in the worker test below.
+    monkeypatch.setattr(nlmm.train.evaluate, "evaluate_target", evaluate_target)
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        app.push_screen(CheckpointsScreen(run.id))
+        await settle(pilot)
+        screen = app.screen
+        await pilot.press("down")  # last.pt, below best.pt (both at step 200)
+        assert screen.selected().path == str(last)
+        await pilot.press("e")
+        await until(pilot, lambda: not screen.busy and evaluated, 30, "the evaluation")
+        assert evaluated == [str(last)]
+        assert "test Recall@K (%) at step 200" in plain(screen.query_one("#ckpt-detail"))
+
+        # The worker saves last.pt again: the store replaces its row (a new id) at step 300.
+        store.record_checkpoint(run.id, 300, 3, str(last), "last", {}, False, 48 * 2**20)
+        await until(pilot, lambda: ["last", "300"] in [row[1:3]
+                                                       for row in table_rows(app, "#ckpt-table")],
+                    10, "the new last.pt row")
+        await settle(pilot)
+        assert screen.selected().path == str(last) and screen.selected().step == 300
+        detail = plain(screen.query_one("#ckpt-detail"))
+        assert "evaluated at step 200, before the worker saved last.pt again at step 300" in detail
+        assert "test Recall@K (%) at step 200" in detail
+        assert f"{eval_values(250)['i2t_r1']:.1f}" in detail
+
+
+# ---- polling
+
+
+async def test_a_change_made_during_a_fetch_is_fetched_as_soon_as_it_ends(dash_store,
+                                                                          monkeypatch):
+    fill_demo_store()
+    release = threading.Event()
+    fetched: list[str | None] = []
+    list_runs = store.list_runs
+
+    def slow_list_runs(**kwargs):
+        if not fetched:
+            release.wait(30)  # the first fetch is still reading when the filter changes
+        fetched.append(kwargs.get("name_like"))
+        return list_runs(**kwargs)
+
+    monkeypatch.setattr(store, "list_runs", slow_list_runs)
+    app = make_app(poll_s=3600)  # no timer tick: only the change itself may fetch again
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        await pilot.press("slash", *"muon")  # four changes while the first fetch waits
+        await pilot.pause()
+        release.set()
+        await until(pilot, lambda: [r[1] for r in table_rows(app, "#runs-table")]
+                    == ["flickr8k-muon"], 10, "the filtered runs")
+        await settle(pilot)
+        assert fetched == [None, "muon"]  # the changes made during a fetch: one fetch after it
+
+
+async def test_a_screen_polls_once_per_interval(dash_store):
+    fill_demo_store()
+    async with make_app(poll_s=0.25).run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        screen = pilot.app.screen
+        before = screen.polls
+        await asyncio.sleep(2.0)
+        assert 1 <= screen.polls - before <= 9  # 8 ticks at most; two timers would make 16
+
+
+def test_a_polling_screen_must_define_fetch_and_apply():
+    class ReadsOnly(PollingScreen[int]):
+        def fetch(self) -> int:
+            return 1
+
+    with pytest.raises(TypeError, match="abstract method apply"):
+        ReadsOnly()
+
+
 # ---- live updates from another process
 
 
@@ -469,8 +765,8 @@ async def test_start_stop_and_search_a_real_worker_from_the_dash(dash_store, tmp
             await until(pilot, lambda: not ckpt_screen.busy, 60, "the export")
             assert (bundle / "model.safetensors").is_file() and (bundle / "config.yaml").is_file()
             await pilot.press("e")  # evaluate on the test split
-            await until(pilot, lambda: str(ckpt.id) in ckpt_screen.results, 120, "the evaluation")
-            metrics = ckpt_screen.results[str(ckpt.id)]["metrics"]
+            await until(pilot, lambda: ckpt.path in ckpt_screen.results, 120, "the evaluation")
+            metrics = ckpt_screen.results[ckpt.path].result["metrics"]
             r1 = [metrics[f"{d}_r1"] for d in DIRECTIONS]
             assert all(0.0 <= v <= 100.0 for v in r1)
             assert metrics["mean_r1"] == pytest.approx(sum(r1) / 6)
@@ -488,6 +784,15 @@ async def test_start_stop_and_search_a_real_worker_from_the_dash(dash_store, tmp
             scores = [float(row[1]) for row in rows]
             assert scores == sorted(scores, reverse=True)
             assert all(row[2] == "image" for row in rows)
+
+            search.query_one("#search-target", Select).value = "text"  # same query, captions
+            await until(pilot, lambda: search.hits and search.hits[0].modality == "text", 60,
+                        "caption results")
+            rows = table_rows(app, "#search-results")
+            test_captions = {c for image in test_images for c in tiny_corpus.captions[image]}
+            assert len(rows) == min(10, len(test_captions))
+            assert all(row[2] == "text" and hit.item in test_captions
+                       for row, hit in zip(rows, search.hits))
     finally:
         if run_id is not None:
             from nlmm.train.launcher import stop

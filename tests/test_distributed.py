@@ -90,7 +90,14 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(synth_root
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     run = store.get_run("ddp")
-    assert "training ddp on 2 processes (cpu)" in open(run.log_path).read()
+    log = open(run.log_path).read()
+    assert "training ddp on 2 processes (cpu)" in log
+    # the run's own lines only: no per-rank Gloo connection lines, no DDP flag warning
+    assert "Gloo" not in log and "find_unused_parameters" not in log, log
+    assert run.processes == 2
+    shown = subprocess.run([sys.executable, "-m", "nlmm.cli", "runs", "ls"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert "cpu ×2" in shown.stdout, shown.stdout + shown.stderr
     assert [r.name for r in store.list_runs()] == ["ddp"]  # rank 1 registered nothing
     assert_same_training(run, one_process)
     checkpoints = {os.path.basename(c.path) for c in store.list_checkpoints(run.id)}
@@ -132,4 +139,16 @@ def test_options_that_cannot_work_are_refused_before_anything_starts(synth_root)
     assert "--node-rank must be between 0 and" in launch_with(nnodes=2, node_rank=2,
                                                               rdzv_endpoint="h:1")
     assert "HOST:PORT" in launch_with(nnodes=2, rdzv_endpoint="no-port")
+    assert store.list_runs() == []
+
+
+def test_more_processes_than_gpus_are_refused_on_cuda(synth_root, device):
+    """One GPU holds one NCCL rank: --nproc beyond the GPUs of the node fails before anything
+    starts (the CPU's gloo ranks have no such limit, so this runs on --device cuda only)."""
+    if device.type != "cuda":
+        pytest.skip("a CPU run may start any number of gloo ranks; run with --device cuda")
+    too_many = torch.cuda.device_count() + 1
+    with pytest.raises(NlmmError, match="more processes than the"):
+        launch(TrainRequest(data=synth_root, synthetic=True, device="cuda", nproc=too_many,
+                            overrides=[f"train.batch_size={2 * too_many}"]))
     assert store.list_runs() == []

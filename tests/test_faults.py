@@ -109,6 +109,12 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.2):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def swept_runs() -> list[store.Run]:
+    """The runs as `nlmm runs ls` and the dash see them: after the sweep for lost workers."""
+    store.mark_lost()
+    return store.list_runs()
+
+
 def committed_rows(run_id: int) -> dict[tuple[str, int], float | None]:
     with store.get_engine().connect() as conn:
         rows = conn.execute(text("SELECT key, step, value FROM metrics WHERE run_id = :r"),
@@ -138,7 +144,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_from_step_0(synth_roo
              "the first committed loss row")
     assert store.last_checkpoint(run.id) is None
     os.kill(store.get_run(run.id).pid, signal.SIGKILL)
-    wait_for(lambda: any(r.id == run.id and r.status == "lost" for r in store.list_runs()),
+    wait_for(lambda: any(r.id == run.id and r.status == "lost" for r in swept_runs()),
              15, "the run to show as lost", poll=0.1)
 
     resumed = nlmm("train", "--resume", "early", "--steps", "2", "--device", "cpu", env=env)
@@ -171,7 +177,7 @@ def test_killed_worker_is_lost_within_10s_and_resumes_without_losing_rows(synth_
     before = committed_rows(run.id)
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    wait_for(lambda: any(r.id == run.id and r.status == "lost" for r in store.list_runs()),
+    wait_for(lambda: any(r.id == run.id and r.status == "lost" for r in swept_runs()),
              15, "the run to show as lost", poll=0.1)
     assert time.monotonic() - killed_at <= 10.0
     listing = nlmm("runs", "ls", env=env)
@@ -351,7 +357,8 @@ def _soak_reader(url: str, run_ids: list[int], start, stop, results) -> None:
     start.wait(60)
     while not stop.is_set():
         try:
-            store.list_runs(engine=engine)  # marks lost runs: a write
+            store.mark_lost(engine=engine)  # the sweep before a listing: may write
+            store.list_runs(engine=engine)
             for run_id in run_ids:
                 store.metric_series(run_id, "loss", max_points=200, engine=engine)
                 store.latest_metrics(run_id, engine=engine)
@@ -408,3 +415,18 @@ def test_four_writers_and_a_reader_for_10s_lose_nothing_and_never_lock(isolated_
 @pytest.mark.slow
 def test_four_writers_and_a_reader_for_60s_lose_nothing_and_never_lock(isolated_store):
     run_soak(store.current_url(), seconds=60)
+
+
+@pytest.mark.parametrize("name,instead", [("best.pt", "last.pt"), ("last.pt", "best.pt"),
+                                          ("epoch_003.pt", "best.pt or last.pt")])
+def test_a_damaged_checkpoint_points_to_the_other_files_of_its_run(tmp_path, name, instead):
+    from nlmm.errors import NlmmError
+    from nlmm.train.checkpoint import load_checkpoint
+
+    path = tmp_path / "checkpoints" / name
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(NlmmError) as info:
+        load_checkpoint(path)
+    hint = str(info.value).split("; ", 1)[1]
+    assert instead in hint and (name == "epoch_003.pt" or name not in hint), hint

@@ -49,14 +49,19 @@ def queries(n: int = 5, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Te
     }
 
 
+def query_on(modality: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x, mask = queries()[modality]
+    return x.to(device), None if mask is None else mask.to(device)
+
+
 def snapshot(model: NLMM) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("modality", ["text", "image", "audio"])
-def test_adapters_move_and_the_model_is_restored_bitwise(modality):
-    model = tiny_model()
-    x, mask = queries()[modality]
+def test_adapters_move_and_the_model_is_restored_bitwise(modality, device):
+    model = tiny_model().to(device)
+    x, mask = query_on(modality, device)
     before = snapshot(model)
     with torch.no_grad():  # as evaluation calls it: gradients are enabled inside
         plain = model.encode(modality, x, mask)
@@ -81,21 +86,21 @@ def test_adapters_move_and_the_model_is_restored_bitwise(modality):
 
 
 @pytest.mark.parametrize("modality", ["text", "image", "audio"])
-def test_self_supervised_loss_falls(modality):
-    model = tiny_model()
-    x, mask = queries()[modality]
+def test_self_supervised_loss_falls(modality, device):
+    model = tiny_model().to(device)
+    x, mask = query_on(modality, device)
     steps, eta = (6, 3.0) if modality == "audio" else (4, 1.0)
     losses = adapt_and_encode(model, modality, x, mask, steps=steps, eta=eta).losses
     assert len(losses) == steps
     assert losses[-1] < 0.97 * losses[0], losses
 
 
-def test_adaptation_depends_on_each_query_alone():
+def test_adaptation_depends_on_each_query_alone(device):
     """Shuffling an eval set's pairing is a permutation of the queries relative to the gallery;
     each query's adapted weights and embedding must follow it unchanged."""
-    model = tiny_model()
-    x, mask = queries()["text"]
-    perm = torch.tensor([3, 0, 4, 1, 2])
+    model = tiny_model().to(device)
+    x, mask = query_on("text", device)
+    perm = torch.tensor([3, 0, 4, 1, 2], device=device)
     base = adapt_and_encode(model, "text", x, mask, steps=3, eta=1.0)
     shuffled = adapt_and_encode(model, "text", x[perm], mask[perm], steps=3, eta=1.0)
     torch.testing.assert_close(shuffled.embeddings, base.embeddings[perm], rtol=1e-4, atol=1e-5)
@@ -213,19 +218,19 @@ def _train(model: NLMM, batch: dict[str, torch.Tensor], steps: int) -> NLMM:
     return model.eval()
 
 
-def test_joint_training_teaches_the_objective_ttt_adapts_on():
+def test_joint_training_teaches_the_objective_ttt_adapts_on(device):
     """After a few joint steps the masked-token loss TTT starts from has fallen well below its
     untrained value; training on the contrastive loss alone (what every model was before
     joint training) leaves it where it was, so its gradient carried no learned information."""
-    batch = batch_of()
+    batch = {k: v.to(device) for k, v in batch_of().items()}
     x, mask = batch["text"], batch["text_mask"]
 
     def start_loss(model: NLMM) -> float:
         return adapt_and_encode(model, "text", x, mask, steps=1, eta=0.1).losses[0]
 
-    untrained = start_loss(tiny_model())
-    joint = start_loss(_train(tiny_model(enable=True), batch, 16))
-    contrastive_only = start_loss(_train(tiny_model(enable=False), batch, 16))
+    untrained = start_loss(tiny_model().to(device))
+    joint = start_loss(_train(tiny_model(enable=True).to(device), batch, 16))
+    contrastive_only = start_loss(_train(tiny_model(enable=False).to(device), batch, 16))
     assert joint < 0.8 * untrained, (joint, untrained)
     assert contrastive_only > 0.9 * untrained, (contrastive_only, untrained)
 
@@ -238,7 +243,7 @@ class NullSink:
 
 
 @pytest.fixture
-def checkpoint_with_ttt(tiny_cache, tmp_path):
+def checkpoint_with_ttt(tiny_cache, tmp_path, device):
     """A (barely trained) tiny model on the tiny corpus whose config has ttt.enable: true."""
     from nlmm.train.loop import Trainer
 
@@ -251,8 +256,7 @@ def checkpoint_with_ttt(tiny_cache, tmp_path):
         "data": {"image_size": 32, "max_audio_seconds": 2.0, "text_max_len": 16},
         "train": {"batch_size": 4, "epochs": 1, "warmup_steps": 0},
     })
-    trainer = Trainer(cfg, tiny_cache, torch.device("cpu"), tmp_path / "run", NullSink(),
-                      log=lambda m: None)
+    trainer = Trainer(cfg, tiny_cache, device, tmp_path / "run", NullSink(), log=lambda m: None)
     trainer.train_step([next(iter(trainer.loader(0)))])
     return trainer.checkpoint("last").path
 
@@ -272,7 +276,7 @@ def ttt_calls(monkeypatch):
 
 
 def test_eval_follows_the_checkpoint_config_and_no_ttt_overrides_it(checkpoint_with_ttt,
-                                                                     ttt_calls):
+                                                                     ttt_calls, device):
     import json
 
     from typer.testing import CliRunner
@@ -280,33 +284,33 @@ def test_eval_follows_the_checkpoint_config_and_no_ttt_overrides_it(checkpoint_w
     from nlmm.cli import app
     from nlmm.train.evaluate import evaluate_target
 
-    results = evaluate_target(str(checkpoint_with_ttt), split="test", device="cpu")
+    results = evaluate_target(str(checkpoint_with_ttt), split="test", device=device.type)
     assert results["ttt"] is True and "metrics_ttt" in results
     assert results["ttt_settings"] == {"eta": 0.1, "max_steps": 1, "adapter_rank": 2}
     assert set(ttt_calls) == {"image", "text", "audio"}
     assert results["metrics_ttt"].keys() == results["metrics"].keys()
 
     ttt_calls.clear()
-    off = evaluate_target(str(checkpoint_with_ttt), split="test", device="cpu", ttt=False)
+    off = evaluate_target(str(checkpoint_with_ttt), split="test", device=device.type, ttt=False)
     assert off["ttt"] is False and "metrics_ttt" not in off and not ttt_calls
     assert off["metrics"] == results["metrics"]
 
     runner = CliRunner()
     out = runner.invoke(app, ["eval", str(checkpoint_with_ttt), "--no-ttt", "--json",
-                              "--device", "cpu"])
+                              "--device", device.type])
     assert out.exit_code == 0, out.output
     assert json.loads(out.stdout)["ttt"] is False and not ttt_calls
-    out = runner.invoke(app, ["eval", str(checkpoint_with_ttt), "--device", "cpu"])
+    out = runner.invoke(app, ["eval", str(checkpoint_with_ttt), "--device", device.type])
     assert out.exit_code == 0, out.output
     assert "test-time training: on (eta=0.1, max_steps=1, adapter_rank=2)" in out.stdout
     assert ttt_calls
 
 
 def test_search_follows_the_checkpoint_config_and_ttt_false_overrides_it(checkpoint_with_ttt,
-                                                                         ttt_calls):
+                                                                         ttt_calls, device):
     from nlmm.search import Searcher
 
-    searcher = Searcher(checkpoint_with_ttt, device="cpu")
+    searcher = Searcher(checkpoint_with_ttt, device=device.type)
     searcher.query(text="a red circle", target="image", k=2)  # as the dash's search calls it
     assert ttt_calls == ["text"]
     searcher.query(text="a red circle", target="image", k=2, ttt=False)

@@ -220,7 +220,7 @@ def test_queries_from_image_and_audio_files(searcher: Searcher, trained: Trained
     hits = searcher.query(audio=stereo, target="audio", k=5)
     # a resampling round trip is lossy: the clip stays first, well clear of every other one
     assert hits[0].item == cache.wav_path(row).name, [(h.item, h.score) for h in hits]
-    assert hits[0].score > 0.95 and hits[0].score - hits[1].score > 0.05
+    assert hits[0].score > 0.85 and hits[0].score - hits[1].score > 0.05
 
     to_image = searcher.query(audio=stereo, k=4)
     assert [h.modality for h in to_image] == ["image"] * 4
@@ -239,6 +239,74 @@ def test_split_all_searches_every_split(searcher: Searcher, trained: Trained):
     assert len(hits) == n_all and len({h.item for h in hits}) == n_all
     train_caption = cache.caption_text(int(cache.split_captions("train")[0]))
     assert len(searcher.query(text=train_caption, target="text", split="train", k=1)) == 1
+
+
+def first_caption_of(cache: PreparedCache, image_row: int) -> str:
+    """The caption listed first for an image, found by scanning every caption."""
+    rows = [c for c in range(cache.n_captions) if int(cache.caption_image(c)) == image_row]
+    return cache.caption_text(min(rows))
+
+
+def test_each_hit_names_its_image_and_an_image_hit_its_first_caption(searcher: Searcher,
+                                                                     trained: Trained):
+    cache = trained.cache
+    text, _ = caption_pairs(cache)[2]
+    image_row = {cache.image_file(int(r)): int(r) for r in cache.split_images("test")}
+    for hit in searcher.query(text=text, k=3):
+        assert hit.image_id == hit.item
+        assert hit.caption == first_caption_of(cache, image_row[hit.item])
+    captions = {cache.caption_text(int(r)): int(r) for r in cache.split_captions("test")}
+    for hit in searcher.query(text=text, target="text", k=3):
+        assert hit.image_id == cache.image_file(int(cache.caption_image(captions[hit.item])))
+        assert hit.to_dict()["image_id"] == hit.image_id
+    for hit in searcher.query(text=text, target="audio", k=3):
+        assert hit.image_id == cache.image_file(int(cache.caption_image(captions[hit.caption])))
+
+
+def rich_table(out: str) -> tuple[str, list[str], list[list[str]]]:
+    """(title, header cells, row cells) of the one Rich table printed in `out`."""
+    lines = out.splitlines()
+    top = next(i for i, line in enumerate(lines) if line.lstrip().startswith("┏"))
+    title = " ".join(" ".join(lines[:top]).split())
+    header = [c.strip() for c in lines[top + 1].split("┃")[1:-1]]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in lines[top + 3:]
+            if line.lstrip().startswith("│")]
+    return title, header, rows
+
+
+def test_cli_table_names_what_was_searched_and_json_says_the_gallery_size(trained: Trained):
+    cache = trained.cache
+    text, _ = caption_pairs(cache)[1]
+    n_images = len(cache.split_images("test"))
+    to_images = nlmm(text, "-k", "2", "--device", "cpu", env_runs=trained.runs)
+    to_text = nlmm(text, "--in", "text", "-k", "2", "--device", "cpu", env_runs=trained.runs)
+    everything = nlmm(text, "-k", "100000", "--json", "--device", "cpu", env_runs=trained.runs)
+
+    code, out, err = finish(to_images)
+    assert code == 0, err
+    title, header, rows = rich_table(out)
+    assert title.startswith(f"images for text query {text!r} in the test split ({n_images} "
+                            f"images) — run {RUN_NAME}, best.pt (step "), title
+    assert header == ["rank", "score", "image", "its first caption"]
+    image_row = {cache.image_file(int(r)): int(r) for r in cache.split_images("test")}
+    assert len(rows) == 2
+    for _, _, image, caption in rows:
+        assert caption == first_caption_of(cache, image_row[image])
+
+    code, out, err = finish(to_text)
+    assert code == 0, err
+    title, header, rows = rich_table(out)
+    assert title.startswith(f"captions for text query {text!r} in the test split")
+    assert header == ["rank", "score", "caption", "image"]
+    captions = {cache.caption_text(int(r)): int(r) for r in cache.split_captions("test")}
+    for _, _, caption, image in rows:  # the caption once, then the image it describes
+        assert image == cache.image_file(int(cache.caption_image(captions[caption])))
+
+    code, out, err = finish(everything)
+    assert code == 0, err
+    assert len(out.splitlines()) == n_images
+    assert err.strip() == (f"-k 100000 asked for more than the {n_images} images of the test "
+                           "split; all are shown")
 
 
 # ------------------------------------------------------------------------------ the index
@@ -402,3 +470,60 @@ def test_each_error_is_one_sentence_and_a_nonzero_exit(trained: Trained, tmp_pat
         assert out == ""
         assert len(err.strip().splitlines()) == 1, err  # one line: no traceback, no log noise
         assert err.startswith("error: ") and msg in err, err
+
+
+def test_dash_searcher_cache_reloads_a_checkpoint_rewritten_under_the_same_name(copied: Path):
+    from console.searchers import SearcherCache
+
+    searchers = SearcherCache()
+    first = searchers.get(copied, None)
+    assert searchers.get(copied, None) is first  # unchanged file: the loaded model is reused
+    payload = load_checkpoint(copied)
+    payload["model"] = {k: v + 0.5 if v.is_floating_point() else v
+                        for k, v in payload["model"].items()}
+    save_checkpoint(copied, payload)  # what a worker does when it saves a new best.pt
+    second = searchers.get(copied, None)
+    assert second is not first
+    new, old = second.loaded.model.state_dict(), first.loaded.model.state_dict()
+    name = next(k for k, v in new.items() if v.is_floating_point())
+    assert torch.allclose(new[name], old[name] + 0.5)
+
+
+def test_eval_on_another_corpus_tokenizes_it_with_the_models_tokenizer(trained: Trained,
+                                                                        tmp_path: Path):
+    from nlmm.data.cache import default_cache_dir
+    from nlmm.data.flickr import read_corpus
+    from nlmm.data.synth import synth_corpus
+    from nlmm.data.tokenizer import TextTokenizer
+    from nlmm.inference import load_for_inference
+    from nlmm.train.evaluate import evaluate_target
+
+    other = tmp_path / "other"
+    synth_corpus(other, n_images=60, seed=7, progress=False, engine="builtin")
+    model_tokenizer = load_checkpoint(trained.checkpoint)["tokenizer"]
+    corpus = read_corpus(other)
+    train_images = {img.filename for img in corpus.images if img.split == "train"}
+    own_tokenizer = TextTokenizer.train([c.text for c in corpus.captions if c.image in train_images],
+                                        resolve_config("tiny_cpu").vocab_size)
+    assert own_tokenizer.to_json() != model_tokenizer  # else this test would prove nothing
+
+    out = subprocess.run([str(NLMM), "eval", str(trained.checkpoint), "--data", str(other),
+                          "--device", "cpu", "--json"], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, NLMM_RUNS_DIR=str(trained.runs)))
+    assert out.returncode == 0, out.stderr
+    results = json.loads(out.stdout.splitlines()[-1])
+    [cache_dir] = [p for p in (other / ".nlmm_cache").iterdir() if p.is_dir()]
+    cache = PreparedCache.open(cache_dir)
+    assert cache.tokenizer.to_json() == model_tokenizer
+    assert results["coverage"]["n_images"] == len(cache.split_images("test"))
+    # the same shapes and colours, tokenized as in training: retrieval works on the new corpus
+    chance = 100 / results["coverage"]["n_images"]
+    assert results["metrics"]["t2i_r1"] > 3 * chance, results["metrics"]
+
+    # on its own corpus the run's cache (built with this very tokenizer) is reused, not rebuilt
+    root = trained.cache.path.parents[1]
+    cfg = load_for_inference(trained.checkpoint, device="cpu").cfg
+    own = evaluate_target(str(trained.checkpoint), split="test", device="cpu", data=root)
+    assert not default_cache_dir(root, cfg.data, cfg.vocab_size,
+                                 TextTokenizer.from_json(model_tokenizer)).exists()
+    assert own["coverage"]["n_images"] == len(trained.cache.split_images("test"))

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -28,6 +29,8 @@ from nlmm.store import (
     create_run,
     current_url,
     delete_run,
+    elapsed_seconds,
+    eta_seconds,
     find_run,
     get_engine,
     get_run,
@@ -36,6 +39,7 @@ from nlmm.store import (
     latest_run,
     list_checkpoints,
     list_runs,
+    mark_lost,
     metric_keys,
     metric_series,
     metric_series_many,
@@ -46,6 +50,7 @@ from nlmm.store import (
     system_samples,
     unique_run_name,
     update_run,
+    worker_alive,
 )
 
 
@@ -393,20 +398,68 @@ def test_killed_worker_shows_lost(engine, db_path, reap):
         run_id = int(worker.stdout.readline())
         time.sleep(0.6)
         # The heartbeat is stale but the process lives: it must stay running.
-        assert [r.status for r in list_runs(engine=engine, lost_after_s=0.5)] == ["running"]
+        assert mark_lost(0.5, engine=engine) == []
+        assert [r.status for r in list_runs(engine=engine)] == ["running"]
         worker.send_signal(signal.SIGKILL)
         if reap:
             worker.wait(timeout=10)
         deadline = time.monotonic() + 5
         while get_run(run_id, engine=engine).status != "lost" and time.monotonic() < deadline:
-            list_runs(engine=engine, lost_after_s=0.5)
+            mark_lost(0.5, engine=engine)
             time.sleep(0.1)
         lost = get_run(run_id, engine=engine)
         assert lost.status == "lost" and lost.ended_at is not None and "disappeared" in lost.error
+        # the run ended when it was last seen alive, not when the sweep noticed
+        assert lost.ended_at == lost.heartbeat_at
     finally:
         worker.kill()
         worker.wait(timeout=10)
         worker.stdout.close()
+
+
+def _writes(engine) -> list[str]:
+    """Collects the write transactions (BEGIN IMMEDIATE) and UPDATEs that `engine` runs."""
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda conn, cursor, stmt, *a: statements.append(stmt))
+    return statements
+
+
+def test_listing_runs_never_writes_and_the_sweep_is_explicit(engine):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    run = _new_run(engine, "dead")
+    set_status(run.id, "running", pid=dead.pid, engine=engine)
+    update_run(run.id, heartbeat_at=time.time() - 60, engine=engine)
+    statements = _writes(engine)
+    listed = list_runs(engine=engine)
+    assert [r.status for r in listed] == ["running"]
+    assert get_run(run.id, engine=engine).status == "running"
+    assert not [s for s in statements if s.startswith(("BEGIN IMMEDIATE", "UPDATE"))]
+    assert mark_lost(engine=engine) == [run.id]
+    assert get_run(run.id, engine=engine).status == "lost"
+
+
+def test_a_pid_reused_by_a_later_process_is_not_the_worker(engine):
+    """The rule the launcher uses before it signals a worker: the registered pid must belong to
+    a process that began no later than the worker was registered."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = _new_run(engine, "reused")
+        set_status(run.id, "running", pid=other.pid, engine=engine)
+        assert worker_alive(get_run(run.id, engine=engine))
+        # registered long before the process now holding that pid began: a reused pid
+        update_run(run.id, started_at=time.time() - 3600, engine=engine)
+        assert not worker_alive(get_run(run.id, engine=engine))
+        # another host's worker cannot be checked here: its heartbeat decides
+        update_run(run.id, host="elsewhere", heartbeat_at=time.time(), engine=engine)
+        assert worker_alive(get_run(run.id, engine=engine))
+        update_run(run.id, heartbeat_at=time.time() - 60, engine=engine)
+        assert not worker_alive(get_run(run.id, engine=engine))
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(timeout=10)
 
 
 def test_unusable_store_locations_give_one_sentence_errors(tmp_path):
@@ -415,3 +468,88 @@ def test_unusable_store_locations_give_one_sentence_errors(tmp_path):
         get_engine(f"sqlite:///{tmp_path / 'a_file' / 'nlmm.db'}")
     with pytest.raises(NlmmError, match="cannot use the database URL nosuchdb://h/x"):
         get_engine("nosuchdb://h/x")
+
+
+# ---- paths relative to the runs folder, and runs folders copied as a unit ----------------------
+
+def test_run_files_are_stored_relative_to_the_runs_folder(engine, db_path, isolated_store, monkeypatch):
+    folder = paths.run_dir("rel")
+    run = _new_run(engine, "rel", log_path=str(folder / "train.log"))
+    record_checkpoint(run.id, 3, 0, str(folder / "checkpoints" / "last.pt"), "last", {}, False, 1,
+                      engine=engine)
+    record_checkpoint(run.id, 3, 0, "/elsewhere/x.pt", "epoch", {}, False, 1, engine=engine)
+    assert _raw(db_path, "SELECT log_path FROM runs") == [("rel/train.log",)]
+    assert _raw(db_path, "SELECT path FROM checkpoints ORDER BY id") == [
+        ("rel/checkpoints/last.pt",), ("/elsewhere/x.pt",)]
+    # saved again at the same place: the row is replaced, the comparison sees through the type
+    record_checkpoint(run.id, 6, 1, str(folder / "checkpoints" / "last.pt"), "last", {}, False, 2,
+                      engine=engine)
+    assert [c.step for c in list_checkpoints(run.id, engine=engine)] == [3, 6]
+    # the same store read from another runs folder names that folder's files
+    monkeypatch.setenv("NLMM_RUNS_DIR", str(isolated_store.parent / "moved"))
+    moved = paths.runs_dir() / "rel"
+    assert get_run("rel", engine=engine).log_path == str(moved / "train.log")
+    assert last_checkpoint(run.id, engine=engine).path == str(moved / "checkpoints" / "last.pt")
+
+
+def test_a_copied_store_of_older_nlmm_uses_the_copys_files(tmp_path, monkeypatch):
+    """Version 1 stored absolute paths: a copy of its runs folder must not keep pointing at the
+    original's files."""
+    original, copy = tmp_path / "runs", tmp_path / "copy" / "runs"
+    monkeypatch.setenv("NLMM_RUNS_DIR", str(original))
+    db = original / "nlmm.db"
+    engine = get_engine(f"sqlite:///{db}")
+    run = _new_run(engine, "old")
+    set_status(run.id, "finished", engine=engine)
+    engine.dispose()
+    conn = sqlite3.connect(db)
+    # what nlmm wrote before paths were relative: absolute paths, schema version 1
+    for column in ("elapsed_before", "phase", "processes"):  # added by migrations 3 and 4
+        conn.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+    conn.execute("UPDATE schema_version SET version = 1")
+    conn.execute("UPDATE runs SET log_path = ?", (str(original / "old" / "train.log"),))
+    for kind in ("best", "last"):
+        conn.execute("INSERT INTO checkpoints (run_id, step, epoch, path, kind, metrics, is_best, "
+                     "bytes, created_at) VALUES (?, 5, 1, ?, ?, '{}', ?, 1, 0)",
+                     (run.id, str(original / "old" / "checkpoints" / f"{kind}.pt"), kind, kind == "best"))
+    conn.execute("INSERT INTO checkpoints (run_id, step, epoch, path, kind, metrics, is_best, bytes, "
+                 "created_at) VALUES (?, 1, 0, '/archive/other.pt', 'epoch', '{}', 0, 1, 0)", (run.id,))
+    conn.commit()
+    conn.close()
+    shutil.copytree(original, copy)
+
+    monkeypatch.setenv("NLMM_RUNS_DIR", str(copy))
+    copied = get_engine(f"sqlite:///{copy / 'nlmm.db'}")
+    assert _raw(copy / "nlmm.db", "SELECT version FROM schema_version") == [(LATEST_VERSION,)]
+    migrated = get_run("old", engine=copied)
+    assert migrated.log_path == str(copy / "old" / "train.log") and migrated.elapsed_before == 0
+    assert best_checkpoint(run.id, engine=copied).path == str(copy / "old" / "checkpoints" / "best.pt")
+    assert [c.path for c in list_checkpoints(run.id, engine=copied)] == [
+        "/archive/other.pt", str(copy / "old" / "checkpoints" / "best.pt"),
+        str(copy / "old" / "checkpoints" / "last.pt")]
+
+
+# ---- elapsed time and ETA across resumes --------------------------------------------------------
+
+def test_elapsed_and_eta_add_up_across_resumes(engine):
+    run = _new_run(engine, "long")  # 100 steps planned
+    set_status(run.id, "running", pid=os.getpid(), engine=engine)
+    update_run(run.id, started_at=1000.0, step=40, engine=engine)
+    set_status(run.id, "stopped", engine=engine)
+    update_run(run.id, ended_at=1400.0, engine=engine)  # the first worker ran 400 s
+    first = get_run(run.id, engine=engine)
+    assert elapsed_seconds(first, now=5000.0) == 400.0 and eta_seconds(first, 5000.0) is None
+
+    set_status(run.id, "queued", engine=engine)  # --resume, before its worker is started
+    assert elapsed_seconds(get_run(run.id, engine=engine), now=5000.0) == 400.0
+    set_status(run.id, "queued", pid=os.getpid(), engine=engine)  # its new worker registers
+    set_status(run.id, "running", pid=os.getpid(), engine=engine)
+    update_run(run.id, started_at=2000.0, step=50, engine=engine)
+    resumed = get_run(run.id, engine=engine)
+    assert resumed.elapsed_before == 400.0 and resumed.ended_at is None
+    # 100 s into the second worker: 500 s for 50 steps, so 50 more steps take 500 s
+    assert elapsed_seconds(resumed, now=2100.0) == 500.0
+    assert eta_seconds(resumed, now=2100.0) == 500.0
+    set_status(run.id, "finished", engine=engine)
+    update_run(run.id, ended_at=2600.0, engine=engine)
+    assert elapsed_seconds(get_run(run.id, engine=engine), now=9999.0) == 1000.0

@@ -13,6 +13,7 @@ from nlmm.store import (
     create_run,
     get_engine,
     list_runs,
+    mark_lost,
     metric_series,
 )
 
@@ -44,6 +45,7 @@ def _poll(url: str, run_ids: list[int], start: "mp.synchronize.Event", stop: "mp
         engine = get_engine(url)
         start.wait(30)
         while not stop.is_set():
+            mark_lost(engine=engine)  # what the dash does before it lists runs
             list_runs(engine=engine)
             for run_id in run_ids:
                 metric_series(run_id, "loss", max_points=100, engine=engine)

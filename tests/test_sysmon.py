@@ -55,3 +55,22 @@ def test_monitor_writes_samples_and_stops_promptly(tmp_path):
     count = len(samples)
     time.sleep(0.7)
     assert len(system_samples(run.id, engine=engine)) == count
+
+
+def test_the_test_device_is_sampled_and_recorded(device, tmp_path):
+    """On --device cuda, NVML sees the GPU torch trains on and the monitor records its rows
+    (what the dash's GPU panel shows); on the CPU the host row is recorded alone or beside them."""
+    import torch
+
+    engine = get_engine(f"sqlite:///{tmp_path / 'nlmm.db'}")
+    run = create_run("device", {}, "", device.type, 1, 1, engine=engine)
+    with SystemMonitor(run.id, interval_s=0.2, engine=engine) as monitor:
+        time.sleep(1.5)
+    samples = system_samples(run.id, engine=engine)
+    assert monitor.last_error is None and any(s.device_index is None for s in samples)
+    if device.type == "cuda":
+        assert gpu_available() and monitor.note is None
+        gpus = [s for s in samples if s.device_index is not None]
+        assert {s.device_index for s in gpus} >= set(range(torch.cuda.device_count()))
+        assert all(0 < s.gpu_mem_used <= s.gpu_mem_total for s in gpus)
+        assert all(s.gpu_util is None or 0 <= s.gpu_util <= 100 for s in gpus)

@@ -37,10 +37,10 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(70, 100, 10, "constant") == 1.0
 
 
-def test_training_learns_retrieval_well_above_chance(synth_cache, tmp_path):
+def test_training_learns_retrieval_well_above_chance(synth_cache, tmp_path, device):
     cfg = small_cfg("train.epochs=8", "train.warmup_steps=10")
     sink = ListSink()
-    trainer = Trainer(cfg, synth_cache, torch.device("cpu"), tmp_path, sink, log=lambda m: None)
+    trainer = Trainer(cfg, synth_cache, device, tmp_path, sink, log=lambda m: None)
     assert trainer.fit() == "finished"
     n_test_images = len(synth_cache.split_images("test"))
     chance = 100.0 / n_test_images  # R@1 chance level of every direction: one image in N
@@ -83,7 +83,7 @@ def test_two_epochs_equal_one_plus_resume_plus_one(synth_cache, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_stop_mid_epoch_checkpoints_and_resumes_at_that_step(synth_cache, tmp_path):
+def test_stop_mid_epoch_checkpoints_and_resumes_at_that_step(synth_cache, tmp_path, device):
     cfg = small_cfg("train.epochs=2", "train.schedule=constant", "train.warmup_steps=0")
     stop = threading.Event()
 
@@ -93,13 +93,13 @@ def test_stop_mid_epoch_checkpoints_and_resumes_at_that_step(synth_cache, tmp_pa
             if step >= 4:
                 stop.set()
 
-    trainer = Trainer(cfg, synth_cache, torch.device("cpu"), tmp_path, StopAfter(),
-                      stop_event=stop, log=lambda m: None)
+    trainer = Trainer(cfg, synth_cache, device, tmp_path, StopAfter(), stop_event=stop,
+                      log=lambda m: None)
     assert trainer.fit() == "stopped"
     payload = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert payload["progress"]["global_step"] == 4
     assert payload["progress"]["batch_in_epoch"] == 4
-    again = Trainer(cfg, synth_cache, torch.device("cpu"), tmp_path, ListSink(), log=lambda m: None)
+    again = Trainer(cfg, synth_cache, device, tmp_path, ListSink(), log=lambda m: None)
     again.load_state_dict(payload)
     assert again.progress.global_step == 4
     for key, value in _weights(trainer.model).items():
@@ -121,3 +121,11 @@ def test_last_checkpoint_is_also_written_by_time_within_an_epoch(tiny_cache, tmp
     mid_epoch = [e for e in events if e.kind == "last" and e.progress.batch_in_epoch > 0]
     assert len(mid_epoch) >= 2 and mid_epoch[0].progress.global_step == 1
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["global_step"] == 3
+
+def test_epoch_numbers_are_one_based_and_name_the_epoch_a_step_belongs_to():
+    from nlmm.train.loop import Progress
+
+    assert Progress().epoch_number == 0  # nothing trained yet
+    assert Progress(epoch=0, batch_in_epoch=3).epoch_number == 1  # inside the first epoch
+    assert Progress(epoch=1, batch_in_epoch=0).epoch_number == 1  # the first epoch just ended
+    assert Progress(epoch=1, batch_in_epoch=1).epoch_number == 2

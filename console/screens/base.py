@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -18,11 +19,16 @@ Snapshot = TypeVar("Snapshot")
 POLL_ERRORS = (NlmmError, SQLAlchemyError, OSError)
 
 
-class PollingScreen(Screen[None], Generic[Snapshot]):
+class _AbstractScreenMeta(type(Screen), ABCMeta):  # type: ignore[misc]
+    """Textual's widget metaclass with ABC's check that abstract methods are defined."""
+
+
+class PollingScreen(Screen[None], Generic[Snapshot], metaclass=_AbstractScreenMeta):
     """Calls `fetch()` in a thread every `app.poll_s` seconds while visible, then `apply()`.
 
     Only one fetch is in flight at a time, so a slow store delays refreshes instead of queueing
-    them, and the event loop never waits on the database.
+    them, and the event loop never waits on the database. Subclasses call `refetch()` when the
+    user changes what the screen shows.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -36,30 +42,36 @@ class PollingScreen(Screen[None], Generic[Snapshot]):
     def dash(self) -> NlmmDash:
         return cast("NlmmDash", self.app)
 
+    # Textual calls the handler of every class in the MRO, this one after a subclass's own:
+    # subclasses do not call super().on_mount().
     def on_mount(self) -> None:
         self.set_interval(self.dash.poll_s, self.poll)
-        self.poll()
 
     def on_screen_resume(self) -> None:
-        self.poll()
+        self.poll()  # the first poll too: a screen is resumed when it is first shown
 
     def poll(self) -> None:
-        """Start a fetch now; when one is running, start another as soon as it ends."""
-        if self._fetching:
-            self._again = True
-            return
-        if not self.is_current:
+        """Start a fetch now, unless one is in flight (a slow store then skips this tick)."""
+        if self._fetching or not self.is_current:
             return
         self._fetching = True
         self.run_worker(self._fetch_in_thread, thread=True, group="poll", exit_on_error=False)
 
+    def refetch(self) -> None:
+        """Show a change the user made (a filter, a tab) now: fetch at once, or as soon as the
+        fetch in flight ends, since that one may have read the screen's old settings."""
+        if self._fetching:
+            self._again = True
+        else:
+            self.poll()
+
+    @abstractmethod
     def fetch(self) -> Snapshot:
         """Read what the screen shows; runs in a worker thread, so it must not touch widgets."""
-        raise TypeError(f"{type(self).__name__} must define fetch(), the read of its data")
 
+    @abstractmethod
     def apply(self, snapshot: Snapshot) -> None:
         """Show a snapshot; runs on the event loop."""
-        raise TypeError(f"{type(self).__name__} must define apply(), the display of its data")
 
     def _fetch_in_thread(self) -> None:
         try:
@@ -70,16 +82,20 @@ class PollingScreen(Screen[None], Generic[Snapshot]):
             self.app.call_from_thread(self._applied, snapshot)
 
     def _applied(self, snapshot: Snapshot) -> None:
-        self._fetching = False
-        self._again = False
         self._last_error = None
         if self.is_attached:
             self.apply(snapshot)
-        self.polls += 1
+        self._fetched()
 
     def _failed(self, message: str) -> None:
-        self._fetching = False
         if message != self._last_error:
             self.notify(message, title="cannot read the store", severity="error")
         self._last_error = message
+        self._fetched()
+
+    def _fetched(self) -> None:
+        self._fetching = False
         self.polls += 1
+        if self._again:
+            self._again = False
+            self.poll()

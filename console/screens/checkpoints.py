@@ -9,13 +9,15 @@ from typing import Any, TypeVar
 
 from rich.console import Group
 from rich.text import Text
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, Header, Static
+from textual.widgets import Header, Static
 
+from console.messages import SearchRequested
 from console.screens.base import PollingScreen
 from console.widgets import cells
+from console.widgets.key_footer import key_footer
 from console.widgets.keyed_table import KeyedTable, Row
 from console.widgets.recall_grid import recall_grid
 from nlmm import store
@@ -34,9 +36,30 @@ class CheckpointsSnapshot:
     checkpoints: list[store.Checkpoint]
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """Test results of a checkpoint file, and the step it held when it was evaluated."""
+
+    step: int
+    result: dict[str, Any]
+
+    def show(self, ckpt: store.Checkpoint) -> list[Any]:
+        """The results as a grid, after a warning line when the file has since been saved
+        again at another step (its rows then describe weights that are gone)."""
+        parts: list[Any] = []
+        if ckpt.step != self.step:
+            parts.append(Text(f"evaluated at step {self.step}, before the worker saved "
+                              f"{Path(ckpt.path).name} again at step {ckpt.step}:",
+                              style="yellow"))
+        title = f"{self.result['split']} Recall@K (%) at step {self.step}"
+        return [*parts, recall_grid(self.result["metrics"], title=title)]
+
+
 def checkpoint_row(ckpt: store.Checkpoint) -> Row:
+    """Keyed by file: a worker saving last.pt or best.pt again replaces the store row (new id),
+    and the cursor and any test results stay with the file."""
     metrics = ckpt.metrics or {}
-    return (str(ckpt.id), (
+    return (ckpt.path, (
         Text("★", style="bold yellow") if ckpt.is_best else Text(""),
         ckpt.kind, str(ckpt.step), str(ckpt.epoch),
         cells.recall(metrics.get("mean_r1")), cells.recall(metrics.get("i2t_r1")),
@@ -66,19 +89,18 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
         super().__init__()
         self.run_id = run_id
         self.run: store.Run | None = None
-        self.checkpoints: dict[str, store.Checkpoint] = {}
-        self.results: dict[str, Any] = {}  # checkpoint id -> test results of an evaluation
+        self.checkpoints: dict[str, store.Checkpoint] = {}  # by file path, as the table rows
+        self.results: dict[str, Evaluation] = {}  # by file path: test results of an evaluation
         self.busy = False
 
     def compose(self) -> ComposeResult:
         yield Header()
         yield KeyedTable(COLUMNS, id="ckpt-table")
         yield Static(id="ckpt-detail")
-        yield Footer()
+        yield key_footer()
 
     def on_mount(self) -> None:
         self.sub_title = "checkpoints"
-        super().on_mount()
 
     # ---- data
 
@@ -88,7 +110,7 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
     def apply(self, snapshot: CheckpointsSnapshot) -> None:
         self.run = snapshot.run
         self.sub_title = f"{snapshot.run.name} · checkpoints"
-        self.checkpoints = {str(c.id): c for c in snapshot.checkpoints}
+        self.checkpoints = {c.path: c for c in snapshot.checkpoints}
         self.query_one("#ckpt-table", KeyedTable).sync(
             [checkpoint_row(c) for c in snapshot.checkpoints])
         self._show_detail()
@@ -107,15 +129,17 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
         parts: list[Any] = [Text(ckpt.path, style="dim")]
         if ckpt.metrics:
             parts.append(recall_grid(ckpt.metrics, title=f"dev Recall@K (%) at step {ckpt.step}"))
-        result = self.results.get(str(ckpt.id))
-        if result is not None:
-            parts.append(recall_grid(result["metrics"], title=f"{result['split']} Recall@K (%)"))
+        evaluation = self.results.get(ckpt.path)
+        if evaluation is not None:
+            parts.extend(evaluation.show(ckpt))
         detail.update(Group(*parts))
 
-    def on_data_table_row_highlighted(self, _event: KeyedTable.RowHighlighted) -> None:
+    @on(KeyedTable.RowHighlighted, "#ckpt-table")
+    def _row_highlighted(self) -> None:
         self._show_detail()
 
-    def on_data_table_row_selected(self, event: KeyedTable.RowSelected) -> None:
+    @on(KeyedTable.RowSelected, "#ckpt-table")
+    def _row_chosen(self, event: KeyedTable.RowSelected) -> None:
         event.stop()
         self.action_search_with()
 
@@ -145,7 +169,7 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
         from nlmm.train.evaluate import evaluate_target
 
         def done(result: dict[str, Any]) -> None:
-            self.results[str(ckpt.id)] = result
+            self.results[ckpt.path] = Evaluation(ckpt.step, result)
             self._show_detail()
             mean = result["metrics"].get("mean_r1")
             self.notify(f"test mean R@1 {cells.recall(mean)} at step {ckpt.step}")
@@ -162,7 +186,9 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
     def _export(self, ckpt: store.Checkpoint) -> None:
         from nlmm.export import export_bundle
 
-        self._run_action(lambda: export_bundle(ckpt.path, export_folder(ckpt)),
+        # the folder is this checkpoint's own (kind and step): exporting it again rewrites the same
+        # bundle
+        self._run_action(lambda: export_bundle(ckpt.path, export_folder(ckpt), force=True),
                          lambda out: self.notify(f"exported to {out}"))
 
     def action_resume(self) -> None:
@@ -191,7 +217,7 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
         if ckpt is None:
             self.notify("no checkpoint selected", severity="warning")
         else:
-            self.dash.open_search(checkpoint=Path(ckpt.path))
+            self.post_message(SearchRequested(checkpoint=Path(ckpt.path)))
 
     def _run_action(self, action: Callable[[], T], done: Callable[[T], None]) -> None:
         """Run a blocking library call (in a worker thread) and report its outcome on the loop."""

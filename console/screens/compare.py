@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer, Header, Select, SelectionList
+from textual.widgets import Header, Select, SelectionList
 
 from console.screens.base import PollingScreen
 from console.widgets.chart import MetricChart, Points
+from console.widgets.key_footer import key_footer
 from nlmm import store
 
 MAX_POINTS = 300
@@ -53,12 +55,11 @@ class CompareScreen(PollingScreen[CompareSnapshot]):
                 yield Select[str]([], prompt="metric", allow_blank=True, id="compare-metric",
                                   compact=True)
                 yield MetricChart("tick runs to compare", empty="no points yet", id="compare-chart")
-        yield Footer()
+        yield key_footer()
 
     def on_mount(self) -> None:
         self.sub_title = "compare"
         self.query_one("#compare-runs").border_title = "runs"
-        super().on_mount()
 
     # ---- data
 
@@ -103,14 +104,16 @@ class CompareScreen(PollingScreen[CompareSnapshot]):
 
     # ---- events
 
-    def on_selection_list_selected_changed(self, event: SelectionList.SelectedChanged) -> None:
+    @on(SelectionList.SelectedChanged, "#compare-runs")
+    def _ticks_changed(self, event: SelectionList.SelectedChanged) -> None:
         self.selected = list(event.selection_list.selected)
-        self.poll()
+        self.refetch()
 
-    def on_select_changed(self, event: Select.Changed) -> None:
+    @on(Select.Changed, "#compare-metric")
+    def _metric_changed(self, event: Select.Changed) -> None:
         if isinstance(event.value, str):
             self.metric = event.value
-            self.poll()
+            self.refetch()
 
     def action_focus_metric(self) -> None:
         self.query_one("#compare-metric", Select).focus()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
@@ -62,8 +63,13 @@ class ConfirmScreen(ModalScreen[bool]):
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)
 
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        self.dismiss(event.button.id == "confirm-yes")
+    @on(Button.Pressed, "#confirm-yes")
+    def _yes(self) -> None:
+        self.dismiss(True)
+
+    @on(Button.Pressed, "#confirm-no")
+    def _no(self) -> None:
+        self.dismiss(False)
 
 
 def config_names() -> list[str]:
@@ -138,6 +144,7 @@ class NewRunScreen(ModalScreen[NewRunForm | None]):
                           name=name or None,
                           device=str(self.query_one("#newrun-device", Select).value))
 
+    @on(Button.Pressed, "#newrun-start")
     def action_start(self) -> None:
         try:
             form = self.form()
@@ -146,11 +153,6 @@ class NewRunScreen(ModalScreen[NewRunForm | None]):
             return
         self.dismiss(form)
 
+    @on(Button.Pressed, "#newrun-cancel")
     def action_cancel(self) -> None:
         self.dismiss(None)
-
-    def on_button_pressed(self, event: Button.Pressed) -> None:
-        if event.button.id == "newrun-start":
-            self.action_start()
-        else:
-            self.action_cancel()

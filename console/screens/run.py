@@ -10,12 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.widgets import Footer, Header, TabbedContent, TabPane
+from textual.widgets import Header, TabbedContent, TabPane
 
+from console.messages import StopRequested
 from console.screens.base import PollingScreen
 from console.widgets.chart import MetricChart, Points
+from console.widgets.key_footer import key_footer
 from console.widgets.log_tail import LogTail, Tail, read_tail
 from console.widgets.run_header import RunHeader, health_warnings
 from console.widgets.system_panel import HISTORY, SystemPanel
@@ -109,11 +112,10 @@ class RunScreen(PollingScreen[RunSnapshot]):
                         yield SystemPanel(id="system-panel")
                     else:
                         yield LogTail(id="log-tail")
-        yield Footer()
+        yield key_footer()
 
     def on_mount(self) -> None:
         self.sub_title = "run"
-        super().on_mount()
 
     @property
     def search_run(self) -> str | None:
@@ -123,7 +125,8 @@ class RunScreen(PollingScreen[RunSnapshot]):
 
     def fetch(self) -> RunSnapshot:
         run = store.get_run(self.run_id)
-        version = (run.status, run.step, run.epoch, run.heartbeat_at, run.best_metric, run.ended_at)
+        version = (run.status, run.step, run.epoch, run.heartbeat_at, run.best_metric, run.ended_at,
+                   run.phase)
         snapshot = RunSnapshot(run, version)
         if self._shown.get("health") != version:
             latest = store.latest_metrics(run.id, HEALTH_KEYS + (TEST_KEY,))
@@ -158,9 +161,10 @@ class RunScreen(PollingScreen[RunSnapshot]):
 
     # ---- actions
 
-    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+    @on(TabbedContent.TabActivated, "#run-tabs")
+    def _tab_shown(self, event: TabbedContent.TabActivated) -> None:
         self.active_tab = (event.pane.id or "tab-loss").removeprefix("tab-")
-        self.poll()
+        self.refetch()
 
     def action_tab(self, tab: str) -> None:
         self.query_one("#run-tabs", TabbedContent).active = f"tab-{tab}"
@@ -168,7 +172,7 @@ class RunScreen(PollingScreen[RunSnapshot]):
     def action_cycle_k(self) -> None:
         self.k = RECALL_KS[(RECALL_KS.index(self.k) + 1) % len(RECALL_KS)]
         self.action_tab("recall")
-        self.poll()
+        self.refetch()
 
     def action_checkpoints(self) -> None:
         from console.screens.checkpoints import CheckpointsScreen
@@ -177,4 +181,4 @@ class RunScreen(PollingScreen[RunSnapshot]):
 
     def action_stop(self) -> None:
         if self.run is not None:
-            self.dash.confirm_stop(self.run)
+            self.post_message(StopRequested(self.run))

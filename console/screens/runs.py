@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.widgets import Footer, Header, Input, Label, Static
+from textual.widgets import Header, Input, Label, Static
 
+from console.messages import StopRequested
 from console.screens.base import PollingScreen
 from console.widgets import cells
+from console.widgets.key_footer import key_footer
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm import store
 from nlmm.reports import status_text
@@ -32,6 +35,8 @@ or press [b]n[/b] here to start one from a config. Runs appear here as soon as t
 COLUMNS = (("mark", " "), ("name", "name"), ("status", "status"), ("progress", "prog"),
            ("epoch", "epoch · step"), ("best", "best R@1"), ("elapsed", "elapsed"),
            ("device", "device"), ("started", "started"))
+# Hidden, in this order, when the table is too narrow for every column (the run screen has both).
+NARROW_HIDES = ("device", "epoch")
 
 
 @dataclass(frozen=True)
@@ -85,14 +90,13 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
             yield Input(placeholder="filter by name  (/)", id="name-filter", compact=True)
             yield Label(self._status_label(), id="status-filter")
             yield Label("", id="runs-count")
-        yield KeyedTable(COLUMNS, id="runs-table")
+        yield KeyedTable(COLUMNS, id="runs-table", flex="name", optional=NARROW_HIDES)
         yield Static(EMPTY_STORE, id="runs-empty")
-        yield Footer()
+        yield key_footer()
 
     def on_mount(self) -> None:
         self.sub_title = "runs"
         self.query_one("#runs-empty").display = False
-        super().on_mount()
 
     def _status_label(self) -> str:
         return f"status: {self.status_filter or 'all'}  (f)"
@@ -100,6 +104,8 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
     # ---- data
 
     def fetch(self) -> RunsSnapshot:
+        # listing only reads: the sweep is what turns a worker that died unseen into `lost`
+        store.mark_lost()
         runs = store.list_runs(status=self.status_filter, name_like=self.name_filter or None)
         filtered = self.status_filter is not None or bool(self.name_filter)
         empty = not runs and (not filtered or store.latest_run() is None)
@@ -133,7 +139,8 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
             self.notify("no run selected; start one with n", severity="warning")
         return run
 
-    def on_data_table_row_selected(self, event: KeyedTable.RowSelected) -> None:
+    @on(KeyedTable.RowSelected, "#runs-table")
+    def _row_chosen(self, event: KeyedTable.RowSelected) -> None:
         event.stop()
         self.action_open()
 
@@ -169,7 +176,7 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
     def action_stop(self) -> None:
         run = self._require_run()
         if run is not None:
-            self.dash.confirm_stop(run)
+            self.post_message(StopRequested(run))
 
     @property
     def search_run(self) -> str | None:
@@ -189,13 +196,13 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
         index = STATUS_FILTERS.index(self.status_filter)
         self.status_filter = STATUS_FILTERS[(index + 1) % len(STATUS_FILTERS)]
         self.query_one("#status-filter", Label).update(self._status_label())
-        self.poll()
+        self.refetch()
 
-    def on_input_changed(self, event: Input.Changed) -> None:
-        if event.input.id == "name-filter":
-            self.name_filter = event.value.strip()
-            self.poll()
+    @on(Input.Changed, "#name-filter")
+    def _name_filter_changed(self, event: Input.Changed) -> None:
+        self.name_filter = event.value.strip()
+        self.refetch()
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id == "name-filter":
-            self.query_one("#runs-table", KeyedTable).focus()
+    @on(Input.Submitted, "#name-filter")
+    def _name_filter_done(self) -> None:
+        self.query_one("#runs-table", KeyedTable).focus()

@@ -1,7 +1,8 @@
 """Query a trained checkpoint with text, an image file or a WAV file and list what it retrieves.
 
-Queries go through `nlmm.search.Searcher.query`, the function behind `nlmm search`; the app keeps
-the last loaded Searcher so only the first query of a checkpoint pays for loading the model.
+Queries go through `nlmm.search.Searcher.query`, the function behind `nlmm search`; the app's
+SearcherCache keeps the last loaded Searcher so only the first query of a checkpoint pays for
+loading the model.
 """
 
 from __future__ import annotations
@@ -9,20 +10,22 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
-from textual import work
+from textual import on, work
+from textual.worker import get_current_worker
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, Select
+from textual.widgets import Header, Input, Label, Select
 
+from console.widgets.key_footer import key_footer
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm.errors import NlmmError
 
 if TYPE_CHECKING:
-    from console.app import NlmmDash
+    from console.searchers import SearcherCache
     from nlmm.search import SearchHit
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -74,10 +77,13 @@ class SearchScreen(Screen[None]):
         Binding("ctrl+l", "focus_query", "Query", show=False),
     ]
 
-    def __init__(self, run: str | None = None, checkpoint: Path | None = None) -> None:
+    def __init__(self, searchers: SearcherCache, run: str | None = None,
+                 checkpoint: Path | None = None) -> None:
         super().__init__()
+        self.searchers = searchers
         self.run_ref = run
         self.checkpoint = checkpoint
+        self.last_query: Query | None = None  # searched again when the target changes
         self.hits: list[SearchHit] = []
 
     def compose(self) -> ComposeResult:
@@ -86,10 +92,10 @@ class SearchScreen(Screen[None]):
             yield Input(placeholder="text, or path to an image / WAV file", id="search-query")
             yield Select[str](TARGETS, value="auto", allow_blank=False, id="search-target")
         yield Label(self._model_label(), id="search-model")
-        yield KeyedTable(COLUMNS, id="search-results")
+        yield KeyedTable(COLUMNS, id="search-results", flex="caption")
         yield Label("Enter searches; the first query of a model loads it and indexes its gallery",
                     id="search-status")
-        yield Footer()
+        yield key_footer()
 
     def on_mount(self) -> None:
         self.sub_title = "search"
@@ -108,14 +114,22 @@ class SearchScreen(Screen[None]):
     def action_focus_query(self) -> None:
         self.query_one("#search-query", Input).focus()
 
-    def on_input_submitted(self, event: Input.Submitted) -> None:
-        if event.input.id != "search-query":
-            return
+    @on(Input.Submitted, "#search-query")
+    def _query_submitted(self, event: Input.Submitted) -> None:
         try:
             query = parse_query(event.value)
         except NlmmError as exc:
             self.query_one("#search-status", Label).update(str(exc))
             return
+        self.last_query = query
+        self._start_search(query)
+
+    @on(Select.Changed, "#search-target")
+    def _target_changed(self) -> None:
+        if self.last_query is not None:
+            self._start_search(self.last_query)
+
+    def _start_search(self, query: Query) -> None:
         target = self.query_one("#search-target", Select).value
         self.query_one("#search-status", Label).update(f"searching ({query.kind} query) …")
         self._search(query, None if target == "auto" else str(target))
@@ -124,12 +138,15 @@ class SearchScreen(Screen[None]):
     def _search(self, query: Query, target: str | None) -> None:
         started = time.perf_counter()
         try:
-            searcher = cast("NlmmDash", self.app).searcher_for(self.checkpoint, self.run_ref)
+            searcher = self.searchers.get(self.checkpoint, self.run_ref)
             hits = searcher.query(text=query.text, image=query.image, audio=query.audio,
                                   target=target, k=RESULTS)
         except (NlmmError, OSError) as exc:
-            self.app.call_from_thread(self._show_error, str(exc))
+            if not get_current_worker().is_cancelled:
+                self.app.call_from_thread(self._show_error, str(exc))
             return
+        if get_current_worker().is_cancelled:
+            return  # a newer search (another query or target) replaced this one
         seconds = time.perf_counter() - started
         self.app.call_from_thread(self._show_hits, hits, str(searcher.loaded.checkpoint_path), seconds)
 

@@ -24,11 +24,9 @@ def duration(seconds: float | None) -> str:
 
 
 def elapsed_seconds(run: store.Run, now: float) -> float | None:
-    """Seconds the run has trained: up to its end, or up to `now` while it is still active."""
-    if run.started_at is None:
-        return None
-    end = now if run.status in ACTIVE_STATUSES or run.ended_at is None else run.ended_at
-    return max(0.0, end - run.started_at)
+    """Seconds the run has trained over all its workers: up to its end, or up to `now` while it
+    is still active."""
+    return store.elapsed_seconds(run, now)
 
 
 def progress_fraction(run: store.Run) -> float | None:
@@ -41,13 +39,8 @@ def progress_fraction(run: store.Run) -> float | None:
 
 
 def eta_seconds(run: store.Run, now: float) -> float | None:
-    """Time left at the average rate since the run started; None until there is a rate."""
-    if run.status != "running" or not run.steps_total or not run.step:
-        return None
-    spent = elapsed_seconds(run, now)
-    if not spent:
-        return None
-    return max(0, run.steps_total - run.step) * spent / run.step
+    """Time left at the run's average rate over all its workers; None until there is a rate."""
+    return store.eta_seconds(run, now)
 
 
 def percent(fraction: float | None) -> str:

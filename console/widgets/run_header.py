@@ -9,14 +9,16 @@ from textual.widgets import Label, ProgressBar, Static
 
 from console.widgets import cells
 from nlmm import store
-from nlmm.reports import status_text
+from nlmm.reports import device_text, status_text
 
 
 def summary_line(run: store.Run, test_r1: float | None = None) -> Text:
     """`test_r1`: test mean R@1 of the dev-selected best checkpoint, once the run has one."""
-    parts = [Text(run.name, style="bold"), Text("  "), status_text(run.status),
-             Text(f"  {run.device or '-'}  epoch {run.epoch or 0}/{run.epochs_total or '?'}"
-                  f"  step {run.step or 0}/{run.steps_total or '?'}")]
+    parts = [Text(run.name, style="bold"), Text("  "), status_text(run.status)]
+    if run.phase and run.phase != "training" and run.status in store.ACTIVE_STATUSES:
+        parts.append(Text(f" ({run.phase} …)", style="italic"))
+    parts.append(Text(f"  {device_text(run)}  epoch {run.epoch or 0}/{run.epochs_total or '?'}"
+                      f"  step {run.step or 0}/{run.steps_total or '?'}"))
     if run.best_metric is not None:
         parts.append(Text(f"  best dev R@1 {run.best_metric:.1f}"))
     if test_r1 is not None:

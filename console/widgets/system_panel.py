@@ -14,6 +14,7 @@ from console.widgets.cells import size
 from nlmm import store
 
 HISTORY = 120  # samples kept in each sparkline
+NO_GPU = "no GPU found on the worker's machine: host figures only"
 
 
 def _pct(used: int | None, total: int | None) -> float | None:
@@ -63,20 +64,28 @@ def histories(samples: Sequence[store.SystemSample]) -> dict[str, list[float]]:
 
 
 class SystemPanel(Vertical):
-    """Latest figures on top, one labelled sparkline per history below."""
+    """Latest figures on top, one labelled sparkline per history below.
+
+    A run whose samples hold no GPU says so in one line instead of two flat GPU sparklines.
+    """
 
     LABELS = {"gpu-util": "GPU 0 util", "gpu-mem": "GPU 0 mem", "cpu": "host CPU", "ram": "host RAM"}
 
     def compose(self) -> ComposeResult:
         yield Static(id="sys-latest")
+        yield Label(NO_GPU, id="sys-no-gpu")
         for name, label in self.LABELS.items():
-            with Horizontal(classes="spark-row"):
+            classes = "spark-row gpu-row" if name.startswith("gpu") else "spark-row"
+            with Horizontal(classes=classes):
                 yield Label(label, classes="spark-label")
                 yield Sparkline([], id=f"spark-{name}", classes="spark")
                 yield Label("", id=f"spark-{name}-now", classes="spark-now")
 
     def show(self, samples: Sequence[store.SystemSample]) -> None:
         self.query_one("#sys-latest", Static).update(latest_table(samples))
+        host_only = bool(samples) and all(s.device_index is None for s in samples)
+        self.query_one("#sys-no-gpu").display = host_only
+        self.query(".gpu-row").set(display=not host_only)
         for name, values in histories(samples).items():
             self.query_one(f"#spark-{name}", Sparkline).data = values
             self.query_one(f"#spark-{name}-now", Label).update(_fmt(values[-1], "%") if values else "-")

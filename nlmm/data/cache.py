@@ -63,18 +63,29 @@ PREPARE_HINT = "run `nlmm data prepare` to rebuild it"
 
 # --------------------------------------------------------------------------- keys and sources
 
-def cache_params(cfg: DataConfig, vocab_size: int) -> dict[str, Any]:
-    """The parameters that change the cached features (augmentation does not)."""
-    return {**{f: getattr(cfg, f) for f in FEATURE_FIELDS}, "vocab_size": vocab_size}
+def tokenizer_id(tokenizer: TextTokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_json().encode()).hexdigest()[:12]
 
 
-def cache_key(cfg: DataConfig, vocab_size: int) -> str:
-    blob = json.dumps({"version": CACHE_VERSION, **cache_params(cfg, vocab_size)}, sort_keys=True)
+def cache_params(cfg: DataConfig, vocab_size: int,
+                 tokenizer: TextTokenizer | None = None) -> dict[str, Any]:
+    """The parameters that change the cached features (augmentation does not); with a given
+    tokenizer (a trained model's, for another corpus) its identity too."""
+    params = {**{f: getattr(cfg, f) for f in FEATURE_FIELDS}, "vocab_size": vocab_size}
+    if tokenizer is not None:
+        params["tokenizer"] = tokenizer_id(tokenizer)
+    return params
+
+
+def cache_key(cfg: DataConfig, vocab_size: int, tokenizer: TextTokenizer | None = None) -> str:
+    blob = json.dumps({"version": CACHE_VERSION, **cache_params(cfg, vocab_size, tokenizer)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def default_cache_dir(root: Path, cfg: DataConfig, vocab_size: int) -> Path:
-    return Path(root) / CACHE_DIR_NAME / cache_key(cfg, vocab_size)
+def default_cache_dir(root: Path, cfg: DataConfig, vocab_size: int,
+                      tokenizer: TextTokenizer | None = None) -> Path:
+    return Path(root) / CACHE_DIR_NAME / cache_key(cfg, vocab_size, tokenizer)
 
 
 def source_fingerprint(root: Path) -> str:
@@ -239,7 +250,7 @@ def _compute_mels(captions: list[CaptionEntry], cfg: DataConfig, out: Path, work
 
 
 def _build(root: Path, cfg: DataConfig, vocab_size: int, fingerprint: str, out: Path,
-           workers: int | None, progress: bool) -> None:
+           workers: int | None, progress: bool, given: TextTokenizer | None = None) -> None:
     corpus = read_corpus(root)
     defects = list(corpus.defects)
     order = {s: i for i, s in enumerate(SPLITS)}
@@ -267,7 +278,7 @@ def _build(root: Path, cfg: DataConfig, vocab_size: int, fingerprint: str, out: 
         seconds["audio"] = time.perf_counter() - start
         start = time.perf_counter()
         task = bar.add_task("tokens", total=len(captions))
-        tokenizer = TextTokenizer.train(train_texts, vocab_size)
+        tokenizer = given or TextTokenizer.train(train_texts, vocab_size)
         tokens, token_lengths = tokenizer.encode_batch([c.text for c in captions], cfg.text_max_len)
         bar.advance(task, len(captions))
         seconds["tokens"] = time.perf_counter() - start
@@ -288,8 +299,9 @@ def _build(root: Path, cfg: DataConfig, vocab_size: int, fingerprint: str, out: 
     has_audio = {(c.image, c.index): bool(lengths[row]) for row, c in enumerate(captions)}
     manifest = {
         "version": CACHE_VERSION,
-        "key": hashlib.sha256(f"{cache_key(cfg, vocab_size)}:{fingerprint}".encode()).hexdigest()[:16],
-        "params": cache_params(cfg, vocab_size),
+        "key": hashlib.sha256(f"{cache_key(cfg, vocab_size, given)}:{fingerprint}"
+                              .encode()).hexdigest()[:16],
+        "params": cache_params(cfg, vocab_size, given),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "sources": {"root": str(root), "fingerprint": fingerprint},
         "counts": tally(corpus.images, corpus.captions, has_audio, set(row_of)),
@@ -330,16 +342,27 @@ def _install(tmp: Path, cache_dir: Path) -> None:
 def prepare(root: Path, cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None,
             workers: int | None = None, progress: bool = True, force: bool = False,
             encoders: EncodersConfig | None = None,
-            device: torch.device | str | None = None) -> PreparedCache:
+            device: torch.device | str | None = None,
+            tokenizer: TextTokenizer | None = None) -> PreparedCache:
     """Build (or reuse, when fresh) the feature cache of the corpus at `root`.
 
     With `encoders`, the feature sets its backbones need are built too (on `device`; default:
-    the GPU when there is one) and attached to the returned cache.
+    the GPU when there is one) and attached to the returned cache. With `tokenizer` (a trained
+    model's), the captions are encoded with it instead of a tokenizer trained on this corpus's
+    captions, so a model can be scored on a corpus it was not trained on; the corpus's own cache
+    is reused when it was built with that very tokenizer (the model's training corpus).
     """
     root = Path(root).resolve()
-    cache_dir = Path(cache_dir).resolve() if cache_dir else default_cache_dir(root, cfg, vocab_size)
+    if tokenizer is not None and not cache_dir and not force:
+        own = default_cache_dir(root, cfg, vocab_size)
+        if (is_fresh(root, cfg, vocab_size, own)
+                and tokenizer_id(TextTokenizer.load(own / TOKENIZER)) == tokenizer_id(tokenizer)):
+            return _with_features(PreparedCache.open(own, verify_sources=False), encoders,
+                                  device, progress, workers)
+    cache_dir = (Path(cache_dir).resolve() if cache_dir
+                 else default_cache_dir(root, cfg, vocab_size, tokenizer))
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    params = cache_params(cfg, vocab_size)
+    params = cache_params(cfg, vocab_size, tokenizer)
     with locked(cache_dir):
         fingerprint = source_fingerprint(root)
         fresh = not force and _manifest_matches(cache_dir, params, root, fingerprint)
@@ -349,12 +372,18 @@ def prepare(root: Path, cfg: DataConfig, vocab_size: int, cache_dir: Path | None
                 shutil.rmtree(debris, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{cache_dir.name}.tmp-", dir=cache_dir.parent))
             try:
-                _build(root, cfg, vocab_size, fingerprint, tmp, workers, progress)
+                _build(root, cfg, vocab_size, fingerprint, tmp, workers, progress, tokenizer)
                 _install(tmp, cache_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-    cache = PreparedCache.open(cache_dir, verify_sources=False)
+    return _with_features(PreparedCache.open(cache_dir, verify_sources=False), encoders, device,
+                          progress, workers)
+
+
+def _with_features(cache: PreparedCache, encoders: EncodersConfig | None,
+                   device: torch.device | str | None, progress: bool,
+                   workers: int | None) -> PreparedCache:
     if encoders is None:
         return cache
     from nlmm.data.backbone_features import ensure_features

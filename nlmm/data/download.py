@@ -2,8 +2,14 @@
 
 `dest/Flickr8k_Dataset/*.jpg`, `dest/Flickr8k_text/Flickr8k.token.txt` (and the split files),
 `dest/flickr_audio/wavs/*.wav` and `dest/flickr_audio/wav2capt.txt`. Archives land in
-`dest/downloads/` as `<name>.part`, resume with HTTP Range requests, are checked against their
-size and (where known) MD5, and are renamed to `<name>` only once verified.
+`dest/downloads/` as `<name>.part`, resume with HTTP Range requests, are checked against the
+size the server announced and their MD5, and are renamed to `<name>` only once verified.
+
+A part of the corpus counts as present only when it holds every file the corpus's own text
+files name (the caption and split files for images, `wav2capt.txt` for wavs), so an
+incomplete folder is completed on the next call. An unpacked archive is checked the same way
+before anything is moved into `dest`, and an archive is deleted only after its contents passed;
+an archive that fails a check is kept and never unpacked.
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ from typing import BinaryIO
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
+from nlmm.data.flickr import (AUDIO_DIR, IMAGE_DIRS, IMAGE_SUFFIXES, SPLIT_FILES, TEXT_DIRS,
+                              TOKEN_FILE, find_text_dir, list_files, named_images,
+                              named_wavs)
 from nlmm.errors import NlmmError
 
 _CHUNK = 1 << 20
@@ -37,57 +46,78 @@ _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)")
 class Archive:
     name: str
     url: str
-    md5: str | None
-    target: str                         # folder under dest that the archive provides
-    holds: Callable[[Path], bool]       # recognises that folder inside the unpacked archive
-    present: Callable[[Path], bool]     # whether dest already has the archive's contents
+    md5: str
+    target: str                               # folder under dest that the archive provides
+    places: tuple[str, ...]                   # folders under dest that may hold its contents
+    holds: Callable[[Path], bool]             # recognises that folder inside the unpacked archive
+    lacks: Callable[[Path, Path], list[str]]  # (folder, dest) -> files the corpus names but
+                                              # folder does not hold
+
+    def present(self, dest: Path) -> bool:
+        """Whether some folder under `dest` already holds every file of this archive's part."""
+        return any((dest / p).is_dir() and not self.lacks(dest / p, dest) for p in self.places)
+
+
+def _text_lacks(folder: Path, dest: Path) -> list[str]:
+    return [n for n in (TOKEN_FILE, *SPLIT_FILES.values()) if not (folder / n).is_file()]
+
+
+def _images_lacks(folder: Path, dest: Path) -> list[str]:
+    text_dir = find_text_dir(dest)
+    if text_dir is None:
+        return [TOKEN_FILE]  # without the caption file no image can be judged present
+    return sorted(named_images(text_dir) - set(list_files(folder, IMAGE_SUFFIXES)))
+
+
+def _audio_lacks(folder: Path, dest: Path) -> list[str]:
+    if not (folder / "wav2capt.txt").is_file():
+        return ["wav2capt.txt"]
+    if not (folder / "wavs").is_dir():
+        return ["wavs/"]
+    return sorted(named_wavs(folder / "wav2capt.txt") - set(list_files(folder / "wavs", (".wav",))))
 
 
 def _holds_jpgs(folder: Path) -> bool:
-    return any(p.suffix.lower() == ".jpg" for p in folder.iterdir() if p.is_file())
+    return any(list_files(folder, IMAGE_SUFFIXES))
 
 
 def _holds(name: str) -> Callable[[Path], bool]:
     return lambda folder: (folder / name).is_file()
 
 
-def _images_present(dest: Path) -> bool:
-    # The zip's own misspelled folder counts too: the corpus reader accepts both names.
-    return any((dest / d).is_dir() and _holds_jpgs(dest / d)
-               for d in ("Flickr8k_Dataset", "Flicker8k_Dataset"))
-
-
-def _text_present(dest: Path) -> bool:
-    return (dest / "Flickr8k_text" / "Flickr8k.token.txt").is_file()
-
-
-def _audio_present(dest: Path) -> bool:
-    return ((dest / "flickr_audio" / "wav2capt.txt").is_file()
-            and (dest / "flickr_audio" / "wavs").is_dir())
-
-
+# Text first: the caption and split files it brings name the images the image zip must hold.
+# The zips' MD5s are those the R torchvision package (mlverse/torchvision, dataset-flickr.R) and
+# CMake's EXPECTED_MD5 in independent build scripts check these exact URLs against; FACC's is
+# the one its publisher lists beside the download.
 ARCHIVES: tuple[Archive, ...] = (
-    Archive("Flickr8k_Dataset.zip",
-            "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip",
-            None, "Flickr8k_Dataset", _holds_jpgs, _images_present),
     Archive("Flickr8k_text.zip",
             "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_text.zip",
-            None, "Flickr8k_text", _holds("Flickr8k.token.txt"), _text_present),
+            "bf6c1abcb8e4a833b7f922104de18627", "Flickr8k_text", TEXT_DIRS,
+            _holds(TOKEN_FILE), _text_lacks),
+    Archive("Flickr8k_Dataset.zip",
+            "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k/Flickr8k_Dataset.zip",
+            "f18a1e2920de5bd84dae7cf08ec78978", "Flickr8k_Dataset", IMAGE_DIRS,
+            _holds_jpgs, _images_lacks),
     Archive("flickr_audio.tar.gz",
             "https://groups.csail.mit.edu/sls/downloads/flickraudio/downloads/flickr_audio.tar.gz",
-            "9d078f1f150c26e864aa64d1d733779a", "flickr_audio", _holds("wav2capt.txt"),
-            _audio_present),
+            "9d078f1f150c26e864aa64d1d733779a", AUDIO_DIR, (AUDIO_DIR,),
+            _holds("wav2capt.txt"), _audio_lacks),
 )
 
 
+def missing_archives(dest: Path) -> list[str]:
+    """Names of the archives whose part of the corpus `dest` does not hold in full."""
+    return [a.name for a in ARCHIVES if not a.present(Path(dest))]
+
+
 def download_flickr8k(dest: Path, *, urls: dict[str, str] | None = None, progress: bool = True,
-                      timeout: float = 10.0, md5s: dict[str, str | None] | None = None,
+                      timeout: float = 10.0, md5s: dict[str, str] | None = None,
                       retries: int = 3, keep_archives: bool = False) -> Path:
     """Fetches, verifies and unpacks whatever part of Flickr8k + FACC is not in `dest` yet.
 
-    `urls` and `md5s` replace the address or checksum of archives by name (a checksum of None
-    checks the size only); `retries` is how many times an interrupted transfer resumes within
-    this call; archives are deleted once unpacked unless `keep_archives`.
+    `urls` and `md5s` replace the address or checksum of archives by name; `retries` is how
+    many times an interrupted transfer resumes within this call; archives are deleted once
+    their unpacked contents passed their check, unless `keep_archives`.
     """
     dest = Path(dest)
     urls = urls or {}
@@ -98,19 +128,23 @@ def download_flickr8k(dest: Path, *, urls: dict[str, str] | None = None, progres
                         f"{', '.join(a.name for a in ARCHIVES)}.")
     wanted = [dataclasses.replace(a, url=urls.get(a.name, a.url), md5=md5s.get(a.name, a.md5))
               for a in ARCHIVES]
-    missing = [a for a in wanted if not a.present(dest)]
-    if not missing:
+    if all(a.present(dest) for a in wanted):
         return dest
 
     downloads = dest / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
-        for archive in missing:
+        for archive in wanted:
+            # judged when its turn comes: the images are judged against the caption file,
+            # which the text archive may just have brought or replaced
+            if archive.present(dest):
+                continue
             path = downloads / archive.name
             if path.exists():
                 verify_md5(archive, path)  # may have been placed by hand, never checked
             else:
+                missing = [a for a in wanted if not a.present(dest)]
                 _fetch(archive, path, missing, dest, timeout, retries, bar)
             _unpack(archive, path, dest, bar)
             if not keep_archives:
@@ -191,14 +225,12 @@ def _finish(archive: Archive, part: Path, path: Path, size: int, bar: Progress,
 
 
 def verify_md5(archive: Archive, path: Path) -> None:
-    """Deletes `path` and raises when its MD5 differs from the archive's known one."""
-    if archive.md5 is None:
-        return
+    """Raises when the MD5 of `path` differs from the archive's; the file is kept for a look."""
     digest = _md5(path)
     if digest != archive.md5.lower():
-        path.unlink()
-        raise NlmmError(f"{archive.name} failed its MD5 check (got {digest}, expected "
-                        f"{archive.md5}) and was deleted; rerun to download it again.")
+        raise NlmmError(f"{path} failed the MD5 check of {archive.name} (got {digest}, expected "
+                        f"{archive.md5}), so nothing was unpacked; delete it and rerun to "
+                        f"download it again.")
 
 
 def _md5(path: Path) -> str:
@@ -253,8 +285,14 @@ def _unpack(archive: Archive, path: Path, dest: Path, bar: Progress) -> None:
                   if archive.holds(d)), None)
     if found is None:
         shutil.rmtree(scratch)
-        raise NlmmError(f"{archive.name} does not contain the expected {archive.target} files; "
-                        f"delete {path} and rerun to download it again.")
+        raise NlmmError(f"{archive.name} does not contain the expected {archive.target} files, "
+                        f"so nothing was unpacked; delete {path} and rerun to download it again.")
+    lacking = archive.lacks(found, dest)
+    if lacking:
+        shutil.rmtree(scratch)
+        raise NlmmError(f"{archive.name} lacks {len(lacking)} file(s) that the corpus names "
+                        f"({', '.join(lacking[:3])}{', ...' if len(lacking) > 3 else ''}), so "
+                        f"nothing was unpacked; delete {path} and rerun to download it again.")
     _merge_move(found, dest / archive.target)
     shutil.rmtree(scratch, ignore_errors=True)
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 import functools
 import struct
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 import torch
-import torchaudio
-from PIL import Image, ImageFile, UnidentifiedImageError
 
 from nlmm.config import DataConfig
 
-# PIL would otherwise pad a truncated JPEG with grey and report success.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+if TYPE_CHECKING:
+    import torchaudio
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -35,8 +35,20 @@ class BadInput(Exception):
 
 # --------------------------------------------------------------------------- images
 
+@functools.cache
+def _pil_image() -> ModuleType:
+    """PIL.Image, imported on first use: it costs a tenth of a second at start-up, which a text
+    search never needs (likewise torchaudio below)."""
+    from PIL import Image, ImageFile
+
+    # PIL would otherwise pad a truncated JPEG with grey and report success.
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    return Image
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
     """Decode an image to uint8 (3, size, size): RGB, shorter side resized to `size`, centre crop."""
+    Image = _pil_image()
     try:
         with Image.open(path) as img:
             # JPEG DCT scaling decodes at the smallest power-of-two scale still >= size on both
@@ -46,7 +58,7 @@ def load_image(path: Path, size: int) -> np.ndarray:
             rgb = img.convert("RGB")
     except FileNotFoundError:
         raise BadInput("file not found") from None
-    except UnidentifiedImageError:
+    except Image.UnidentifiedImageError:
         raise BadInput("not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError as exc:
         raise BadInput(f"image too large to decode safely ({exc})") from None
@@ -124,6 +136,8 @@ def load_wav(path: Path, sample_rate: int) -> np.ndarray:
     data, rate = read_audio(path)
     mono = data.mean(axis=1, dtype=np.float32)
     if rate != sample_rate:
+        import torchaudio.functional
+
         mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, sample_rate).numpy()
     return np.ascontiguousarray(mono, dtype=np.float32)
 
@@ -146,6 +160,8 @@ def mel_frames(n_samples: int, cfg: DataConfig) -> int:
 @functools.lru_cache(maxsize=8)
 def _mel_transform(sample_rate: int, win_length: int, hop_length: int,
                    n_mels: int) -> torchaudio.transforms.MelSpectrogram:
+    import torchaudio.transforms
+
     return torchaudio.transforms.MelSpectrogram(
         sample_rate=sample_rate, n_fft=win_length, win_length=win_length,
         hop_length=hop_length, n_mels=n_mels)

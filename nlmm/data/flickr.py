@@ -106,15 +106,21 @@ class Corpus:
 
 def _first_dir(root: Path, candidates: tuple[str, ...]) -> Path | None:
     found = [root / c for c in candidates if (root / c).is_dir()]
-    with_images = [d for d in found if any(_list_files(d, IMAGE_SUFFIXES))]
+    with_images = [d for d in found if any(list_files(d, IMAGE_SUFFIXES))]
     return (with_images or found or [None])[0]
 
 
-def _list_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
+def list_files(folder: Path, suffixes: tuple[str, ...]) -> list[str]:
+    """Names of the files in `folder` ending in one of `suffixes` (case-insensitive)."""
     with os.scandir(folder) as it:
         # "._name" files are macOS resource forks that sit beside the real ones in some zips.
         return [e.name for e in it if e.name.lower().endswith(suffixes)
                 and not e.name.startswith("._") and e.is_file()]
+
+
+def find_text_dir(root: Path) -> Path | None:
+    """The folder under `root` holding the caption file, or None when there is none."""
+    return next((root / d for d in TEXT_DIRS if (root / d / TOKEN_FILE).is_file()), None)
 
 
 def find_layout(root: Path) -> CorpusLayout:
@@ -126,7 +132,7 @@ def find_layout(root: Path) -> CorpusLayout:
     if image_dir is None:
         raise NlmmError(f"no image folder under {root}: place the JPEGs in {root}/Flickr8k_Dataset/ "
                         f"(the zip's Flicker8k_Dataset/ is accepted too); {GET_DATA_HINT}.")
-    text_dir = next((root / d for d in TEXT_DIRS if (root / d / TOKEN_FILE).is_file()), None)
+    text_dir = find_text_dir(root)
     if text_dir is None:
         raise NlmmError(f"caption file {TOKEN_FILE} not found: place it in "
                         f"{root}/Flickr8k_text/; {GET_DATA_HINT}.")
@@ -155,6 +161,28 @@ def _lines(path: Path) -> list[tuple[int, str]]:
 
 def _where(path: Path, lineno: int) -> str:
     return f"{path.name}:{lineno}"
+
+
+def named_images(text_dir: Path) -> set[str]:
+    """Every image file name that the caption file and the split files in `text_dir` name.
+
+    Lines that name no image file (malformed, or the known `.jpg.1` defect) name nothing here;
+    `read_corpus` reports them.
+    """
+    names: set[str] = set()
+    for _, line in _lines(text_dir / TOKEN_FILE):
+        name = line.partition("\t")[0].strip().rpartition("#")[0]
+        if name.lower().endswith(IMAGE_SUFFIXES):
+            names.add(name)
+    for split_file in SPLIT_FILES.values():
+        if (text_dir / split_file).is_file():
+            names.update(name for _, name in _lines(text_dir / split_file))
+    return names
+
+
+def named_wavs(wav2capt: Path) -> set[str]:
+    """Every wav file name that FACC's `wav2capt.txt` names (its first field)."""
+    return {line.split()[0] for _, line in _lines(wav2capt)}
 
 
 def _parse_splits(layout: CorpusLayout, on_disk: set[str],
@@ -219,7 +247,7 @@ def _attach_audio(root: Path, layout: CorpusLayout, captions: list[CaptionEntry]
         defects.append(Defect("no_audio", f"{AUDIO_DIR}/", f"{absent} not found in "
                               f"{layout.audio_dir}; the corpus is used for image-text pairs only"))
         return
-    wavs = set(_list_files(layout.wav_dir, (".wav",)))
+    wavs = set(list_files(layout.wav_dir, (".wav",)))
     by_key = {(c.image, c.index): c for c in captions}
     path = layout.wav2capt
     for lineno, line in _lines(path):
@@ -264,7 +292,7 @@ def read_corpus(root: Path) -> Corpus:
     root = Path(root)
     layout = find_layout(root)
     defects: list[Defect] = []
-    on_disk = set(_list_files(layout.image_dir, IMAGE_SUFFIXES))
+    on_disk = set(list_files(layout.image_dir, IMAGE_SUFFIXES))
     assigned = _parse_splits(layout, on_disk, defects)
     captions = _parse_captions(layout, on_disk, defects)
     _attach_audio(root, layout, captions, defects)

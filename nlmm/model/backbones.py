@@ -27,9 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchaudio
 from torch import Tensor, nn
-from torchaudio.models import wav2vec2_model, wavlm_model
 
 from nlmm.config import (AUDIO_BACKBONES, BACKBONE_SAMPLE_RATE, IMAGE_BACKBONES, Config,
                          EncodersConfig, weights_is_file)
@@ -96,6 +94,10 @@ class SpeechRecipe:
 
 def speech_recipe(name: str) -> SpeechRecipe:
     """How torchaudio builds the speech model `name` (a pipeline's architecture and weights URL)."""
+    # Imported on use, like torchvision: a model without a speech backbone never needs it.
+    import torchaudio
+    from torchaudio.models import wav2vec2_model, wavlm_model
+
     if name == "wav2vec2_tiny":
         return SpeechRecipe(wav2vec2_model, dict(TINY_WAV2VEC2), None, False)
     bundle = getattr(torchaudio.pipelines, name)

@@ -6,9 +6,10 @@ final norm) and `embed(states, mask)` (attention pooling, projection, L2 normali
 
 Stems:
 - text: token embeddings; learned positions up to max_position_embeddings.
-- image (`conv_stems: true`, the default): stride-2 3x3 convolutions with BatchNorm and ReLU
-  down to a patch_size grid, then a 1x1 projection with BatchNorm; `conv_stems: false`: one
-  patchify convolution (kernel = stride = patch_size). Learned positions per grid cell.
+- image (`conv_stems: true`, the default): 3x3 convolutions with BatchNorm, ReLU and
+  max-pooling (`image_stem: pool`) or strided 3x3 convolutions (`image_stem: stride`) down to a
+  patch_size grid, then a 1x1 projection with BatchNorm; `conv_stems: false`: one patchify
+  convolution (kernel = stride = patch_size). Learned positions per grid cell.
 - audio: 1-D convolutions over time with the mel bins as channels, strides multiplying to
   audio_stride (stride-2 stages, then one stage for any odd remainder), so a 10 s clip at a
   10 ms hop and stride 4 becomes 250 tokens; with `conv_stems` the log-mel goes through a
@@ -69,27 +70,41 @@ def stem_strides(total: int) -> list[int]:
     return strides
 
 
-class ConvImageStem(nn.Module):
-    """Convolutional stem (`conv_stems: true`, Xiao et al. 2021): stride-2 3x3 convolutions with
-    BatchNorm and ReLU, widening to d_model, then a 1x1 projection with BatchNorm; the same token
-    grid as a patch_size patchify layer. The closing BatchNorm centres the tokens over the batch:
-    without it every image's pooled vector starts on one shared offset (ReLU outputs are
-    positive) and the image embeddings begin nearly collapsed.
+def image_stem_widths(patch_size: int, d_model: int, kind: str) -> list[int]:
+    """Channels of each conv stage of the image stem, doubling up to d_model at the last."""
+    n = len(stem_strides(patch_size))
+    floor = 32 if kind == "pool" else 16
+    return [max(floor, d_model >> (n - 1 - i)) for i in range(n)]
 
-    A patchify ViT trained from scratch on a few thousand images learns slowly and unstably;
-    overlapping small convolutions give the blocks local features to start from.
+
+class ConvImageStem(nn.Module):
+    """Convolutional stem (`conv_stems: true`): conv stages with BatchNorm and ReLU down to the
+    patch_size grid, then a 1x1 projection with BatchNorm. The closing BatchNorm centres the
+    tokens over the batch: without it every image's pooled vector starts on one shared offset
+    (ReLU outputs are positive) and the image embeddings begin nearly collapsed.
+
+    `image_stem: pool` (default): each stage is a stride-1 3x3 convolution followed by max-pooling
+    by the stage's stride, as in a plain CNN; the convolutions see every pixel at full
+    resolution. `image_stem: stride`: each stage is one strided 3x3 convolution (Xiao et al.
+    2021), 4x cheaper per stage but measured to learn about half as fast per step
+    (bench/RESULTS.md). A patchify ViT trained from scratch on a few thousand images learns
+    slowly and unstably; small overlapping convolutions give the blocks local features to start
+    from.
     """
 
-    def __init__(self, patch_size: int, d_model: int) -> None:
+    def __init__(self, patch_size: int, d_model: int, kind: str = "pool") -> None:
         super().__init__()
         strides = stem_strides(patch_size)
         layers: list[nn.Module] = []
         channels = 3
-        for i, s in enumerate(strides):
-            width = max(16, d_model >> (len(strides) - 1 - i))
-            layers += [nn.Conv2d(channels, width, kernel_size=2 * (s // 2) + 1, stride=s,
-                                 padding=s // 2, bias=False),
-                       nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        for s, width in zip(strides, image_stem_widths(patch_size, d_model, kind)):
+            if kind == "pool":
+                layers += [nn.Conv2d(channels, width, kernel_size=3, padding=1, bias=False),
+                           nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(s)]
+            else:
+                layers += [nn.Conv2d(channels, width, kernel_size=2 * (s // 2) + 1, stride=s,
+                                     padding=s // 2, bias=False),
+                           nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             channels = width
         layers += [nn.Conv2d(channels, d_model, kernel_size=1, bias=False), nn.BatchNorm2d(d_model)]
         self.convs = nn.Sequential(*layers)
@@ -239,8 +254,9 @@ def build_encoder(modality: str, cfg: Config) -> Encoder:
         return Encoder(cfg, TextStem(cfg.vocab_size, d), depth, cfg.max_position_embeddings, True)
     if modality == "image":
         n_patches = (cfg.data.image_size // cfg.patch_size) ** 2
-        stem = ConvImageStem if cfg.conv_stems else ImageStem
-        return Encoder(cfg, stem(cfg.patch_size, d), depth, n_patches, True)
+        stem = (ConvImageStem(cfg.patch_size, d, cfg.image_stem) if cfg.conv_stems
+                else ImageStem(cfg.patch_size, d))
+        return Encoder(cfg, stem, depth, n_patches, True)
     if modality == "audio":
         stem = (ConvAudioStem if cfg.conv_stems else AudioStem)(cfg.data.n_mels, d, cfg.audio_stride)
         return Encoder(cfg, stem, depth, cfg.max_position_embeddings, False)

@@ -22,6 +22,11 @@ cost). FLOPs and activation memory are analytic estimates for one training step:
   each block's input is kept, plus the largest block's activations while it is recomputed.
   Checked against the tensors autograd actually saves (tests/test_model.py). Allocator slack,
   workspaces and the data batch are not included.
+- Checkpoints: best.pt (and every epoch_NNN.pt) is a model snapshot: the state dict, the
+  tokenizer and a little metadata. last.pt adds what a resume needs once every level has
+  stepped: each level's optimizer state (`OPTIMIZER_STATE_COPIES`) and, for levels updated
+  every C > 1 steps, the gradient sum of the chunk in progress (one more copy). Checked against
+  the files a run writes (tests/test_checkpoint_size.py).
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from typing import Any
 import torch
 
 from nlmm.config import MODALITIES, PAIRS, Config
-from nlmm.model.encoders import stem_strides
-from nlmm.model.nlmm import NLMM
+from nlmm.model.encoders import image_stem_widths, stem_strides
+from nlmm.model.nlmm import LOOKUP_TABLES, NLMM
+from nlmm.optim.levels import level_settings
 
 OPTIMIZER_STATE_COPIES = {
     "adamw": 2,                # exp_avg, exp_avg_sq
@@ -43,6 +49,19 @@ OPTIMIZER_STATE_COPIES = {
     "universal_anderson": 13,  # Adam's 2 + previous residual + 2 x history of 5
 }
 MEL_FRAMES_PER_SECOND = 100  # 10 ms hop
+# The triple `model_info` assumes unless told otherwise: 5 s of speech, a caption of 20 tokens.
+TYPICAL_SPEECH_SECONDS = 5.0
+TYPICAL_CAPTION_TOKENS = 20
+# The tokenizer's JSON in a checkpoint: about 25 bytes per BPE entry (its token and its merge),
+# measured on trained vocabularies of 300 to 8000 entries.
+TOKENIZER_BYTES_PER_ENTRY = 25
+# Around the tensors: the zip record and pickled key of each, and the config, metrics and
+# progress once (measured on the files of tiny runs).
+CHECKPOINT_BYTES_PER_TENSOR = 300
+CHECKPOINT_OVERHEAD_BYTES = 16 * 2**10
+# Tensors of optimizer state per parameter (their size is OPTIMIZER_STATE_COPIES): AdamW's step
+# counter is one; DMGD adds its memory's weights and scale.
+OPTIMIZER_STATE_TENSORS = {"adamw": 3, "sgd": 1, "dmgd": 6, "muon": 1, "universal_anderson": 5}
 
 
 def parameter_counts(cfg: Config) -> dict[str, Any]:
@@ -65,6 +84,37 @@ def parameter_counts(cfg: Config) -> dict[str, Any]:
             parts[pieces[1]] += p.numel()
     levels = {name: sum(p.numel() for p in params) for name, params in model.level_params().items()}
     return {"parts": parts, "levels": levels, "trainable": sum(parts.values()), "ttt_adapters": adapters}
+
+
+def _optimizer_state(optimizer: str, name: str, p: torch.Tensor) -> tuple[int, int]:
+    """(copies of the parameter, tensors) that an optimizer keeps for one parameter."""
+    if optimizer == "muon":
+        # matrices on the orthogonalised path keep a momentum; lookup tables, output heads and
+        # vectors take Muon's AdamW path (see NLMM.configure_scheduler)
+        if p.ndim < 2 or name.endswith(LOOKUP_TABLES + ("head.weight",)):
+            optimizer = "adamw"
+    return OPTIMIZER_STATE_COPIES[optimizer], OPTIMIZER_STATE_TENSORS[optimizer]
+
+
+def checkpoint_bytes(cfg: Config) -> dict[str, int]:
+    """Estimated sizes of a run's checkpoint files: `best` (best.pt, the epoch files) and `last`
+    (last.pt once every level has stepped, mid-chunk); see the module docstring."""
+    with torch.device("meta"):
+        model = NLMM(cfg)
+    state = model.state_dict()
+    weights = sum(t.numel() * t.element_size() for t in state.values())
+    best = (weights + CHECKPOINT_BYTES_PER_TENSOR * len(state)
+            + TOKENIZER_BYTES_PER_ENTRY * cfg.vocab_size + CHECKPOINT_OVERHEAD_BYTES)
+    names = {id(p): name for name, p in model.named_parameters()}
+    settings = {s.name: s for s in level_settings(cfg, model.backbone_levels(cfg))}
+    resume, tensors = torch.get_rng_state().numel(), 0
+    for level, params in model.level_params().items():
+        chunk_sum = 1 if settings[level].chunk_size > 1 else 0
+        for p in params:
+            copies, count = _optimizer_state(settings[level].optimizer, names[id(p)], p)
+            resume += (copies + chunk_sum) * p.numel() * p.element_size()
+            tensors += count + chunk_sum
+    return {"best": best, "last": best + resume + CHECKPOINT_BYTES_PER_TENSOR * tensors}
 
 
 def tokens_per_triple(cfg: Config, audio_seconds: float, text_len: int) -> dict[str, int]:
@@ -93,10 +143,14 @@ def _forward_flops(cfg: Config, modality: str, n: int, frames: int,
     elif modality == "image":
         side, channels = cfg.data.image_size, 3
         strides = stem_strides(cfg.patch_size)
-        for i, s in enumerate(strides):
-            side = math.ceil(side / s)
-            width = max(16, d >> (len(strides) - 1 - i))
-            conv = 2 * channels * (2 * (s // 2) + 1) ** 2 * width * side * side
+        widths = image_stem_widths(cfg.patch_size, d, cfg.image_stem)
+        for i, (s, width) in enumerate(zip(strides, widths)):
+            if cfg.image_stem == "pool":  # 3x3 conv at the stage's input size, then max-pool
+                conv = 2 * channels * 9 * width * side * side
+                side //= s
+            else:
+                side = math.ceil(side / s)
+                conv = 2 * channels * (2 * (s // 2) + 1) ** 2 * width * side * side
             if i == 0:
                 input_layer = conv
             else:
@@ -127,10 +181,15 @@ def _conv_stem_values(cfg: Config, frames: int) -> float:
         return 0.0
     d, values = cfg.d_model, 0.0
     if cfg.encoders.backbone("image") is None:
-        side, strides = cfg.data.image_size, stem_strides(cfg.patch_size)
-        for i, s in enumerate(strides):
-            side = math.ceil(side / s)
-            values += 2 * max(16, d >> (len(strides) - 1 - i)) * side * side  # conv, norm(+ReLU)
+        side = cfg.data.image_size
+        for s, width in zip(stem_strides(cfg.patch_size),
+                            image_stem_widths(cfg.patch_size, d, cfg.image_stem)):
+            if cfg.image_stem == "pool":  # conv, norm(+ReLU) at full size, then the pooled map
+                values += 2 * width * side * side + width * (side // s) ** 2
+                side //= s
+            else:
+                side = math.ceil(side / s)
+                values += 2 * width * side * side  # conv, norm(+ReLU)
     if cfg.encoders.backbone("audio") is None:
         length = frames
         values += 2 * cfg.data.n_mels * frames
@@ -160,10 +219,18 @@ def _activation_bytes(cfg: Config, tokens: dict[str, int], batch_size: int,
     return stems + sum(rows[m] * (getattr(cfg.depth, m) * per_block + 4) for m in rows)
 
 
-def model_info(cfg: Config, batch_size: int = 32, audio_seconds: float = 5.0,
-               text_len: int = 20) -> dict[str, Any]:
+def model_info(cfg: Config, batch_size: int = 32, audio_seconds: float | None = None,
+               text_len: int | None = None) -> dict[str, Any]:
     """Parameter counts, forward+backward FLOPs per (image, caption, spoken caption) triple and
-    the training memory estimate at `batch_size` (see the module docstring for the model)."""
+    the training memory estimate at `batch_size` (see the module docstring for the model).
+
+    The triple's speech and caption lengths default to TYPICAL_SPEECH_SECONDS and
+    TYPICAL_CAPTION_TOKENS, cut to the config's limits (`data.max_audio_seconds`,
+    `data.text_max_len`) as the data cache cuts them."""
+    if audio_seconds is None:
+        audio_seconds = min(TYPICAL_SPEECH_SECONDS, cfg.data.max_audio_seconds)
+    if text_len is None:
+        text_len = min(TYPICAL_CAPTION_TOKENS, cfg.data.text_max_len)
     counts = parameter_counts(cfg)
     tokens = tokens_per_triple(cfg, audio_seconds, text_len)
     frames = math.ceil(audio_seconds * MEL_FRAMES_PER_SECOND)
@@ -186,6 +253,7 @@ def model_info(cfg: Config, batch_size: int = 32, audio_seconds: float = 5.0,
     }
     memory["total"] = sum(memory.values())
     return {
+        "checkpoint_bytes": checkpoint_bytes(cfg),
         "params": counts["parts"] | {"trainable": counts["trainable"],
                                      "ttt_adapters": counts["ttt_adapters"]},
         "params_per_level": counts["levels"],

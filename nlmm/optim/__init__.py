@@ -3,8 +3,8 @@
 from nlmm.optim.anderson import UniversalAnderson
 from nlmm.optim.dmgd import DMGD
 from nlmm.optim.factory import SGDW, build_optimizer
-from nlmm.optim.levels import Level, LevelScheduler
+from nlmm.optim.levels import Level, LevelScheduler, LevelSetting, level_settings
 from nlmm.optim.muon import Muon, exclude_from_muon, newton_schulz
 
-__all__ = ["DMGD", "SGDW", "Level", "LevelScheduler", "Muon", "UniversalAnderson",
-           "build_optimizer", "exclude_from_muon", "newton_schulz"]
+__all__ = ["DMGD", "SGDW", "Level", "LevelScheduler", "LevelSetting", "Muon", "UniversalAnderson",
+           "build_optimizer", "exclude_from_muon", "level_settings", "newton_schulz"]

@@ -54,6 +54,41 @@ def chunk_lr_scale(chunk_size: int, optimizer: str, rule: str) -> float:
     return float(chunk_size) if rule == "chunk" else chunk_size ** 0.5
 
 
+@dataclass(frozen=True)
+class LevelSetting:
+    """What one level trains with once the run-wide options are applied."""
+
+    name: str
+    chunk_size: int
+    optimizer: str
+    lr: float  # before warmup and decay
+    weight_decay: float
+
+
+def level_settings(cfg: Config, extra_levels: Sequence[CMSLevel] = ()) -> list[LevelSetting]:
+    """The optimizer and lr of every CMS level of `cfg`, then of every `extra_levels` entry: what
+    the scheduler builds, and what reports show as a run's levels.
+
+    `cfg.train.optimizer`, when set, replaces every level's optimizer; `cfg.train.lr`, when set,
+    becomes the lr of the fastest CMS level (smallest chunk_size, the first listed on a tie) and
+    every other level keeps its ratio to it; `cfg.cms_lr_scaling` then scales each level's lr
+    by its chunk (`chunk_lr_scale`).
+    """
+    fastest = min(cfg.cms_levels, key=lambda spec: spec.chunk_size)
+    factor = 1.0
+    if cfg.train.lr is not None:
+        if fastest.lr == 0:
+            raise NlmmError(f"train.lr cannot rescale the levels because the fastest level "
+                            f"{fastest.name!r} has lr 0; give it a positive lr in cms_levels.")
+        factor = cfg.train.lr / fastest.lr
+    settings = []
+    for spec in [*cfg.cms_levels, *extra_levels]:
+        name = cfg.train.optimizer or spec.optimizer
+        lr = spec.lr * factor * chunk_lr_scale(spec.chunk_size, name, cfg.cms_lr_scaling)
+        settings.append(LevelSetting(spec.name, spec.chunk_size, name, lr, spec.weight_decay))
+    return settings
+
+
 @dataclass
 class Level:
     """One CMS level: its name, update period in global steps, and the optimizer of its parameters."""
@@ -105,13 +140,10 @@ class LevelScheduler:
                     extra_levels: Sequence[CMSLevel] = (),
                     no_decay: Collection[Parameter] = ()) -> LevelScheduler:
         """One optimizer per CMS level of `cfg` (then per `extra_levels` entry, e.g. a
-        fine-tuned backbone) over that level's parameters.
+        fine-tuned backbone) over that level's parameters, set up as `level_settings` says.
 
-        `cfg.train.optimizer`, when set, replaces every level's optimizer; `cfg.train.lr`, when
-        set, becomes the lr of the fastest CMS level (smallest chunk_size, the first listed on a
-        tie) and every other level keeps its ratio to it. Levels without trainable parameters
-        are left out; the parameters in `no_decay` take no weight decay. Loss scaling and
-        clipping come from `cfg.precision`.
+        Levels without trainable parameters are left out; the parameters in `no_decay` take no
+        weight decay. Loss scaling and clipping come from `cfg.precision`.
         """
         all_specs = [*cfg.cms_levels, *extra_levels]
         specs = {spec.name: spec for spec in all_specs}
@@ -122,22 +154,14 @@ class LevelScheduler:
         if unknown:
             raise NlmmError(f"parameters were assigned to level {unknown[0]!r}, which cms_levels "
                             f"does not define; use one of: {', '.join(specs)}.")
-        fastest = min(cfg.cms_levels, key=lambda spec: spec.chunk_size)
-        factor = 1.0
-        if cfg.train.lr is not None:
-            if fastest.lr == 0:
-                raise NlmmError(f"train.lr cannot rescale the levels because the fastest level "
-                                f"{fastest.name!r} has lr 0; give it a positive lr in cms_levels.")
-            factor = cfg.train.lr / fastest.lr
         levels = []
-        for spec in all_specs:
-            params = [p for p in level_params.get(spec.name, []) if p.requires_grad]
+        for setting in level_settings(cfg, extra_levels):
+            params = [p for p in level_params.get(setting.name, []) if p.requires_grad]
             if not params:
                 continue
-            name = cfg.train.optimizer or spec.optimizer
-            lr = spec.lr * factor * chunk_lr_scale(spec.chunk_size, name, cfg.cms_lr_scaling)
-            optimizer = build_optimizer(name, params, lr, spec.weight_decay, no_decay)
-            levels.append(Level(spec.name, spec.chunk_size, optimizer))
+            optimizer = build_optimizer(setting.optimizer, params, setting.lr,
+                                        setting.weight_decay, no_decay)
+            levels.append(Level(setting.name, setting.chunk_size, optimizer))
         if not levels:
             raise NlmmError("no CMS level has trainable parameters; check that the model assigns "
                             "its parameters to the levels named in cms_levels.")
@@ -237,19 +261,22 @@ class LevelScheduler:
     def _unscale_fresh_grads(self) -> bool:
         """Divide the fresh grads by the loss scale (1 without fp16) in place; False if any is
         inf or nan. Checked in every precision: one non-finite gradient stepped into a level
-        would turn its weights, and every later loss, into NaN."""
+        would turn its weights, and every later loss, into NaN.
+
+        The step's one host sync: every dtype group of a device flags into the same tensor,
+        read once (the check only sets the flag, never clears it)."""
         groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for params in self._params:
             for p in params:
                 if p.grad is not None:
                     groups.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-        found = []
+        found: dict[torch.device, Tensor] = {}
         for (device, _), grads in groups.items():
-            found_inf = torch.zeros(1, device=device)
+            if device not in found:
+                found[device] = torch.zeros(1, device=device)
             inv_scale = torch.full((1,), 1.0 / self._scale, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
-            found.append(found_inf)
-        return not any(bool(f.item()) for f in found)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found[device], inv_scale)
+        return not any(bool(f.item()) for f in found.values())
 
     # ------------------------------------------------------------------ checkpointing
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError, OperationalError
 from sqlmodel import Session
 
 from nlmm.errors import NlmmError
@@ -138,6 +138,15 @@ def get_engine(url: str | None = None) -> Engine:
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
             raise NlmmError(f"cannot open the store {engine.url.render_as_string(hide_password=True)} "
                             f"({reason}); {advice}") from exc
+        except DatabaseError as exc:
+            engine.dispose()
+            database = _sqlite_file(engine.url)
+            if database is None:
+                raise
+            # SQLite's "file is not a database": something else sits at the store's path
+            raise NlmmError(f"the store file {database} is not an SQLite database; move it away "
+                            f"(nlmm then starts a new store there) or point NLMM_RUNS_DIR or "
+                            f"NLMM_DB_URL at another store") from exc
         except BaseException:
             engine.dispose()
             raise

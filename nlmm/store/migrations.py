@@ -15,6 +15,7 @@ from sqlalchemy import Connection, Engine, insert, select, text, update
 from sqlmodel import SQLModel
 
 from nlmm.errors import NlmmError
+from nlmm.paths import relative_to_run
 from nlmm.store import models
 
 # Any constant works; it names this application's advisory lock on PostgreSQL.
@@ -36,9 +37,51 @@ def create_tables(conn: Connection) -> None:
 _TABLE_MODELS = (models.Run, models.Metric, models.MetricBlock, models.Checkpoint, models.SystemSample,
                  models.SchemaVersion)
 
+
+def paths_relative_to_runs_folder(conn: Connection) -> None:
+    """Rewrite the absolute log and checkpoint paths of older stores as `<run>/...`, relative to
+    the runs folder, so that a copy of a runs folder made before this version uses its own files.
+
+    The part of a path from the folder named after its run on is kept: the store then finds the
+    run's files in whatever runs folder it is opened from. Paths without such a folder (files
+    registered from elsewhere) stay absolute. Raw SQL on the text columns, since the models'
+    path type would re-root the values it reads.
+    """
+    names = dict(conn.execute(text("SELECT id, name FROM runs")).all())
+    logs = conn.execute(text("SELECT id, log_path FROM runs WHERE log_path IS NOT NULL")).all()
+    for run_id, log_path in logs:
+        moved = relative_to_run(log_path, names[run_id])
+        if moved is not None:
+            conn.execute(text("UPDATE runs SET log_path = :p WHERE id = :i"),
+                         {"p": moved, "i": run_id})
+    for ckpt_id, run_id, path in conn.execute(text("SELECT id, run_id, path FROM checkpoints")).all():
+        moved = relative_to_run(path, names[run_id])
+        if moved is not None:
+            conn.execute(text("UPDATE checkpoints SET path = :p WHERE id = :i"),
+                         {"p": moved, "i": ckpt_id})
+
+
+def add_elapsed_before(conn: Connection) -> None:
+    """runs.elapsed_before: the seconds of a run's earlier workers, so that elapsed time and ETA
+    add up across resumes (0 for existing runs: only their latest worker's times are known)."""
+    conn.execute(text("ALTER TABLE runs ADD COLUMN elapsed_before FLOAT NOT NULL DEFAULT 0"))
+
+
+def add_phase_and_processes(conn: Connection) -> None:
+    """runs.phase: what the worker is doing now (training, evaluating dev, saving a checkpoint,
+    testing), so a progress bar is never silent for a minute; runs.processes: how many worker
+    processes train the run (--nproc x --nnodes)."""
+    conn.execute(text("ALTER TABLE runs ADD COLUMN phase VARCHAR NOT NULL DEFAULT ''"))
+    conn.execute(text("ALTER TABLE runs ADD COLUMN processes INTEGER NOT NULL DEFAULT 1"))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create the runs, metrics, metric_blocks, checkpoints and system_samples tables",
               create_tables),
+    Migration(2, "store log and checkpoint paths relative to the runs folder",
+              paths_relative_to_runs_folder),
+    Migration(3, "add runs.elapsed_before", add_elapsed_before),
+    Migration(4, "add runs.phase and runs.processes", add_phase_and_processes),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -2,14 +2,33 @@
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Dialect, Index, String, Text, TypeDecorator, \
+    UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from nlmm.paths import from_stored, to_stored
+
 RUN_STATUSES = ("queued", "running", "finished", "stopped", "failed", "lost")
+ACTIVE_STATUSES = ("queued", "running")
 ENDED_STATUSES = ("finished", "stopped", "failed", "lost")
 CHECKPOINT_KINDS = ("last", "best", "epoch")
 # The metric that ranks checkpoints and runs: mean Recall@1 over the six retrieval directions.
 BEST_METRIC_KEY = "mean_r1"
+
+
+class RunsPath(TypeDecorator[str]):
+    """A file path, kept relative to the runs folder when it lies inside it and read back as an
+    absolute path under the current runs folder (see nlmm.paths). Comparisons in queries go
+    through the same conversion, so `Checkpoint.path == some_absolute_path` matches."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else to_stored(value)
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else from_stored(value)
 
 
 class Run(SQLModel, table=True):
@@ -26,16 +45,21 @@ class Run(SQLModel, table=True):
     host: str = ""
     created_at: float
     started_at: float | None = None  # when the current (possibly resumed) worker started
+    # seconds the run's earlier workers ran: a new worker folds in the one before it
+    elapsed_before: float = 0.0
     ended_at: float | None = None
     heartbeat_at: float | None = None
     error: str | None = Field(default=None, sa_column=Column(Text))
     epochs_total: int | None = None
     steps_total: int | None = None  # known once the worker has sized the data
     step: int = 0
+    # the 1-based epoch the latest step belongs to (0 before the first step)
     epoch: int = 0
+    phase: str = ""  # what the worker is doing: training, evaluating dev, saving best.pt, ...
+    processes: int = 1  # worker processes training the run (--nproc x --nnodes)
     best_metric: float | None = None
     parent: str | None = None
-    log_path: str | None = None
+    log_path: str | None = Field(default=None, sa_type=RunsPath)
 
 
 class Metric(SQLModel, table=True):
@@ -85,7 +109,7 @@ class Checkpoint(SQLModel, table=True):
     run_id: int = Field(foreign_key="runs.id", index=True)
     step: int
     epoch: int
-    path: str
+    path: str = Field(sa_type=RunsPath)
     kind: str
     metrics: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     is_best: bool = False

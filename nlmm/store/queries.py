@@ -16,13 +16,14 @@ from datetime import datetime
 from typing import Any
 
 import psutil
-from sqlalchemy import BigInteger, Engine, cast, delete, func, insert, text, update
+from sqlalchemy import BigInteger, Engine, and_, case, cast, delete, func, insert, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from nlmm.errors import NlmmError
 from nlmm.store.engine import read_session, write_session
 from nlmm.store.models import (
+    ACTIVE_STATUSES,
     BEST_METRIC_KEY,
     BLOCK_STEPS,
     CHECKPOINT_KINDS,
@@ -141,10 +142,15 @@ def _checked_status(status: str) -> str:
 
 
 def set_status(run_id: int, status: str, error: str | None = None, pid: int | None = None,
-               host: str | None = None, engine: Engine | None = None) -> None:
-    """Move a run to `status`, stamping times; `pid` (on `host`, default this one) names its worker.
+               host: str | None = None, processes: int | None = None,
+               engine: Engine | None = None) -> None:
+    """Move a run to `status`, stamping times; `pid` (on `host`, default this one) registers the
+    worker process just started for it, training with `processes` ranks in all.
 
-    `running` stamps started_at anew (a resumed run's new worker) and clears ended_at.
+    Registering a worker, or `running`, begins a new stretch of the run: started_at and
+    heartbeat_at become now and ended_at is cleared, after the stretch before it, when that one
+    had ended, is added to elapsed_before (a resumed run's time adds up). An ended status stamps
+    ended_at: now, or for `lost` the run's last sign of life.
     """
     now = time.time()
     values: dict[str, Any] = {"status": _checked_status(status)}
@@ -152,24 +158,40 @@ def set_status(run_id: int, status: str, error: str | None = None, pid: int | No
         values["error"] = error
     if pid is not None:
         values.update(pid=pid, host=host or socket.gethostname())
-    if status == "running":
-        values.update(started_at=now, heartbeat_at=now, ended_at=None)
+    if processes is not None:
+        values["processes"] = processes
     if status in ENDED_STATUSES:
-        values["ended_at"] = now
+        values["phase"] = ""
+    if pid is not None or status == "running":
+        ended = and_(col(Run.started_at).is_not(None), col(Run.ended_at).is_not(None))
+        values.update(started_at=now, heartbeat_at=now, ended_at=None,
+                      elapsed_before=Run.elapsed_before
+                      + case((ended, Run.ended_at - Run.started_at), else_=0.0))
+    if status in ENDED_STATUSES:
+        values["ended_at"] = _last_sign_of_life(now) if status == "lost" else now
     with write_session(engine) as session:
         found = session.exec(update(Run).where(Run.id == run_id).values(**values))
         if found.rowcount == 0:
             raise NlmmError(f"no run with id {run_id}; list runs with `nlmm runs ls`")
 
 
+def _last_sign_of_life(now: float) -> Any:
+    """When a lost run's worker was last known alive: its last heartbeat (the registration of
+    its pid counts as one)."""
+    return func.coalesce(Run.heartbeat_at, now)
+
+
 def heartbeat(run_id: int, step: int | None = None, epoch: int | None = None,
-              engine: Engine | None = None) -> None:
-    """Tell readers the run is alive (and how far it got) without logging a metric."""
+              phase: str | None = None, engine: Engine | None = None) -> None:
+    """Tell readers the run is alive (and how far it got, what it is doing) without logging a
+    metric."""
     values: dict[str, Any] = {"heartbeat_at": time.time()}
     if step is not None:
         values["step"] = step
     if epoch is not None:
         values["epoch"] = epoch
+    if phase is not None:
+        values["phase"] = phase
     with write_session(engine) as session:
         session.exec(update(Run).where(Run.id == run_id).values(**values))
 
@@ -181,7 +203,7 @@ def _process_alive(pid: int | None, started_at: float | None) -> bool:
         process = psutil.Process(pid)
         if process.status() == psutil.STATUS_ZOMBIE:
             return False
-        # A process that began after the run did is another program that reused the pid.
+        # A process that began after the run registered it is another program that reused the pid.
         return started_at is None or process.create_time() <= started_at + _PID_START_SLACK_S
     except psutil.NoSuchProcess:
         return False
@@ -189,33 +211,51 @@ def _process_alive(pid: int | None, started_at: float | None) -> bool:
         return True
 
 
-def mark_lost(timeout_s: float = LOST_AFTER_S, engine: Engine | None = None) -> list[int]:
-    """Mark `lost` the running runs of this host whose heartbeat is stale and whose process is gone.
+def worker_alive(run: Run) -> bool:
+    """Whether the worker registered for `run` still runs: the one liveness rule of the launcher
+    (before it signals or replaces a worker) and of `mark_lost`.
 
-    Runs of other hosts are left alone: their processes cannot be checked from here.
+    On this host: its process exists, is no zombie, and began no later than it was registered,
+    so a pid reused by another program does not count. On another host, where processes cannot
+    be checked: its heartbeat is younger than LOST_AFTER_S.
+    """
+    if run.host and run.host != socket.gethostname():
+        last_sign = run.heartbeat_at or run.started_at or run.created_at
+        return time.time() - last_sign < LOST_AFTER_S
+    return _process_alive(run.pid, run.started_at)
+
+
+def mark_lost(timeout_s: float = LOST_AFTER_S, engine: Engine | None = None) -> list[int]:
+    """Sweep: mark `lost` the active runs of this host that have a registered worker, a heartbeat
+    older than `timeout_s` and no live worker (`worker_alive`); returns their ids.
+
+    The one store call that turns silence into `lost`: readers (`list_runs`, the dash's polling)
+    never write, so the CLI and the dash call this explicitly before they list runs. Runs of
+    other hosts are left alone: their processes cannot be checked from here.
     """
     cutoff = time.time() - timeout_s
     last_sign = func.coalesce(Run.heartbeat_at, Run.started_at, Run.created_at)
-    stale = (select(Run.id, Run.pid, Run.started_at)
-             .where(Run.status == "running", Run.host == socket.gethostname(), last_sign < cutoff))
+    stale = select(Run).where(col(Run.status).in_(ACTIVE_STATUSES), col(Run.pid).is_not(None),
+                              Run.host == socket.gethostname(), last_sign < cutoff)
     with read_session(engine) as session:
         candidates = session.exec(stale).all()
-    lost = [run_id for run_id, pid, started_at in candidates if not _process_alive(pid, started_at)]
+    lost = [run.id for run in candidates if not worker_alive(run)]
     if lost:
         with write_session(engine) as session:
             # Re-check status and heartbeat inside the write lock: the run may have ended or
             # beaten since the read.
             session.exec(update(Run)
-                         .where(col(Run.id).in_(lost), Run.status == "running", last_sign < cutoff)
-                         .values(status="lost", ended_at=time.time(),
+                         .where(col(Run.id).in_(lost), col(Run.status).in_(ACTIVE_STATUSES),
+                                last_sign < cutoff)
+                         .values(status="lost", ended_at=_last_sign_of_life(time.time()),
                                  error="the worker process disappeared without reporting"))
     return lost
 
 
-def list_runs(status: str | None = None, name_like: str | None = None, engine: Engine | None = None,
-              lost_after_s: float = LOST_AFTER_S) -> list[Run]:
-    """Runs, newest first; runs whose worker died unseen are marked `lost` first."""
-    mark_lost(lost_after_s, engine=engine)
+def list_runs(status: str | None = None, name_like: str | None = None,
+              engine: Engine | None = None) -> list[Run]:
+    """Runs, newest first. Reads only: a worker that died unseen shows as lost once `mark_lost`
+    has swept."""
     query = select(Run).order_by(col(Run.created_at).desc(), col(Run.id).desc())
     if status is not None:
         query = query.where(Run.status == _checked_status(status))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,46 @@ from nlmm.errors import NlmmError
 FORMAT = "nlmm-checkpoint"
 FORMAT_VERSION = 1
 _TEMP_MARK = ".tmp-"
+# What evaluation, search and export read from a checkpoint. A model snapshot (best.pt, the
+# epoch_NNN.pt files) holds only these; last.pt also holds the optimizer, scheduler and RNG state
+# that a resume needs, which for universal_anderson is 13 copies of the weights.
+MODEL_KEYS = ("model", "config", "tokenizer", "data", "progress", "metrics")
+# Room left on top of the tensors for the pickled structure, the tokenizer and the zip records.
+_SPACE_MARGIN = 16 * 2**20
+
+
+def model_snapshot(payload: dict[str, Any]) -> dict[str, Any]:
+    """The part of a full training `payload` that using the model needs (see MODEL_KEYS)."""
+    return {key: payload[key] for key in MODEL_KEYS if key in payload}
+
+
+def _tensor_bytes(value: Any, seen: set[tuple[str, int]]) -> int:
+    """Bytes of the tensor storages in `value` (nested dicts, lists and tuples), each counted once."""
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        key = (str(storage.device), storage.data_ptr())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v, seen) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in value)
+    return 0
+
+
+def _check_free_space(path: Path, body: dict[str, Any]) -> None:
+    """NlmmError when the folder of `path` has no room for the new file beside the old one,
+    which stays until the new one is complete."""
+    needed = _tensor_bytes(body, set()) + _SPACE_MARGIN
+    free = shutil.disk_usage(path.parent).free
+    if free < needed:
+        kept = "the previous file there is kept" if path.is_file() else "nothing was written"
+        raise NlmmError(f"not enough disk space for checkpoint {path}: it needs about "
+                        f"{needed / 1e9:.2f} GB and {path.parent} has {free / 1e9:.2f} GB free; "
+                        f"{kept}, so free space and continue the run with `nlmm train --resume "
+                        f"RUN`.")
 
 
 def _temp_path(path: Path) -> Path:
@@ -26,8 +67,9 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> int:
     """Write `payload` to `path` via a temp file, fsync and rename; returns the size in bytes.
 
     A crash at any moment leaves either the previous file or the new one, never a partial file
-    under the final name. A failed write (disk full, ...) removes the temp file and raises
-    NlmmError; the previous file at `path` is untouched, so the caller keeps pointing at it.
+    under the final name. Too little free space for the new file fails before anything is
+    written; a failed write (disk full, ...) removes the temp file. Both raise NlmmError and
+    leave the previous file at `path` untouched, so the caller keeps pointing at it.
     """
     path = Path(path)
     tmp = _temp_path(path)
@@ -35,6 +77,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> int:
             **payload}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _check_free_space(path, body)
         with open(tmp, "wb") as fh:
             torch.save(body, fh)
             fh.flush()
@@ -92,6 +135,17 @@ def _damaged(path: Path) -> str | None:
     return None if bad is None else f"bad CRC in {bad}"
 
 
+def _other_checkpoints(path: Path) -> str:
+    """What to use instead of a damaged `path`: the other files of its run, never itself."""
+    if path.name == "best.pt":
+        return (f"use {path.with_name('last.pt')} (the latest weights) or an epoch_NNN.pt beside "
+                "it")
+    if path.name == "last.pt":
+        return (f"evaluate or search with {path.with_name('best.pt')} instead; to continue "
+                "training, start a new run (the training state was only in this file)")
+    return f"use best.pt or last.pt in {path.parent}"
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint`; NlmmError when missing, damaged or foreign."""
     path = Path(path)
@@ -105,8 +159,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                 AttributeError, ImportError, IndexError, KeyError, OSError) as exc:
             damage = type(exc).__name__
     if damage is not None:
-        raise NlmmError(f"checkpoint {path} is corrupt or truncated ({damage}); use another "
-                        "checkpoint of the run, e.g. best.pt or last.pt.")
+        raise NlmmError(f"checkpoint {path} is corrupt or truncated ({damage}); "
+                        f"{_other_checkpoints(path)}.")
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise NlmmError(f"{path} is not an nlmm checkpoint; pass a file from runs/<run>/checkpoints/.")
     if body.get("format_version", 0) > FORMAT_VERSION:

@@ -27,6 +27,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -91,9 +94,27 @@ def init_process_group(ctx: DistContext, device: torch.device) -> torch.device:
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
-                            timeout=COLLECTIVE_TIMEOUT)
+    with _native_stdout_silenced():
+        dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size,
+                                timeout=COLLECTIVE_TIMEOUT)
     return device
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Point file descriptor 1 at /dev/null: gloo prints "[Gloo] Rank R is connected to N peer
+    ranks" from C++ for every rank while the group connects, interleaved into train.log.
+    Python's stdout is flushed first, and a failure to connect still raises its exception."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def destroy_process_group(ctx: DistContext) -> None:
@@ -134,6 +155,10 @@ def wrap_model(model: NLMM, device: torch.device, ctx: DistContext) -> nn.Module
 
     if device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Most batches do use every parameter, and DDP then warns that the flag costs a traversal;
+    # the flag stays for the batches without speech, so the warning would only fill train.log.
+    warnings.filterwarnings("ignore", message=".*find_unused_parameters=True was specified",
+                            category=UserWarning)
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=True)

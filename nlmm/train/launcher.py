@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,8 +26,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-    TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from nlmm import store
 from nlmm.config import (Config, config_from_dict, resolve_config, save_config,
@@ -37,9 +37,11 @@ from nlmm.train.loop import resolve_device
 
 DEFAULT_DATA = Path("data/flickr8k")
 SYNTH_DATA = Path("data/synth")
-ACTIVE = ("queued", "running")
+ACTIVE = store.ACTIVE_STATUSES
 
 _processes: dict[int, subprocess.Popen] = {}
+# where the train.log of a worker started here began: `follow` shows that worker's lines only
+_log_starts: dict[int, int] = {}
 
 
 @dataclass
@@ -104,14 +106,28 @@ def _prepare_corpus(req: TrainRequest, cfg: Config, console: Console | None):
             synth_corpus(root, engine="builtin", overwrite=True, progress=console is not None)
     else:
         root = req.data or DEFAULT_DATA
-        if not (root / "Flickr8k_text").is_dir():
-            from nlmm.data.download import download_flickr8k
-
-            if console:
-                console.print(f"{root} holds no corpus yet: downloading Flickr8k + FACC")
-            download_flickr8k(root)
+        _ensure_corpus(root, console)
     return prepare(root, cfg.data, cfg.vocab_size, progress=console is not None,
                    encoders=cfg.encoders)
+
+
+def _ensure_corpus(root: Path, console: Console | None) -> None:
+    """Completes the corpus in the default folder by downloading; anywhere else a folder without
+    a corpus is an error, so that a mistyped --data never starts a 5 GB download."""
+    from nlmm.data.flickr import find_text_dir
+
+    if root.resolve() == DEFAULT_DATA.resolve():
+        from nlmm.data.download import download_flickr8k, missing_archives
+
+        missing = missing_archives(root)
+        if missing:
+            if console:
+                console.print(f"{root} lacks the contents of {', '.join(missing)}: downloading")
+            download_flickr8k(root)
+    elif find_text_dir(root) is None:
+        raise NlmmError(f"no corpus at {root}; download Flickr8k + FACC there with `nlmm data "
+                        f"download --dest {root}`, or write the offline synthetic corpus there "
+                        f"with `nlmm data synth --out {root}`.")
 
 
 def launch(req: TrainRequest, console: Console | None = None) -> store.Run:
@@ -120,6 +136,8 @@ def launch(req: TrainRequest, console: Console | None = None) -> store.Run:
     _check_distributed(req, device)
     if req.node_rank > 0:
         raise NlmmError("a node other than node 0 joins a run with join(), it does not launch one.")
+    # a worker that died unseen must show as lost before --resume or --name look at its run
+    store.mark_lost()
     if req.resume:
         run = _reopen(req, device, console)
     else:
@@ -174,12 +192,13 @@ def join(req: TrainRequest, console: Console | None = None,
 
 def _reopen(req: TrainRequest, device: str, console: Console | None = None) -> store.Run:
     run = store.get_run(req.resume)
-    if run.status in ACTIVE and _alive(run.pid):
+    if run.status in ACTIVE and store.worker_alive(run):
         raise NlmmError(f"run {run.name} is still {run.status}; stop it first with "
                         f"`nlmm runs stop {run.name}`.")
+    if run.status == "finished" and not req.add_epochs:
+        raise NlmmError(f"run {run.name} already finished (step {run.step} of "
+                        f"{run.steps_total}); pass --epochs N to train it N more epochs.")
     last = store.run_dir(run.name) / "checkpoints" / "last.pt"
-    if run.log_path:
-        last = Path(run.log_path).parent / "checkpoints" / "last.pt"
     cfg_dict = with_legacy_defaults(json.loads(run.config))
     if last.is_file():
         # Read in full now: a damaged file is one clear error here rather than a failed worker.
@@ -197,8 +216,9 @@ def _reopen(req: TrainRequest, device: str, console: Console | None = None) -> s
     if req.overrides:
         cfg_dict = config_from_dict(cfg_dict, f"run {run.name}", req.overrides).to_dict()
     _check_batch_split(cfg_dict["train"]["batch_size"], req)
+    # pid None: the old worker's pid is no longer this run's until the new one registers
     store.update_run(run.id, config=json.dumps(cfg_dict), epochs_total=cfg_dict["train"]["epochs"],
-                     device=device, error=None)
+                     device=device, error=None, pid=None)
     store.set_status(run.id, "queued")
     return store.get_run(run.id)
 
@@ -213,39 +233,32 @@ def _torchrun_command(req: TrainRequest, run_id: int | None, cache: Path, device
 
 
 def _worker_env(req: TrainRequest) -> dict[str, str]:
-    env = dict(os.environ, NLMM_DB_URL=store.current_url(), PYTHONUNBUFFERED="1")
+    # the worker resolves the store's relative paths against the same runs folder
+    env = dict(os.environ, NLMM_DB_URL=store.current_url(), NLMM_RUNS_DIR=str(store.runs_dir()),
+               PYTHONUNBUFFERED="1")
     if req.distributed:
         # torchrun would otherwise set 1 thread per process (and say so in the log)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // req.nproc)))
+        # train.log holds the run's own lines, not Gloo's per-rank connection chatter
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     return env
 
 
 def _spawn(run: store.Run, req: TrainRequest) -> subprocess.Popen:
-    log_path = Path(run.log_path) if run.log_path else store.run_dir(run.name) / "train.log"
+    log_path = store.run_dir(run.name) / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     if req.distributed:
         command = _torchrun_command(req, run.id, Path(run.data), run.device)
     else:
         command = [sys.executable, "-m", "nlmm.train.worker", str(run.id)]
     with open(log_path, "ab") as log:
+        _log_starts[run.id] = log.tell()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=_worker_env(req),
                                 start_new_session=True)
     _processes[run.id] = proc
     store.set_status(run.id, "queued", pid=proc.pid)
     return proc
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _reap(run_id: int) -> int | None:
@@ -277,36 +290,86 @@ def wait(run_id: int, timeout: float | None = None, poll_s: float = 0.3) -> stor
 
 
 def follow(run_id: int, console: Console, poll_s: float = 0.5) -> int:
-    """Show a progress bar until the run ends. Ctrl-C stops the run cleanly (checkpoint first).
+    """Show the run until it ends: a progress bar on a terminal, else (CI, nohup, tee) the lines
+    of its train.log as they are written. Ctrl-C stops the run cleanly (checkpoint first).
 
     Returns the exit code for the CLI: 0 finished, 1 failed or lost, 130 stopped.
     """
     run = store.get_run(run_id)
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    interrupted = False
-    with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task(run.name, total=run.steps_total or None, info="starting")
-        try:
-            while True:
-                run = store.get_run(run_id)
-                latest = store.latest_metrics(run.id, keys=["loss", "triples_per_s", "mean_r1"])
-                info = f"epoch {run.epoch or 0}/{run.epochs_total or '?'}"
-                if "loss" in latest:
-                    info += f"  loss {latest['loss']:.3f}"
-                if "triples_per_s" in latest:
-                    info += f"  {latest['triples_per_s']:.0f} triples/s"
-                if "mean_r1" in latest:
-                    info += f"  dev mean R@1 {latest['mean_r1']:.1f}"
-                bar.update(task, total=run.steps_total or None, completed=run.step or 0, info=info)
-                if run.status not in ACTIVE or _reap(run_id) is not None:
-                    break
-                time.sleep(poll_s)
-        except KeyboardInterrupt:
-            interrupted = True
-    if interrupted:
+    show = _follow_bar if console.is_terminal else _follow_log
+    try:
+        show(run_id, console, poll_s)
+    except KeyboardInterrupt:
         console.print("stopping: the worker saves a checkpoint first …")
-        stop(run.name, timeout=300)
+        stop(run.name, timeout=300, signum=signal.SIGINT)
+    return _summary(run_id, console)
+
+
+def _run_over(run_id: int) -> bool:
+    return store.get_run(run_id).status not in ACTIVE or _reap(run_id) is not None
+
+
+def _follow_log(run_id: int, console: Console, poll_s: float) -> None:
+    """Copy the run's train.log lines to `console` until the run ends, then the rest."""
+    path = store.run_dir(store.get_run(run_id).name) / "train.log"
+    offset = _log_starts.get(run_id, path.stat().st_size if path.is_file() else 0)
+    partial = b""
+    while True:
+        over = _run_over(run_id)
+        if path.is_file():
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+            offset += len(chunk)
+            *lines, partial = (partial + chunk).split(b"\n")
+            for line in lines:
+                console.print(line.decode(errors="replace"), markup=False, highlight=False,
+                              soft_wrap=True)
+        if over:
+            if partial:
+                console.print(partial.decode(errors="replace"), markup=False, highlight=False,
+                              soft_wrap=True)
+            return
+        time.sleep(poll_s)
+
+
+def _follow_bar(run_id: int, console: Console, poll_s: float) -> None:
+    run = store.get_run(run_id)
+    # elapsed and ETA come from the store, so that they add up over the run's earlier workers
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TextColumn("{task.fields[clock]}"))
+    noted = False
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(run.name, total=run.steps_total or None, info="starting", clock="")
+        while True:
+            run = store.get_run(run_id)
+            if not noted and run.steps_total:
+                noted = True
+                note = store.steps_cap_note(json.loads(run.config).get("train_steps"),
+                                            run.steps_total, run.epochs_total)
+                if note:
+                    console.print(f"[yellow]note:[/] {note}")
+            latest = store.latest_metrics(run.id, keys=["loss", "triples_per_s", "mean_r1"])
+            info = f"epoch {run.epoch or 0}/{run.epochs_total or '?'}"
+            if run.phase and run.phase != "training":
+                info += f"  {run.phase} …"
+            if "loss" in latest:
+                info += f"  loss {latest['loss']:.3f}"
+            if "triples_per_s" in latest:
+                info += f"  {latest['triples_per_s']:.3g} triples/s"
+            if "mean_r1" in latest:
+                info += f"  dev mean R@1 {latest['mean_r1']:.1f}"
+            now = time.time()
+            clock = (f"{store.hms(store.elapsed_seconds(run, now))} elapsed, ETA "
+                     f"{store.hms(store.eta_seconds(run, now))}")
+            bar.update(task, total=run.steps_total or None, completed=run.step or 0, info=info,
+                       clock=clock)
+            if run.status not in ACTIVE or _reap(run_id) is not None:
+                break
+            time.sleep(poll_s)
+
+
+def _summary(run_id: int, console: Console) -> int:
     run = wait(run_id, timeout=30)
     from nlmm.reports import summary_table
 
@@ -321,15 +384,20 @@ def follow(run_id: int, console: Console, poll_s: float = 0.5) -> int:
     return 1
 
 
-def stop(ref: str, timeout: float = 120.0) -> str:
-    """Ask a run's worker to checkpoint and stop (SIGTERM); waits up to `timeout` seconds."""
+def stop(ref: str, timeout: float = 120.0, signum: int = signal.SIGTERM) -> str:
+    """Ask a run's worker to checkpoint and stop (SIGTERM, or SIGINT for a Ctrl-C, so train.log
+    names what happened); waits up to `timeout` seconds."""
     run = store.get_run(ref)
     if run.status not in ACTIVE:
         return run.status
-    if not _alive(run.pid):
-        store.set_status(run.id, "lost")
+    if run.host and run.host != socket.gethostname():
+        raise NlmmError(f"run {run.name} runs on host {run.host}; stop it there with `nlmm runs "
+                        f"stop {run.name}`.")
+    if not store.worker_alive(run):
+        # no signal: the pid is gone or belongs to another program now
+        store.set_status(run.id, "lost", error="the worker process disappeared without reporting")
         return "lost"
-    os.kill(run.pid, signal.SIGTERM)
+    os.kill(run.pid, signum)
     run = wait(run.id, timeout=timeout)
     if run.status in ACTIVE:
         raise NlmmError(f"run {run.name} did not stop within {timeout:.0f} s; try again or kill "
@@ -340,10 +408,10 @@ def stop(ref: str, timeout: float = 120.0) -> str:
 def remove(ref: str) -> None:
     """Delete a run's rows and its folder; refuses while it is running."""
     run = store.get_run(ref)
-    if run.status in ACTIVE and _alive(run.pid):
+    if run.status in ACTIVE and store.worker_alive(run):
         raise NlmmError(f"run {run.name} is {run.status}; stop it first with `nlmm runs stop "
                         f"{run.name}`.")
-    folder = Path(run.log_path).parent if run.log_path else store.run_dir(run.name)
+    folder = store.run_dir(run.name)
     store.delete_run(run.id)
     if folder.is_dir() and folder.resolve() != store.runs_dir().resolve():
         shutil.rmtree(folder)

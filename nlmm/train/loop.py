@@ -23,7 +23,7 @@ from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import PREFETCH_DEPTH, TrainLoader
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
-from nlmm.train.checkpoint import save_checkpoint
+from nlmm.train.checkpoint import model_snapshot, save_checkpoint
 from nlmm.train.distributed import (
     SINGLE,
     DistContext,
@@ -36,6 +36,15 @@ from nlmm.train.distributed import (
     wrap_model,
 )
 from nlmm.train.evaluate import evaluate_split
+from nlmm.units import hms
+from nlmm.train.speed import (
+    NOT_COMPILE_FAILURES,
+    CompiledParts,
+    channels_last_images,
+    compile_encoders,
+    tf32_scope,
+    use_channels_last,
+)
 
 # loss_ttt: the TTT auxiliary loss, with ttt.enable (see NLMM.forward)
 LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a", "loss_ttt")
@@ -68,6 +77,12 @@ class Progress:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
     best_metric: float = -1.0
     last_eval: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def epoch_number(self) -> int:
+        """The 1-based epoch the latest step belongs to (0 before the first): the one number
+        a person reads in train.log, the store, `runs ls` and the dash."""
+        return self.epoch + (1 if self.batch_in_epoch else 0)
 
 
 @dataclass
@@ -108,7 +123,9 @@ class Trainer:
     def __init__(self, cfg: Config, cache: PreparedCache, device: torch.device, run_dir: Path,
                  sink: MetricSink, on_checkpoint: Callable[[CheckpointEvent], None] | None = None,
                  stop_event: threading.Event | None = None, log: Callable[[str], None] = print,
-                 dist: DistContext = SINGLE):
+                 dist: DistContext = SINGLE, compile_backend: str = "inductor"):
+        """`compile_backend`: the torch.compile backend of `train.compile` (tests and CPU smoke
+        runs pass a cheaper one than inductor)."""
         from nlmm.data.backbone_features import ensure_features
 
         # frozen pretrained backbones: their cached features replace pixels / waveforms
@@ -120,12 +137,21 @@ class Trainer:
         check_batch_size(cfg.train.batch_size, dist)
         torch.manual_seed(cfg.train.seed)
         self.model = NLMM(cfg).to(device)
+        self.channels_last = cfg.train.channels_last and use_channels_last(self.model, device)
         self.sched = self.model.configure_scheduler(cfg)
+        # with the batch counter: a step that is skipped or redone did not see its batch
         self.norm_stats = [t for m in self.model.modules()
                            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
-                           for t in (m.running_mean, m.running_var)]
+                           for t in (m.running_mean, m.running_var, m.num_batches_tracked)
+                           if t is not None]
         self.ddp = wrap_model(self.model, device, dist)
+        self.compiled: CompiledParts | None = None
+        if cfg.train.compile:
+            self.log("compiling the encoders with torch.compile: the first steps take longer")
+            self.compiled = compile_encoders(self.model, self.log, compile_backend)
         self.progress = Progress()
+        # what the run is doing, for the heartbeat: a bar at 100 % for a minute says nothing
+        self.phase = "training"
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
         self.epoch_min_spread: dict[str, float] = {}
@@ -172,15 +198,20 @@ class Trainer:
         torch.set_rng_state(payload["rng"])
 
     def checkpoint(self, kind: str, metrics: dict[str, float] | None = None) -> CheckpointEvent | None:
-        """Save the state as `kind` (rank 0 only; other ranks return None)."""
+        """Save the state as `kind` (rank 0 only; other ranks return None): the full training
+        state in last.pt, a model snapshot in best.pt and the epoch files."""
         if not self.dist.is_main:
             return None
         name = {"last": "last.pt", "best": "best.pt"}.get(kind, f"epoch_{self.progress.epoch:03d}.pt")
         path = self.run_dir / "checkpoints" / name
-        payload = self.state_dict()
+        phase, self.phase = self.phase, f"saving {name}"
+        started = time.perf_counter()
+        payload = self.state_dict() if kind == "last" else model_snapshot(self.state_dict())
         payload["metrics"] = metrics or {}
         nbytes = save_checkpoint(path, payload)
         self.saved_at = time.perf_counter()
+        self.phase = phase
+        self.log(f"saved {name} ({nbytes / 1e6:,.1f} MB) in {self.saved_at - started:.1f} s")
         event = CheckpointEvent(path, kind, Progress(**vars(self.progress)), metrics or {}, nbytes)
         if self.on_checkpoint:
             self.on_checkpoint(event)
@@ -197,6 +228,8 @@ class Trainer:
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Losses of the (global) batch, plus `spread/<modality>` of this rank's embeddings."""
+        if self.channels_last:
+            batch = channels_last_images(batch)
         if self.ddp is None:
             outputs = self.model(batch)[0]
             losses = dict(outputs)
@@ -217,17 +250,20 @@ class Trainer:
         # a batch that turns the loss non-finite also writes NaN into BatchNorm's running
         # statistics, which would poison every later evaluation: kept to put back on a skip
         saved_stats = [t.clone() for t in self.norm_stats]
-        totals: dict[str, torch.Tensor] = {}
-        n = len(batches)
-        for i, batch in enumerate(batches):
-            with sync_context(self.ddp, last_micro_batch=i == n - 1):
-                with self._autocast():
-                    outputs = self._forward(batch)
-                self.sched.scale_loss(outputs["loss"] / n).backward()
-            for key in LOSS_KEYS + ("temperature",) + tuple(f"spread/{m}" for m in MODALITIES):
-                if key in outputs:
-                    value = outputs[key].detach().float() / n
-                    totals[key] = totals[key] + value if key in totals else value
+        try:
+            totals = self._gradients(batches)
+        except NOT_COMPILE_FAILURES:
+            raise
+        except Exception as exc:
+            if self.compiled is None or not self.compiled.active:
+                raise
+            # a compiled part's backward is compiled at its first use, inside backward(): on a
+            # failure there the step starts again, eagerly, from where it began
+            self.compiled.fall_back(exc)
+            self.sched.zero_grad()
+            if self.norm_stats:
+                torch._foreach_copy_(self.norm_stats, saved_stats)
+            totals = self._gradients(batches)
         step = self.progress.global_step + 1
         self.sched.set_lr_factor(lr_factor(step, self.total_steps, self.cfg.train.warmup_steps,
                                            self.cfg.train.schedule))
@@ -247,6 +283,33 @@ class Trainer:
             self.skipped_in_a_row = 0
             self.progress.global_step = step
         return totals
+
+    def _gradients(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Forward and backward of every micro-batch; returns their mean losses, on the device
+        (read once per log window: a read per step would stall the GPU queue)."""
+        totals: dict[str, torch.Tensor] = {}
+        n = len(batches)
+        amp = self.cfg.precision.amp
+        for i, batch in enumerate(batches):
+            with sync_context(self.ddp, last_micro_batch=i == n - 1), \
+                    tf32_scope(self.device, amp, self.cfg.precision.tf32):
+                with self._autocast():
+                    outputs = self._forward(batch)
+                self.sched.scale_loss(outputs["loss"] / n).backward()
+            for key in LOSS_KEYS + ("temperature",) + tuple(f"spread/{m}" for m in MODALITIES):
+                if key in outputs:
+                    value = outputs[key].detach().float() / n
+                    totals[key] = totals[key] + value if key in totals else value
+        return totals
+
+    def _progress_line(self, values: dict[str, float], s_per_step: float) -> str:
+        """One plain line per log window, for train.log and a terminal that is not a TTY."""
+        p = self.progress
+        pairs = " ".join(f"{k[5:]} {values[k]:.3f}" for k in LOSS_KEYS[1:] if k in values)
+        eta = hms(max(0, self.total_steps - p.global_step) * s_per_step)
+        return (f"step {p.global_step}/{self.total_steps} · epoch {p.epoch_number}/"
+                f"{self.cfg.train.epochs} · loss {values.get('loss', float('nan')):.3f} ({pairs}) · "
+                f"{values['triples_per_s']:.3g} triples/s · ETA {eta}")
 
     def evaluate(self, split: str) -> dict[str, float]:
         """Recall@K on `split`: embedded under the training autocast, scored in fp32 (the
@@ -274,12 +337,12 @@ class Trainer:
             collapsed = low > COLLAPSE_SPREAD
             flags[f"collapsed/{modality}"] = float(collapsed)
             if collapsed:
-                self.log(f"warning: the {modality} embeddings collapsed in epoch {self.progress.epoch + 1}: "
+                self.log(f"warning: the {modality} embeddings collapsed in epoch {self.progress.epoch_number}: "
                          f"their mean pairwise cosine stayed above {COLLAPSE_SPREAD} (lowest "
                          f"{low:.3f}), so {modality} retrieval is at chance; lower the learning "
                          f"rate or check the {modality} data.")
         if flags:
-            self.sink.log(self.progress.global_step, self.progress.epoch, flags)
+            self.sink.log(self.progress.global_step, self.progress.epoch_number, flags)
         self.epoch_min_spread = {}
 
     def _stop_requested(self) -> bool:
@@ -314,12 +377,16 @@ class Trainer:
                         window[key] = window[key] + value if key in window else value
                     window_steps += 1
                     if p.global_step % log_every == 0 or p.global_step == self.total_steps:
-                        values = {k: float(v) / window_steps for k, v in window.items()}
+                        # one read of the whole window (a float() per key is a sync per key)
+                        means = (torch.stack(list(window.values())) / window_steps).tolist()
+                        values = dict(zip(window, means))
                         values["skipped_steps"] = float(window_skipped)
                         values["triples_per_s"] = ((window_steps + window_skipped) * acc
                                                    * cfg.train.batch_size / max(window_time, 1e-9))
                         values.update({f"lr/{k}": v for k, v in self.sched.lrs().items()})
-                        self.sink.log(p.global_step, p.epoch, values)
+                        self.sink.log(p.global_step, p.epoch_number, values)
+                        self.log(self._progress_line(
+                            values, window_time / (window_steps + window_skipped)))
                         self._watch_spread(values)
                         window, window_steps, window_skipped, window_time = {}, 0, 0, 0.0
                 if self._stop_requested():
@@ -352,10 +419,14 @@ class Trainer:
 
     def _evaluate_and_keep(self) -> None:
         p = self.progress
-        metrics = self.evaluate(self.cfg.train.eval_split)
+        split = self.cfg.train.eval_split
+        self.phase = f"evaluating {split}"
+        self.log(f"evaluating {split} at step {p.global_step} (epoch {p.epoch_number})")
+        metrics = self.evaluate(split)
+        self.phase = "training"
         p.last_eval = metrics
-        self.sink.log(p.global_step, p.epoch, metrics)
-        self.log(f"epoch {p.epoch} step {p.global_step} " +
+        self.sink.log(p.global_step, p.epoch_number, metrics)
+        self.log(f"{split} epoch {p.epoch_number} step {p.global_step} " +
                  " ".join(f"{k}={v:.1f}" for k, v in metrics.items() if k.endswith("_r1")))
         # a model with non-finite weights scores 0 (non-finite scores are misses), but it must
         # not replace a good best.pt even on a tie at 0
@@ -372,8 +443,10 @@ class Trainer:
         """Test the dev-selected best model as `test/…` (what `nlmm eval RUN` scores, from
         best.pt) and the last model as `test_last/…`. The model is left holding the best weights."""
         p = self.progress
+        self.phase = "testing"
+        self.log("testing the last and the best dev model on the test split")
         last = self.evaluate("test")
-        self.sink.log(p.global_step, p.epoch, {f"test_last/{k}": v for k, v in last.items()})
+        self.sink.log(p.global_step, p.epoch_number, {f"test_last/{k}": v for k, v in last.items()})
         best = self.best_weights
         path = self.run_dir / "checkpoints" / "best.pt"
         if best is None and path.is_file():  # resumed: the best model is only on disk
@@ -384,6 +457,6 @@ class Trainer:
         else:
             self.model.load_state_dict(best)
             test = self.evaluate("test")
-        self.sink.log(p.global_step, p.epoch, {f"test/{k}": v for k, v in test.items()})
+        self.sink.log(p.global_step, p.epoch_number, {f"test/{k}": v for k, v in test.items()})
         self.log("test (best dev checkpoint) " +
                  " ".join(f"{k}={v:.1f}" for k, v in test.items() if k.endswith("_r1")))

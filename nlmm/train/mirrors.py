@@ -50,9 +50,10 @@ class WandbMirror:
         # without credentials W&B would prompt; offline mode keeps a local copy to sync later
         mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY")
                                                 else "offline")
+        # silent: W&B's banners and end-of-run summary would fill the run's train.log
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nlmm"), name=run_name,
                               config=config, dir=str(run_dir), mode=mode, resume="allow",
-                              id=run_name.replace("/", "-"))
+                              id=run_name.replace("/", "-"), settings=wandb.Settings(silent=True))
 
     def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
         self.run.log({**values, "epoch": epoch}, step=step)

@@ -53,7 +53,7 @@ def _heartbeat_loop(run_id: int, trainer_ref: list, stop: threading.Event) -> No
                 store.heartbeat(run_id)
             else:
                 store.heartbeat(run_id, step=trainer.progress.global_step,
-                                epoch=trainer.progress.epoch)
+                                epoch=trainer.progress.epoch_number, phase=trainer.phase)
         except Exception as exc:  # a busy store must not kill training; the next beat retries
             _log(f"heartbeat failed: {exc}")
 
@@ -131,7 +131,8 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
-    store.set_status(run.id, "running", pid=os.getpid(), host=socket.gethostname())
+    store.set_status(run.id, "running", pid=os.getpid(), host=socket.gethostname(),
+                     processes=ctx.world_size)
     trainer_ref: list[Trainer] = []
     beat_stop = threading.Event()
     beat = threading.Thread(target=_heartbeat_loop, args=(run.id, trainer_ref, beat_stop),
@@ -147,7 +148,9 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
         if not ctx.enabled:
             device = resolve_device(run.device)
         cache = _open_cache(Path(run.data), None)
-        run_dir = Path(run.log_path).parent if run.log_path else store.run_dir(run.name)
+        # the run's own folder in the runs folder this worker was started for: a copied runs
+        # folder trains its own copy of the run and never writes into the original
+        run_dir = store.run_dir(run.name)
         for path in discard_partial_writes(run_dir / "checkpoints"):
             _log(f"removed {path.name}, left by a worker that died while saving a checkpoint")
         last = run_dir / "checkpoints" / "last.pt"
@@ -171,7 +174,7 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
 
         def on_checkpoint(ev: CheckpointEvent) -> None:
             sink.flush()
-            store.record_checkpoint(run.id, ev.progress.global_step, ev.progress.epoch,
+            store.record_checkpoint(run.id, ev.progress.global_step, ev.progress.epoch_number,
                                     str(ev.path), ev.kind, ev.metrics, ev.kind == "best", ev.nbytes)
 
         trainer = Trainer(cfg, cache, device, run_dir, sink, on_checkpoint, stop_event, _log,
@@ -184,9 +187,13 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
         where = f"{ctx.world_size} processes ({device.type})" if ctx.enabled else str(device)
         _log(f"training {run.name} on {where}: {trainer.total_steps} steps, "
              f"{trainer.steps_per_epoch} per epoch")
+        note = store.steps_cap_note(cfg.train_steps, trainer.total_steps, cfg.train.epochs)
+        if note:
+            _log(f"note: {note}")
         status = trainer.fit()
         sink.close()
-        store.heartbeat(run.id, step=trainer.progress.global_step, epoch=trainer.progress.epoch)
+        store.heartbeat(run.id, step=trainer.progress.global_step,
+                        epoch=trainer.progress.epoch_number)
         store.set_status(run.id, status)
         _log(f"run {run.name} {status}")
         return 0

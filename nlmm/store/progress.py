@@ -1,0 +1,47 @@
+"""How long a run has trained and how long it has left, across resumes, and what it plans to train.
+
+Every worker of a run is one stretch (started_at to ended_at, or to now while it is active);
+`elapsed_before` holds the stretches of the earlier workers, so the figures here add up over any
+number of stops and resumes. The CLI, the follower's progress bar and the dashboard all read
+them from here.
+"""
+
+from __future__ import annotations
+
+from nlmm.store.models import Run
+from nlmm.units import hms  # noqa: F401 (the store's readers format with store.hms)
+
+
+def elapsed_seconds(run: Run, now: float) -> float | None:
+    """Seconds the run has trained over all its workers (the active one up to `now`); None
+    before any worker started. A run queued for a resume shows its earlier workers' total
+    until the new worker registers."""
+    if run.started_at is None:
+        return None
+    end = now if run.ended_at is None else run.ended_at
+    return (run.elapsed_before or 0.0) + max(0.0, end - run.started_at)
+
+
+def eta_seconds(run: Run, now: float) -> float | None:
+    """Time left for a running run at its average rate so far; None until there is a rate."""
+    if run.status != "running" or not run.steps_total or not run.step:
+        return None
+    spent = elapsed_seconds(run, now)
+    if not spent:
+        return None
+    return max(0, run.steps_total - run.step) * spent / run.step
+
+
+def steps_cap_note(requested: int | None, planned: int | None, epochs: int | None) -> str | None:
+    """The sentence saying that `--steps` (train_steps) asks for more steps than the run's epochs
+    hold, so the run stops at the end of its epochs; None when the cap is within the plan.
+
+    `--steps` stops a run early and never extends it: the epochs still bound the run.
+    """
+    if not requested or not planned or not epochs or requested <= planned:
+        return None
+    per_epoch = planned // epochs
+    needed = -(-requested // per_epoch)
+    return (f"--steps {requested} is more than the {planned} steps of {epochs} epochs "
+            f"({per_epoch} per epoch), so the run stops after {planned} steps; to train "
+            f"{requested}, give it {needed} epochs in all with --epochs.")
