@@ -38,15 +38,17 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_model import ReferenceEncoder  # noqa: E402
+from reference_model import REFERENCE_LOSS, ReferenceEncoder  # noqa: E402
 
 from nlmm.config import OPTIMIZERS, Config, resolve_config  # noqa: E402
+from nlmm.data.backbone_features import ensure_features  # noqa: E402
 from nlmm.data.cache import PreparedCache, prepare  # noqa: E402
 from nlmm.data.loader import TrainLoader  # noqa: E402
 from nlmm.data.synth import synth_corpus  # noqa: E402
+from nlmm.devices import resolve_device  # noqa: E402
+from nlmm.metric_names import DIRECTIONS  # noqa: E402
 from nlmm.train.evaluate import evaluate_split  # noqa: E402
-from nlmm.train.loop import Trainer, resolve_device  # noqa: E402
-from nlmm.train.retrieval import DIRECTIONS  # noqa: E402
+from nlmm.train.loop import Trainer  # noqa: E402
 
 ABLATIONS: dict[str, Callable[[Config], list[str]]] = {
     "nlmm": lambda cfg: [],
@@ -98,7 +100,9 @@ def timed_training(batches: Iterator[Any], step: Callable[[Any], None], budgets_
 
 def run_nlmm(cfg: Config, cache: PreparedCache, device: torch.device, budgets_s: list[float],
              folder: Path) -> dict[float, dict[str, float]]:
+    cache = ensure_features(cache, cfg.encoders, device, progress=False)
     trainer = Trainer(cfg, cache, device, folder, NullSink(), log=lambda m: None)
+    trainer.model.load_pretrained_backbones(progress=False)
     acc = cfg.train.accumulate
 
     def batches() -> Iterator[list[dict[str, torch.Tensor]]]:
@@ -132,7 +136,7 @@ def run_reference(cfg: Config, cache: PreparedCache, device: torch.device,
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         model.train()
-        loss = model(batch)["loss"]
+        loss = REFERENCE_LOSS(model(batch))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -18,7 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nlmm.model.losses import INIT_LOGIT_SCALE, pair_losses
+from nlmm.model.losses import INIT_LOGIT_SCALE, ContrastiveLoss, ForwardOutput, logit_scale_value
+
+# Every pair weighted alike: the reference has no tuned loss weights.
+REFERENCE_LOSS = ContrastiveLoss({"i2t": 1.0, "i2a": 1.0, "t2a": 1.0})
 
 
 def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
@@ -95,13 +98,13 @@ class ReferenceEncoder(nn.Module):
     def encode(self, modality: str, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return F.normalize(self.towers[modality](x, mask).float(), dim=-1)
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Tensor]) -> ForwardOutput:
+        """The embeddings `REFERENCE_LOSS` scores (audio only on the rows that have it)."""
         rows = batch["has_audio"].bool()
         emb = {"image": self.encode("image", batch["image"]),
                "text": self.encode("text", batch["text"], batch["text_mask"]),
                "audio": self.encode("audio", batch["audio"][rows], batch["audio_mask"][rows])}
-        return pair_losses(emb, batch["image_ids"], rows, self.logit_scale,
-                           {"i2t": 1.0, "i2a": 1.0, "t2a": 1.0})
+        return ForwardOutput(emb, batch["image_ids"], rows, logit_scale_value(self.logit_scale))
 
     def optimizer(self, lr: float = 1e-3, weight_decay: float = 0.01) -> torch.optim.Optimizer:
         """AdamW; matrices and conv kernels decay, norms, biases and the temperature do not."""

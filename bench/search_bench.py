@@ -35,10 +35,10 @@ import torch
 from nlmm.config import resolve_config
 from nlmm.data.cache import prepare
 from nlmm.data.synth import synth_corpus
+from nlmm.devices import resolve_device
 from nlmm.model import NLMM
 from nlmm.search import GalleryIndex, SearchRequest, Searcher, read_index, run_search, top_k
 from nlmm.train.checkpoint import save_checkpoint
-from nlmm.train.loop import resolve_device
 
 K = 10
 FIGURES: dict[str, dict[str, float]] = {}  # label -> p50/p99 or median/max (ms), for --json

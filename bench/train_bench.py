@@ -50,12 +50,13 @@ import torch
 from gpu_info import (describe_device, mean_triple, model_flop_utilisation, peak_memory,
                       reset_peak_memory)
 
+from nlmm.backbones import BackboneSpec, build_full_network
 from nlmm.config import AUDIO_BACKBONES, IMAGE_BACKBONES, Config, resolve_config
 from nlmm.data.cache import PreparedCache, prepare
 from nlmm.data.synth import synth_corpus
-from nlmm.model.backbones import BackboneSpec, build_full_network
+from nlmm.devices import resolve_device
 from nlmm.model.info import model_info
-from nlmm.train.loop import Trainer, resolve_device
+from nlmm.train.loop import Trainer
 from nlmm.train.speed import count_syncs
 
 MODES = ("baseline", "cached", "frozen", "e2e")
@@ -166,8 +167,10 @@ def train_once(label: str, cfg: Config, cache: PreparedCache, device: torch.devi
                            epochs_total=cfg.train.epochs, steps_total=None)
     sink = TimedWriter(store.MetricWriter(run.id))
     messages: list[str] = []
+    # `cache` is already the one the mode asks for: "frozen" trains on pixels / waveforms
     trainer = Trainer(cfg, cache, device, folder / label, sink, log=messages.append,
                       compile_backend=compile_backend)
+    trainer.model.load_pretrained_backbones(progress=False)
     aside: dict[str, float] = {}
     clock = None
     if plan is None:

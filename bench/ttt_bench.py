@@ -40,14 +40,17 @@ from typing import Any
 import torch
 
 from nlmm.config import Config, resolve_config
+from nlmm.data.backbone_features import ensure_features
 from nlmm.data.cache import PreparedCache, prepare
 from nlmm.data.loader import iter_modality
 from nlmm.data.synth import synth_corpus
+from nlmm.devices import resolve_device
+from nlmm.metric_names import DIRECTIONS
 from nlmm.model import NLMM
 from nlmm.model.ttt import LowRankAdapter
 from nlmm.train.evaluate import embed_split, score_split
-from nlmm.train.loop import Trainer, resolve_device
-from nlmm.train.retrieval import DIRECTIONS, recall_at_k
+from nlmm.train.loop import Trainer
+from nlmm.train.retrieval import recall_at_k
 
 MODALITY = {"i": "image", "t": "text", "a": "audio"}
 SINGLE_QUERIES = 16  # per modality, for the one-at-a-time latency
@@ -71,7 +74,9 @@ class Setting:
 def train(cfg: Config, cache: PreparedCache, device: torch.device, steps: int,
           folder: Path) -> tuple[NLMM, dict[str, float]]:
     """`steps` optimizer steps of the real loop; the schedule (warmup + cosine) spans them."""
+    cache = ensure_features(cache, cfg.encoders, device, progress=False)
     trainer = Trainer(cfg, cache, device, folder, NullSink(), log=lambda m: None)
+    trainer.model.load_pretrained_backbones(progress=False)
     trainer.total_steps = steps
     acc, window, last = cfg.train.accumulate, 20, {}
     losses: list[dict[str, float]] = []

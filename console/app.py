@@ -17,7 +17,6 @@ from console.screens.run import RunScreen
 from console.screens.runs import RunsScreen
 from console.screens.search import SearchScreen
 from console.searchers import SearcherCache
-from console.widgets.cells import ACTIVE_STATUSES
 from nlmm import store
 from nlmm.errors import NlmmError
 from nlmm.paths import DB_URL_ENV
@@ -98,7 +97,8 @@ class NlmmDash(App[None]):
 
     @work(thread=True, group="launch")
     def _launch(self, form: NewRunForm) -> None:
-        from nlmm.train.launcher import TrainRequest, launch
+        from nlmm.train.launcher import launch
+        from nlmm.train.request import TrainRequest
 
         request = TrainRequest(data=form.data, synthetic=form.synthetic, config=form.config,
                                overrides=form.overrides, device=form.device, name=form.name)
@@ -115,7 +115,7 @@ class NlmmDash(App[None]):
     def confirm_stop(self, request: StopRequested) -> None:
         """Ask, then stop the run (its worker checkpoints first); runs that ended are left alone."""
         run = request.run
-        if run.status not in ACTIVE_STATUSES:
+        if run.status not in store.ACTIVE_STATUSES:
             self.notify(f"run {run.name} is {run.status}; there is nothing to stop",
                         severity="warning")
             return

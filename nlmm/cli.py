@@ -217,7 +217,9 @@ def train(
                                                               "node can reach.")] = None,
 ) -> None:
     """Prepare the corpus if needed, start a training run as a subprocess and follow it."""
-    from nlmm.train.launcher import TrainRequest, follow, join, launch
+    from nlmm.cli_follow import follow
+    from nlmm.train.launcher import join, launch
+    from nlmm.train.request import TrainRequest
 
     _only_flickr8k(dataset)
     overrides = list(set_ or [])
@@ -244,13 +246,13 @@ def train(
         from nlmm import store
 
         log = store.runs_dir() / f"node{node_rank}.log" if detach else None
-        proc = join(request, console=console, log_path=log)
+        proc = join(request, notify=console.print, log_path=log)
         if detach:
             console.print(f"node {node_rank} started (pid {proc.pid}), waiting for node 0 at "
                           f"{rdzv_endpoint}; its output goes to {log}")
             return
         raise typer.Exit(proc.wait())
-    run = launch(request, console=console)
+    run = launch(request, notify=console.print)
     if detach:
         console.print(f"started run [bold]{run.name}[/] (id {run.id}); follow it with "
                       f"`nlmm dash` or `nlmm runs show {run.name}`")

@@ -52,7 +52,7 @@ def checkpoint_for(target: str | Path | None) -> Path:
     from nlmm import store  # only a run name needs the store (and SQLAlchemy's import time)
 
     if target is None:
-        run = store.latest_run(status="finished")
+        run = store.latest_run(status=store.RunStatus.FINISHED)
         if run is None:
             raise NlmmError("no finished run in the store; train one with `nlmm train flickr8k` "
                             "or pass --run / --checkpoint.")
@@ -147,7 +147,7 @@ def load_for_inference(target: str | Path | None, device: str = "auto",
     parameters, so a gallery always matches the features the model was trained on.
     """
     from nlmm.data.cache import PreparedCache
-    from nlmm.train.loop import resolve_device
+    from nlmm.devices import resolve_device
 
     path = checkpoint_for(target)
     dev = resolve_device(device)

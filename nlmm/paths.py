@@ -29,6 +29,19 @@ def run_dir(run_name: str) -> Path:
     return runs_dir() / run_name
 
 
+def run_folder_of(checkpoint: str | os.PathLike[str]) -> Path | None:
+    """The run folder holding `checkpoint` (`<run>/checkpoints/<file>`); None for a checkpoint
+    kept anywhere else, such as one copied out of its run."""
+    folder = Path(checkpoint).parent
+    return folder.parent if folder.name == "checkpoints" else None
+
+
+def checkpoint_home(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where the files made from a checkpoint go (its search index, weight copies, exports):
+    its run's folder, else the folder the checkpoint sits in."""
+    return run_folder_of(checkpoint) or Path(checkpoint).parent
+
+
 def to_stored(path: str | os.PathLike[str]) -> str:
     """`path` as the store keeps it: relative to the runs folder (POSIX form) when it lies
     inside it, else absolute."""

@@ -10,6 +10,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from nlmm.metric_names import DIRECTIONS, KS
+
 if TYPE_CHECKING:  # `runs ls` and the like need no config machinery (yaml), and `nlmm
     # search` through a server no store (SQLAlchemy): each function imports what it uses
     from nlmm import store
@@ -18,7 +20,6 @@ if TYPE_CHECKING:  # `runs ls` and the like need no config machinery (yaml), and
 
 STATUS_STYLE = {"running": "green", "queued": "cyan", "finished": "bold green",
                 "stopped": "yellow", "failed": "bold red", "lost": "magenta"}
-DIRECTIONS = ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t")
 ARROWS = {"i2t": "image→text", "t2i": "text→image", "i2a": "image→audio",
           "a2i": "audio→image", "t2a": "text→audio", "a2t": "audio→text"}
 
@@ -78,9 +79,9 @@ def recall_table(metrics: dict[str, float], title: str = "Recall@K (%)",
     for d in DIRECTIONS:
         if f"{d}_r1" not in metrics:
             continue
-        row = [ARROWS[d]] + [_pct(metrics.get(f"{d}_r{k}")) for k in (1, 5, 10)]
+        row = [ARROWS[d]] + [_pct(metrics.get(f"{d}_r{k}")) for k in KS]
         if second is not None:
-            row += [_pct(second.get(f"{d}_r{k}")) for k in (1, 5, 10)]
+            row += [_pct(second.get(f"{d}_r{k}")) for k in KS]
         table.add_row(*row)
     if "mean_r1" in metrics:
         row = ["mean R@1", _pct(metrics["mean_r1"]), "", ""]
@@ -93,7 +94,7 @@ def recall_table(metrics: dict[str, float], title: str = "Recall@K (%)",
 def _eval_metrics(run_id: int, prefix: str = "") -> dict[str, float]:
     from nlmm import store
 
-    keys = [f"{prefix}{d}_r{k}" for d in DIRECTIONS for k in (1, 5, 10)] + [f"{prefix}mean_r1"]
+    keys = [f"{prefix}{d}_r{k}" for d in DIRECTIONS for k in KS] + [f"{prefix}mean_r1"]
     latest = store.latest_metrics(run_id, keys=keys)
     return {k[len(prefix):]: v for k, v in latest.items()}
 
@@ -249,7 +250,7 @@ def compare_table(refs: Iterable[str]) -> Group:
             differs.add_row(key, *values)
     parts: list[Any] = [differs if differs.row_count else
                         Text("the runs have the same settings", style="dim")]
-    keys = [f"{d}_r{k}" for d in DIRECTIONS for k in (1, 5, 10)] + ["mean_r1"]
+    keys = [f"{d}_r{k}" for d in DIRECTIONS for k in KS] + ["mean_r1"]
     dev = []
     for run in runs:
         best = store.best_checkpoint(run.id)

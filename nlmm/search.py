@@ -29,13 +29,15 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
+from nlmm.config import MODALITIES
 from nlmm.data.cache import PreparedCache
 from nlmm.data.features import (BadInput, load_clip, load_image, load_wav, log_mel,
                                  normalize_images)
 from nlmm.data.flickr import SPLITS
-from nlmm.data.loader import MODALITIES, iter_modality, modality_rows
+from nlmm.data.loader import iter_modality, modality_rows
 from nlmm.errors import NlmmError
 from nlmm.inference import LoadedModel, checkpoint_for, load_for_inference, require_cache
+from nlmm.paths import checkpoint_home, run_folder_of
 from nlmm.search_types import SearchHit, SearchRequest, SearchResults  # re-exported here
 
 INDEX_VERSION = 2
@@ -140,9 +142,7 @@ def checkpoint_hash(path: Path) -> str:
 
 
 def index_dir_for(checkpoint: Path) -> Path:
-    checkpoint = Path(checkpoint).resolve()
-    folder = checkpoint.parent
-    return (folder.parent if folder.name == "checkpoints" else folder) / "index"
+    return checkpoint_home(Path(checkpoint).resolve()) / "index"
 
 
 def read_index(path: Path, n_items: int, dim: int) -> np.ndarray | None:
@@ -418,9 +418,9 @@ class Searcher:
                              self.loaded.checkpoint_path, step, self.run_name())
 
     def run_name(self) -> str | None:
-        """The run whose folder (`<runs>/<run>/checkpoints/`) holds the checkpoint, if any."""
-        folder = self.loaded.checkpoint_path.resolve().parent
-        return folder.parent.name if folder.name == "checkpoints" else None
+        """The run whose folder holds the checkpoint, if any."""
+        folder = run_folder_of(self.loaded.checkpoint_path.resolve())
+        return folder.name if folder is not None else None
 
 
 def top_k(query: torch.Tensor, gallery: torch.Tensor | np.ndarray, k: int,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import nlmm
+from nlmm.devices import resolve_device
 from nlmm.errors import NlmmError
 from nlmm.inference import checkpoint_for
 from nlmm.paths import default_db_url, runs_dir
@@ -43,7 +44,6 @@ from nlmm.search_types import SearchRequest
 from nlmm.serve_client import connect
 from nlmm.serve_protocol import (MAX_REQUEST_BYTES, PROTOCOL, SOCKET_NAME, TCP_PORT_NAME, decode,
                                  encode, request_from_json, results_to_json)
-from nlmm.train.loop import resolve_device
 from nlmm.weights_cache import checkpoint_key
 
 DEFAULT_MAX_MODELS = 2

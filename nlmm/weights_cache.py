@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 import nlmm
+from nlmm.paths import checkpoint_home
 
 FORMAT = "nlmm-weights"
 FORMAT_VERSION = 1
@@ -60,8 +61,7 @@ def checkpoint_key(path: Path) -> str | None:
 
 def weights_dir_for(checkpoint: Path) -> Path:
     """`<run>/weights` for a checkpoint in `<run>/checkpoints`, else `weights` beside it."""
-    folder = Path(checkpoint).resolve().parent
-    return (folder.parent if folder.name == "checkpoints" else folder) / "weights"
+    return checkpoint_home(Path(checkpoint).resolve()) / "weights"
 
 
 def weights_path(checkpoint: Path, key: str) -> Path:

@@ -19,6 +19,8 @@ import torchaudio
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from nlmm.backbones import (Backbone, BackboneSpec, build_full_network, download_named_weights,
+                            extract, truncate)
 from nlmm.config import AUDIO_BACKBONES, IMAGE_BACKBONES, ConfigError, DataConfig, resolve_config
 from nlmm.data import backbone_features
 from nlmm.data.backbone_features import FEATURES_DIR
@@ -27,8 +29,7 @@ from nlmm.data.features import PCM_SCALE, load_clip, load_image, normalize_image
 from nlmm.data.loader import TrainLoader, iter_modality
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
-from nlmm.model.backbones import (Backbone, BackboneSpec, build_full_network, download_named_weights,
-                                  extract, truncate)
+from nlmm.model.losses import ContrastiveLoss
 from nlmm.train.checkpoint import load_checkpoint
 from nlmm.train.loop import Trainer
 
@@ -319,6 +320,7 @@ def test_training_on_cached_features_then_search_queries_go_through_the_backbone
                     encoders=cfg.encoders)
     trainer = Trainer(cfg, cache, torch.device("cpu"), tmp_path / "run", ListSink(),
                       log=lambda m: None)
+    trainer.model.load_pretrained_backbones(progress=False)
     proj = trainer.model.encoders["image"].stem.proj.weight.detach().clone()
     assert trainer.fit() == "finished"
     losses = [row["loss"] for row in trainer.sink.rows if "loss" in row]
@@ -333,8 +335,8 @@ def test_training_on_cached_features_then_search_queries_go_through_the_backbone
         saved = torch.load(path)
         assert stored and all(torch.equal(v, saved[k]) for k, v in stored.items()), modality
     frozen = {id(p) for b in trainer.model.backbones().values() for p in b.parameters()}
-    assert [level.name for level in trainer.sched.levels] == ["fast", "mid", "slow"]
-    assert not frozen & {id(p) for level in trainer.sched.levels for p in level.params}
+    assert [level.name for level in trainer.optimizer.levels] == ["fast", "mid", "slow"]
+    assert not frozen & {id(p) for level in trainer.optimizer.levels for p in level.params}
 
     searcher = Searcher(tmp_path / "run" / "checkpoints" / "last.pt", device="cpu")
     model = searcher.loaded.model
@@ -354,6 +356,22 @@ def test_training_on_cached_features_then_search_queries_go_through_the_backbone
     assert len(hits) == 3 and all(hit.modality == "text" for hit in hits)
 
 
+def test_building_a_trainer_reads_no_weights_and_builds_no_features(small_synth, weights,
+                                                                    tmp_path, monkeypatch):
+    """Loading pretrained weights and building feature caches are the caller's explicit steps
+    (the worker's setup), never a side effect of constructing the Trainer or its optimizer."""
+    def io(*args, **kwargs):
+        raise AssertionError("the Trainer's construction did I/O")
+
+    monkeypatch.setattr(Backbone, "load_pretrained", io)
+    monkeypatch.setattr(backbone_features, "ensure_features", io)
+    cfg = backbone_cfg(weights)
+    cache = prepare(small_synth, cfg.data, cfg.vocab_size, workers=1, progress=False)
+    trainer = Trainer(cfg, cache, torch.device("cpu"), tmp_path / "run", ListSink(),
+                      log=lambda m: None)
+    assert set(trainer.model.backbones()) == {"image", "audio"} and not trainer.cache.features
+
+
 def test_unfrozen_backbones_train_in_their_own_level_on_raw_input(small_synth, weights):
     cfg = backbone_cfg(weights, "encoders.image.frozen=false", "encoders.audio.frozen=false",
                        "encoders.image.lr_scale=0.25", "train.lr=4e-3")
@@ -369,18 +387,19 @@ def test_unfrozen_backbones_train_in_their_own_level_on_raw_input(small_synth, w
     np.testing.assert_allclose(batch["audio"][0, :length].numpy(), clip, atol=1 / PCM_SCALE)
 
     model = NLMM(cfg)
-    sched = model.configure_scheduler(cfg)
-    lrs = sched.lrs()
+    model.load_pretrained_backbones(progress=False)
+    optimizer = model.configure_optimizers(cfg)
+    lrs = optimizer.lrs()
     assert lrs["backbone_image"] == pytest.approx(4e-3 * 0.25)
     assert lrs["backbone_audio"] == pytest.approx(4e-3 * 0.1)
     image_params = dict(model.backbones()["image"].named_parameters())
-    level = next(lv for lv in sched.levels if lv.name == "backbone_image")
+    level = next(lv for lv in optimizer.levels if lv.name == "backbone_image")
     assert {id(p) for p in level.params} == {id(p) for p in image_params.values()}
     before = image_params["net.conv1.weight"].detach().clone()
     model.train()
-    outputs, _ = model(batch)
-    outputs["loss"].backward()
-    assert "backbone_image" in sched.step_all(1)
+    forward, _ = model(batch)
+    ContrastiveLoss.from_config(cfg)(forward)["loss"].backward()
+    assert "backbone_image" in optimizer.step_all(1)
     assert not torch.equal(before, image_params["net.conv1.weight"])
     with pytest.raises(NlmmError, match=r"audio must be \(batch, samples\) 16 kHz waveforms or "
                                         r"\(batch, frames, 64\) wav2vec2_tiny features"):

@@ -79,7 +79,7 @@ def test_detached_run_listed_stopped_with_checkpoint_and_resumed(synth_root, env
     assert resumed.returncode == 0, resumed.stderr
     wait_for(lambda: (store.get_run("det").step or 0) > stop_step + 1, 90, "steps after resume")
     log = Path(run.log_path).read_text()
-    assert f"resumed from" in log and f"at step {stop_step}" in log
+    assert "resumed from" in log and f"at step {stop_step}" in log
     nlmm("runs", "stop", "det", env=env)
     series = store.metric_series(run.id, "loss", max_points=10_000)
     steps = [s for s, _ in series]
@@ -131,6 +131,32 @@ def test_foreground_train_follows_to_the_end_and_prints_a_summary(synth_root, en
                        "lr/fast", "lr/mid", "lr/slow", "temperature"} <= keys
     assert {f"test/{k}" for k in expected} <= keys
     assert store.system_samples(run.id), "the worker records host stats"
+
+
+def test_the_follower_draws_a_bar_on_a_terminal_and_picks_the_exit_code(isolated_store):
+    """The launcher hands out the run as it goes; the CLI draws it and maps the outcome to an
+    exit code (a run that ended before following starts shows at once)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from nlmm.cli_follow import follow
+
+    run = store.create_run("shown", {}, "data", "cpu", epochs_total=2, steps_total=10)
+    with store.MetricWriter(run.id) as writer:
+        writer.log(10, 2, {"loss": 0.5, "triples_per_s": 100.0, "mean_r1": 12.5})
+    store.update_run(run.id, step=10, epoch=2)
+    store.set_status(run.id, store.RunStatus.FINISHED)
+    terminal = Console(file=StringIO(), force_terminal=True, width=200)
+    assert follow(run.id, terminal, poll_s=0.01) == 0
+    shown = terminal.file.getvalue()
+    assert "10/10" in shown and "epoch 2/2" in shown and "loss 0.500" in shown
+    assert "dev mean R@1 12.5" in shown
+
+    store.set_status(run.id, store.RunStatus.STOPPED)
+    piped = Console(file=StringIO(), width=200)
+    assert follow(run.id, piped, poll_s=0.01) == 130
+    assert "resume with `nlmm train flickr8k --resume shown`" in piped.file.getvalue()
 
 
 def test_model_info_counts_the_real_parameters(env):

@@ -12,8 +12,8 @@ import pytest
 
 import nlmm.data.download
 from nlmm.config import resolve_config
+from nlmm.data.corpus_location import prepare_corpus
 from nlmm.errors import NlmmError
-from nlmm.train.launcher import TrainRequest, _prepare_corpus
 
 
 def tree(root: Path, store: Path) -> set[Path]:
@@ -62,5 +62,5 @@ def test_an_incomplete_corpus_in_the_default_folder_is_completed_by_a_download(
     cfg = resolve_config("tiny_cpu", [])
     for data in (None, tmp_path / "data" / "flickr8k"):  # implied, or named explicitly
         with pytest.raises(NlmmError, match="offline"):
-            _prepare_corpus(TrainRequest(data=data), cfg, console=None)
+            prepare_corpus(data, False, cfg)
     assert asked == [(tmp_path / "data" / "flickr8k").resolve()] * 2

@@ -41,12 +41,12 @@ from console.widgets.chart import MetricChart
 from console.widgets.keyed_table import KeyedTable
 from nlmm import store
 from nlmm.errors import NlmmError
+from nlmm.metric_names import DIRECTIONS, KS
 from nlmm.search import SearchHit
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC: every stored time is fixed relative to it
 OTHER_HOST = "gpu-node-7"  # runs "running" elsewhere are never marked lost by this host
 CONFIG = {"cms_levels": [{"name": "fast"}, {"name": "mid"}, {"name": "slow"}]}
-DIRECTIONS = ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t")
 
 
 def step_values(step: int) -> dict[str, float]:
@@ -60,7 +60,7 @@ def step_values(step: int) -> dict[str, float]:
 def eval_values(step: int) -> dict[str, float]:
     """Recall@K of an evaluation at `step`, K = 1, 5, 10 in six directions, plus mean R@1."""
     values = {f"{d}_r{k}": min(100.0, (i + 1) * k + step / 20)
-              for i, d in enumerate(DIRECTIONS) for k in (1, 5, 10)}
+              for i, d in enumerate(DIRECTIONS) for k in KS}
     values["mean_r1"] = sum(values[f"{d}_r1"] for d in DIRECTIONS) / 6
     return values
 

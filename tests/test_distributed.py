@@ -2,7 +2,7 @@
 nodes, train exactly like one process with the same global batch, and only rank 0 writes.
 
 The runs use gradient accumulation (no_sync on the first micro-batch) and CMS levels that step
-every 1, 2 and 4 steps, so the level scheduler's chunk sums are exercised under DDP too.
+every 1, 2 and 4 steps, so the level optimizer's chunk sums are exercised under DDP too.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 from nlmm import store
 from nlmm.config import resolve_config
 from nlmm.errors import NlmmError
-from nlmm.train.launcher import TrainRequest, launch
+from nlmm.train.launcher import launch
+from nlmm.train.request import TrainRequest
 from nlmm.train.loop import Trainer
 
 STEPS = 6

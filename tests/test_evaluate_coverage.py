@@ -4,12 +4,14 @@ caption-level speech figures paired through the cache's caption rows."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from test_retrieval import partly_spoken_set
 
-from nlmm.train.evaluate import evaluate_split, score_split
+from nlmm.train.evaluate import embed_split, evaluate_split, score_split
 
 
 class RowsOnlyCache:
@@ -62,3 +64,28 @@ def test_evaluate_split_scores_an_image_without_audio_out_of_the_speech_directio
     assert got["i2a_r5"] == 0.0 and got["i2a_r10"] == 100.0
     for key in ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t", "t2a_own", "a2t_own"):
         assert f"{key}_r1" in got, key
+
+
+class ContentModel:
+    """Embeds an item by the sum of its input, so that every item keeps its own embedding."""
+
+    cfg = SimpleNamespace(embed_dim=4)
+
+    def eval(self) -> ContentModel:
+        return self
+
+    def encode(self, modality: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1).float().sum(1, keepdim=True).expand(-1, 4)
+
+
+@pytest.mark.parametrize("parts", [2, 3, 7])  # 7: more ranks than batches, some shares empty
+def test_the_shares_of_a_split_concatenate_to_the_whole_split(tiny_cache, parts):
+    """The data-parallel evaluation embeds one share per rank and joins them in rank order."""
+    device = torch.device("cpu")
+    whole, owner = embed_split(ContentModel(), tiny_cache, "test", device, batch_size=4)
+    shares = [embed_split(ContentModel(), tiny_cache, "test", device, batch_size=4, part=part,
+                          parts=parts) for part in range(parts)]
+    assert set(whole) == {"image", "text", "audio"}
+    for modality, emb in whole.items():
+        assert torch.equal(torch.cat([share[modality] for share, _ in shares]), emb)
+        assert all(torch.equal(share_owner[modality], owner[modality]) for _, share_owner in shares)

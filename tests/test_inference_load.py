@@ -18,6 +18,8 @@ from nlmm.config import Config, resolve_config
 from nlmm.data.cache import PreparedCache
 from nlmm.inference import load_for_inference
 from nlmm.model import NLMM
+from nlmm.paths import run_folder_of
+from nlmm.search import index_dir_for
 from nlmm.train.checkpoint import load_checkpoint, save_checkpoint
 from nlmm.weights_cache import checkpoint_key, weights_dir_for
 
@@ -167,8 +169,9 @@ def test_each_checkpoint_keeps_one_copy_and_the_folder_a_few(tiny_cache: Prepare
 
 
 def test_a_text_search_imports_no_image_audio_or_store_library(checkpoint: Path):
-    """Start-up cost: torchvision, torchaudio, PIL and SQLAlchemy are not imported by a text
-    query against a model without backbones, and the search client imports no torch at all."""
+    """Start-up cost: torchvision, torchaudio, PIL, SQLAlchemy and the training loop are not
+    imported by a text query against a model without backbones, and the search client imports
+    no torch at all."""
     load_for_inference(checkpoint, device="cpu")  # the copy exists, as for a repeated search
     script = f"""
 import sys
@@ -180,10 +183,22 @@ from nlmm.search_types import SearchRequest
 request = SearchRequest(text="a red circle", checkpoint=Path({str(checkpoint)!r}), device="cpu")
 hits = Searcher(request.checkpoint, device="cpu").answer(request).hits
 assert hits, "no hits"
-print(sorted(m for m in ("torchvision", "torchaudio", "PIL.Image", "sqlalchemy") if m in sys.modules))
+print(sorted(m for m in ("torchvision", "torchaudio", "PIL.Image", "sqlalchemy", "nlmm.train.loop")
+             if m in sys.modules))
 """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_the_index_and_weight_copies_of_a_checkpoint_go_to_its_run_folder(tmp_path: Path):
+    """One rule for every file made from a checkpoint: beside the run's checkpoints folder, or
+    beside a checkpoint kept outside any run."""
+    root = tmp_path.resolve()
+    in_run, loose = root / "runs" / "r1" / "checkpoints" / "best.pt", root / "copies" / "best.pt"
+    assert run_folder_of(in_run) == root / "runs" / "r1" and run_folder_of(loose) is None
+    for checkpoint, home in ((in_run, root / "runs" / "r1"), (loose, root / "copies")):
+        assert index_dir_for(checkpoint) == home / "index"
+        assert weights_dir_for(checkpoint) == home / "weights"

@@ -9,9 +9,9 @@ import torch
 
 from nlmm.config import resolve_config
 from nlmm.errors import NlmmError
+from nlmm.metric_names import DIRECTIONS
 from nlmm.model import NLMM
 from nlmm.train.loop import COLLAPSE_SPREAD, MAX_SKIPPED_IN_A_ROW, Trainer, embedding_spread
-from nlmm.train.retrieval import DIRECTIONS
 
 
 class ListSink:
@@ -133,10 +133,10 @@ def test_a_streak_of_non_finite_steps_fails_the_run_with_one_sentence(tiny_cache
 
 def test_weight_decay_skips_vectors_and_lookup_tables():
     model = NLMM(resolve_config("tiny_cpu"))
-    sched = model.configure_scheduler(model.cfg)
+    optimizer = model.configure_optimizers(model.cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     decay_of = {}
-    for level in sched.levels:
+    for level in optimizer.levels:
         for group in level.optimizer.param_groups:
             for p in group["params"]:
                 decay_of[names[id(p)]] = group["weight_decay"]
@@ -154,6 +154,19 @@ def test_weight_decay_skips_vectors_and_lookup_tables():
     assert matrices
     for name in matrices:
         assert decay_of[name] > 0.0, name
+
+
+def test_muon_orthogonalises_only_the_matrices_the_model_does_not_exclude():
+    from nlmm.optim.muon import takes_muon_path
+
+    model = NLMM(resolve_config("tiny_cpu", ["train.optimizer=muon"]))
+    excluded = model.no_muon()
+    assert "memory.slots" in excluded and any(n.endswith("head.weight") for n in excluded)
+    assert any(n.endswith("tokens.weight") for n in excluded)
+    model.configure_optimizers(model.cfg)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert takes_muon_path(p) == (p.ndim >= 2 and name not in excluded), name
 
 
 def test_logged_test_figures_are_what_nlmm_eval_prints_for_best_pt(tiny_cache, tmp_path):

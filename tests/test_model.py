@@ -10,6 +10,7 @@ from nlmm.config import config_from_dict
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
 from nlmm.model.layers import linear_attention
+from nlmm.model.losses import ContrastiveLoss
 
 N_MELS = 8
 
@@ -52,6 +53,11 @@ def make_batch(n: int = 6, text_len: int = 7, frames: int = 24, seed: int = 0) -
         "has_audio": torch.ones(n, dtype=torch.bool),
         "image_ids": torch.arange(n),
     }
+
+
+def training_losses(model: NLMM, batch: dict) -> dict:
+    """What the training loop optimises on `batch`: the model's forward, scored by the loss."""
+    return ContrastiveLoss.from_config(model.cfg)(model(batch)[0])
 
 
 def on(batch: dict, device: torch.device) -> dict:
@@ -151,7 +157,7 @@ def test_encode_returns_unit_vectors_for_every_modality_and_depth_zero_works():
             emb = model.encode(modality, x, mask)
             assert emb.shape == (3, 16) and emb.dtype == torch.float32
             torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
-    outputs, _ = model(make_batch(n=3))
+    outputs = training_losses(model, make_batch(n=3))
     assert torch.isfinite(outputs["loss"])
 
 
@@ -170,7 +176,7 @@ def test_every_trainable_parameter_gets_a_gradient(device):
     for mixer in ("softmax", "linear"):
         # non-zero gains: at the default 0 a branch's weights get their first gradient at step 2
         model = NLMM(tiny_config(mixer=mixer, layer_scale_init=0.5)).to(device)
-        outputs, _ = model(on(make_batch(), device))
+        outputs = training_losses(model, on(make_batch(), device))
         outputs["loss"].backward()
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         missing = [n for n, p in trainable if p.grad is None or not p.grad.abs().sum() > 0]
@@ -183,7 +189,7 @@ def test_zero_layer_scale_starts_every_branch_off_and_its_gain_learns_first():
     torch.manual_seed(0)
     model = NLMM(tiny_config())
     batch = make_batch()
-    outputs, _ = model(batch)
+    outputs = training_losses(model, batch)
     outputs["loss"].backward()
     gains = [(n, p) for n, p in model.named_parameters() if n.endswith(".gain")]
     assert gains and all(float(p.abs().sum()) == 0.0 for _, p in gains)
@@ -207,7 +213,7 @@ def test_grad_checkpointing_gives_the_same_gradients(device):
     for checkpointing in (False, True):
         torch.manual_seed(0)
         model = NLMM(tiny_config(train={"grad_checkpointing": checkpointing})).to(device)
-        outputs, _ = model(batch)
+        outputs = training_losses(model, batch)
         outputs["loss"].backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -242,7 +248,8 @@ def test_forward_losses_and_weighting():
     torch.manual_seed(0)
     cfg = tiny_config(train={"loss_weights": {"i2t": 2.0, "i2a": 1.0, "t2a": 0.5}})
     model = NLMM(cfg)
-    outputs, state = model(make_batch())
+    forward, state = model(make_batch())
+    outputs = ContrastiveLoss.from_config(cfg)(forward)
     expected = (2.0 * outputs["loss_i2t"] + outputs["loss_i2a"] + 0.5 * outputs["loss_t2a"]) / 3.5
     torch.testing.assert_close(outputs["loss"], expected)
     assert outputs["temperature"].item() == pytest.approx(0.07, rel=1e-5)
@@ -258,22 +265,39 @@ def test_rows_without_audio_are_excluded(device):
     batch = on(make_batch(), device)
     batch["has_audio"] = torch.tensor([True, False, True, True, False, True], device=device)
     batch["audio_mask"][1] = False  # as the loader sends them: all frames masked
-    outputs, state = model(batch)
-    assert outputs["emb_audio"].shape == (4, 16) and state.rows["audio"] == 4
+    forward, state = model(batch)
+    assert forward.embeddings["audio"].shape == (4, 16) and state.rows["audio"] == 4
+    assert forward.audio_rows.tolist() == batch["has_audio"].tolist()
+    outputs = ContrastiveLoss.from_config(model.cfg)(forward)
     changed = dict(batch, audio=batch["audio"].clone())
     changed["audio"][[1, 4]] = torch.randn(2, 1, N_MELS, 24, device=device) * 10
-    outputs_changed, _ = model(changed)
+    outputs_changed = training_losses(model, changed)
     for key in ("loss_i2a", "loss_t2a", "loss"):
         torch.testing.assert_close(outputs_changed[key], outputs[key])
 
     no_audio = dict(batch, has_audio=torch.zeros(6, dtype=torch.bool, device=device))
-    outputs_none, state_none = model(no_audio)
-    assert "emb_audio" not in outputs_none and "loss_i2a" not in outputs_none
+    forward_none, _ = model(no_audio)
+    outputs_none = ContrastiveLoss.from_config(model.cfg)(forward_none)
+    assert "audio" not in forward_none.embeddings and "loss_i2a" not in outputs_none
     torch.testing.assert_close(outputs_none["loss"], outputs_none["loss_i2t"])
 
     image_text = {k: batch[k] for k in ("text", "text_mask", "image", "image_ids")}
-    outputs_it, _ = model(image_text)
+    outputs_it = training_losses(model, image_text)
     torch.testing.assert_close(outputs_it["loss"], outputs["loss_i2t"])
+
+
+def test_the_forward_embeds_any_shard_and_the_loss_needs_a_weighted_pair():
+    """A data-parallel shard may hold a single spoken caption, too few for an audio pair of its
+    own: the forward only embeds, and the loss decides on the whole (gathered) batch."""
+    torch.manual_seed(0)
+    cfg = tiny_config(train={"loss_weights": {"i2t": 0.0, "i2a": 1.0, "t2a": 1.0}})
+    model = NLMM(cfg)
+    batch = make_batch()
+    batch["has_audio"] = torch.tensor([True] + [False] * 5)
+    forward, _ = model(batch)
+    assert forward.embeddings["audio"].shape == (1, 16)
+    with pytest.raises(NlmmError, match="no modality pair with a positive loss weight"):
+        ContrastiveLoss.from_config(cfg)(forward)
 
 
 def test_bad_inputs_raise_user_errors():
@@ -302,7 +326,7 @@ def test_bf16_autocast_forward_backward_is_finite(device):
     for mixer in ("softmax", "linear"):
         model = NLMM(tiny_config(mixer=mixer)).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            outputs, _ = model(on(make_batch(), device))
+            outputs = training_losses(model, on(make_batch(), device))
         outputs["loss"].backward()
         assert torch.isfinite(outputs["loss"])
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -322,7 +346,7 @@ def test_overfits_a_fixed_batch(device):
     optimizer = torch.optim.AdamW(trainable, lr=3e-3, weight_decay=0.0)
     first = None
     for _ in range(120):
-        outputs, _ = model(batch)
+        outputs = training_losses(model, batch)
         optimizer.zero_grad()
         outputs["loss"].backward()
         optimizer.step()
@@ -348,7 +372,7 @@ def test_model_info_matches_a_counted_training_step(mixer, image_stem):
              "audio": torch.randn(4, 1, N_MELS, 40), "image_ids": torch.arange(4)}
     # the math backend decomposes attention into counted matmuls
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        outputs, _ = model(batch)
+        outputs = training_losses(model, batch)
         outputs["loss"].backward()
     assert info["flops_per_step"] == pytest.approx(counter.get_total_flops(), rel=0.05)
     assert info["tokens_per_triple"] == {"text": 12, "image": 16, "audio": 10}
@@ -400,10 +424,10 @@ def test_activation_estimate_matches_the_tensors_autograd_saves(mixer, image_ste
     assert checkpointed < 0.75 * estimate
 
 
-def test_configure_scheduler_steps_cms_levels_at_their_own_frequency(device):
+def test_configure_optimizers_steps_cms_levels_at_their_own_frequency(device):
     torch.manual_seed(0)
     model = NLMM(tiny_config()).to(device)
-    scheduler = model.configure_scheduler(model.cfg)
+    optimizer = model.configure_optimizers(model.cfg)
     groups = model.level_params()
     batch = on(make_batch(), device)
 
@@ -416,10 +440,10 @@ def test_configure_scheduler_steps_cms_levels_at_their_own_frequency(device):
     losses = []
     for step in range(1, 5):
         before = snapshot()
-        outputs, _ = model(batch)
+        outputs = training_losses(model, batch)
         losses.append(outputs["loss"].item())
         outputs["loss"].backward()
-        scheduler.step_all(step)
+        optimizer.step_all(step)
         assert changed(before, "fast")
         assert changed(before, "mid") == (step % 4 == 0), step
         assert not changed(before, "slow")

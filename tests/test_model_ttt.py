@@ -9,6 +9,7 @@ import torch
 from nlmm.config import config_from_dict
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM, adapt_and_encode
+from nlmm.model.losses import ContrastiveLoss
 from nlmm.model.ttt import masked_positions, ssl_loss, ssl_task
 
 N_MELS = 8
@@ -161,7 +162,7 @@ def batch_of(n: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("ttt", [{"enable": True}, {"enable": False}, {"aux_weight": 0.0}])
 def test_aux_loss_is_in_the_training_loss_only_when_enabled(ttt):
     model = tiny_model(**ttt).train()
-    outputs, _ = model(batch_of())
+    outputs = ContrastiveLoss.from_config(model.cfg)(model(batch_of())[0])
     pairs = sum(outputs[f"loss_{p}"] for p in ("i2t", "i2a", "t2a")) / 3
     if ttt.get("enable", True) and ttt.get("aux_weight", 0.1) > 0:
         aux = outputs["loss_ttt"]
@@ -174,8 +175,8 @@ def test_aux_loss_is_in_the_training_loss_only_when_enabled(ttt):
 
 def test_aux_loss_gradient_reaches_the_tied_text_head_and_every_trunk():
     model = tiny_model().train()
-    outputs, _ = model(batch_of())
-    outputs["loss_ttt"].backward()
+    forward, _ = model(batch_of())
+    forward.loss_ttt.backward()
     tokens = model.encoders["text"].stem.tokens.weight.grad
     assert tokens is not None and tokens.abs().sum() > 0
     for modality in ("text", "image", "audio"):
@@ -211,7 +212,7 @@ def _train(model: NLMM, batch: dict[str, torch.Tensor], steps: int) -> NLMM:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for _ in range(steps):
-        loss = model(batch)[0]["loss"]
+        loss = ContrastiveLoss.from_config(model.cfg)(model(batch)[0])["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -11,7 +11,7 @@ import torch
 
 from nlmm.config import ConfigError, resolve_config
 from nlmm.model import NLMM
-from nlmm.optim import Level, LevelScheduler, build_optimizer
+from nlmm.optim import Level, LevelOptimizer, build_optimizer
 from nlmm.train import speed
 from nlmm.train.loop import Trainer
 from nlmm.train.speed import (channels_last_images, compile_encoders, count_syncs, tf32_scope,
@@ -273,7 +273,7 @@ def sites_in(sites: list[str], suffix: str) -> list[str]:
 
 def test_training_reads_the_device_once_per_step_and_once_per_log_window(tiny_cache, tmp_path,
                                                                          device):
-    """Over 4 steps logged every 2: the scheduler's non-finite check reads the device once a
+    """Over 4 steps logged every 2: the level optimizer's non-finite check reads the device once a
     step and the loop once per log window (not once per logged key). The model's own reads
     are not counted here; bench/gpu_check.sh reports every sync of a step."""
     trainer = Trainer(tiny_cfg("train.log_every=2", "train_steps=4", "train.epochs=5"),
@@ -291,20 +291,20 @@ def test_non_finite_check_reads_the_device_once_for_all_dtypes_and_stays_correct
     params = [torch.nn.Parameter(torch.zeros(3)),
               torch.nn.Parameter(torch.zeros(3, dtype=torch.float64)),
               torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]
-    sched = LevelScheduler([Level("fast", 1, torch.optim.SGD(params, lr=0.1))])
+    optimizer = LevelOptimizer([Level("fast", 1, torch.optim.SGD(params, lr=0.1))])
 
     def step_with(grads: list[list[float]]) -> list[str]:
         for p, g in zip(params, grads):
             p.grad = torch.tensor(g, dtype=p.dtype)
-        return count_syncs(lambda: sched.step_all(1), torch.device("cpu"))
+        return count_syncs(lambda: optimizer.step_all(1), torch.device("cpu"))
 
     assert len(sites_in(step_with([[1, 1, 1], [1, 1, 1], [1, 1]]), LEVELS)) == 1
-    assert not sched.last_step_skipped
+    assert not optimizer.last_step_skipped
     # a non-finite value in an earlier dtype group must survive the later groups' checks
     for bad in ([[1, float("nan"), 1], [1, 1, 1], [1, 1]], [[1, 1, 1], [1, 1, 1], [float("inf"), 1]]):
         before = [p.detach().clone() for p in params]
         assert len(sites_in(step_with(bad), LEVELS)) == 1
-        assert sched.last_step_skipped
+        assert optimizer.last_step_skipped
         assert all(torch.equal(b, p) for b, p in zip(before, params))
 
 

@@ -18,11 +18,14 @@ from sqlalchemy import event, text
 from nlmm import paths
 from nlmm.errors import NlmmError
 from nlmm.store import (
+    ACTIVE_STATUSES,
     BLOCK_STEPS,
+    ENDED_STATUSES,
     LATEST_VERSION,
     MIGRATIONS,
     Migration,
     MetricWriter,
+    RunStatus,
     add_system_samples,
     best_checkpoint,
     best_metric,
@@ -326,6 +329,24 @@ def test_run_lifecycle_and_lookup(engine):
     assert latest_run("failed", engine=engine).id == run.id
     assert [r.name for r in list_runs(name_like="flickr8k", engine=engine)] == [name]
     assert [r.name for r in list_runs(status="queued", engine=engine)] == ["other"]
+
+
+def test_run_statuses_have_one_definition(engine, db_path):
+    """Every status is either active or ended, the column holds the plain string a member
+    equals, and the CLI and the dash style every status."""
+    from nlmm.reports import STATUS_STYLE
+
+    assert set(ACTIVE_STATUSES) | set(ENDED_STATUSES) == set(RunStatus)
+    assert not set(ACTIVE_STATUSES) & set(ENDED_STATUSES)
+    assert set(STATUS_STYLE) == set(RunStatus)
+    run = _new_run(engine)
+    set_status(run.id, RunStatus.STOPPED, engine=engine)
+    with sqlite3.connect(db_path) as conn:
+        stored = conn.execute("SELECT status, typeof(status) FROM runs WHERE id = ?",
+                              (run.id,)).fetchone()
+    assert stored == ("stopped", "text")
+    assert get_run(run.id, engine=engine).status == RunStatus.STOPPED
+    assert [r.id for r in list_runs(status=RunStatus.STOPPED, engine=engine)] == [run.id]
 
 
 def test_checkpoint_best_flag_moves_and_same_path_replaces(engine):

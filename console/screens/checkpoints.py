@@ -22,6 +22,7 @@ from console.widgets.keyed_table import KeyedTable, Row
 from console.widgets.recall_grid import recall_grid
 from nlmm import store
 from nlmm.errors import NlmmError
+from nlmm.paths import checkpoint_home
 
 T = TypeVar("T")
 
@@ -68,9 +69,7 @@ def checkpoint_row(ckpt: store.Checkpoint) -> Row:
 
 def export_folder(ckpt: store.Checkpoint) -> Path:
     """`runs/<run>/export/<kind>-step<N>/`, beside the run's checkpoints folder."""
-    folder = Path(ckpt.path).parent
-    run_folder = folder.parent if folder.name == "checkpoints" else folder
-    return run_folder / "export" / f"{ckpt.kind}-step{ckpt.step}"
+    return checkpoint_home(ckpt.path) / "export" / f"{ckpt.kind}-step{ckpt.step}"
 
 
 class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
@@ -195,7 +194,7 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
         ckpt = self._require()
         if ckpt is None or self.run is None:
             return
-        if self.run.status in cells.ACTIVE_STATUSES:
+        if self.run.status in store.ACTIVE_STATUSES:
             self.notify(f"run {self.run.name} is {self.run.status}; stop it before resuming",
                         severity="warning")
             return
@@ -207,7 +206,8 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
 
     @work(thread=True, group="ckpt-action")
     def _resume(self, run_name: str) -> None:
-        from nlmm.train.launcher import TrainRequest, launch
+        from nlmm.train.launcher import launch
+        from nlmm.train.request import TrainRequest
 
         self._run_action(lambda: launch(TrainRequest(resume=run_name)),
                          lambda run: self.notify(f"resumed {run.name}; its worker is starting"))

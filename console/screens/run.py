@@ -23,11 +23,10 @@ from console.widgets.log_tail import LogTail, Tail, read_tail
 from console.widgets.run_header import RunHeader, health_warnings
 from console.widgets.system_panel import HISTORY, SystemPanel
 from nlmm import store
-from nlmm.reports import DIRECTIONS
+from nlmm.config import MODALITIES
+from nlmm.metric_names import DIRECTIONS, KS, LOSS_KEYS
 
 MAX_POINTS = 300
-RECALL_KS = (1, 5, 10)
-LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a", "loss_ttt")
 # Samples read for the system panel: the sparkline history for up to 8 GPUs and the host.
 SAMPLE_ROWS = HISTORY * 9
 
@@ -36,7 +35,7 @@ TABS = {"loss": ("Loss", "1"), "recall": ("Recall", "2"), "lr": ("LR", "3"),
         "speed": ("Speed", "4"), "spread": ("Spread", "5"), "system": ("System", "6"),
         "log": ("Log", "7")}
 CHART_TABS = ("loss", "recall", "lr", "speed", "spread")
-HEALTH_KEYS = tuple(f"collapsed/{m}" for m in ("image", "text", "audio"))
+HEALTH_KEYS = tuple(f"collapsed/{m}" for m in MODALITIES)
 TEST_KEY = "test/mean_r1"  # the dev-selected best checkpoint's, logged when a run finishes
 
 
@@ -50,7 +49,7 @@ def chart_series(run_id: int, chart: str, keys: list[str], k: int) -> tuple[dict
         wanted = {f"{d}_r{k}": d for d in DIRECTIONS if f"{d}_r{k}" in present}
         if k == 1 and "mean_r1" in present:
             wanted["mean_r1"] = "mean"
-        title = f"Recall@{k} (%) per direction   k: K={'/'.join(map(str, RECALL_KS))}"
+        title = f"Recall@{k} (%) per direction   k: K={'/'.join(map(str, KS))}"
     elif chart == "spread":
         wanted = {key: key.removeprefix("spread/") for key in keys if key.startswith("spread/")}
         title = "embedding spread (mean pairwise cosine; near 1 = collapsed)"
@@ -170,7 +169,7 @@ class RunScreen(PollingScreen[RunSnapshot]):
         self.query_one("#run-tabs", TabbedContent).active = f"tab-{tab}"
 
     def action_cycle_k(self) -> None:
-        self.k = RECALL_KS[(RECALL_KS.index(self.k) + 1) % len(RECALL_KS)]
+        self.k = KS[(KS.index(self.k) + 1) % len(KS)]
         self.action_tab("recall")
         self.refetch()
 

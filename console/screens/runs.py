@@ -19,8 +19,10 @@ from console.widgets.keyed_table import KeyedTable, Row
 from nlmm import store
 from nlmm.reports import status_text
 
-STATUS_FILTERS: tuple[str | None, ...] = (None, "running", "queued", "finished", "stopped",
-                                          "failed", "lost")
+# what `f` cycles through, starting from all runs
+STATUS_FILTERS: tuple[store.RunStatus | None, ...] = (
+    None, store.RunStatus.RUNNING, store.RunStatus.QUEUED, store.RunStatus.FINISHED,
+    store.RunStatus.STOPPED, store.RunStatus.FAILED, store.RunStatus.LOST)
 
 EMPTY_STORE = """\
 [b]No runs in this store yet.[/b]

@@ -10,8 +10,6 @@ import time
 
 from nlmm import store
 
-ACTIVE_STATUSES = ("queued", "running")
-
 
 def duration(seconds: float | None) -> str:
     """`H:MM:SS` (or `D d H:MM:SS` past a day); `-` when unknown."""

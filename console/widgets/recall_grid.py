@@ -8,9 +8,8 @@ from typing import Any
 from rich.table import Table
 
 from console.widgets.cells import recall
-from nlmm.reports import ARROWS, DIRECTIONS
-
-KS = (1, 5, 10)
+from nlmm.metric_names import DIRECTIONS, KS
+from nlmm.reports import ARROWS
 
 
 def recall_grid(metrics: Mapping[str, Any], title: str) -> Table:

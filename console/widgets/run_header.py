@@ -32,7 +32,7 @@ def timing_line(run: store.Run, now: float) -> str:
     text = f"elapsed {cells.duration(elapsed)}"
     if eta is not None:
         text += f"  ETA {cells.duration(eta)}"
-    elif run.status == "running":
+    elif run.status == store.RunStatus.RUNNING:
         text += "  ETA -"
     return text
 

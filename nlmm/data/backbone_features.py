@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from rich.progress import Progress
 
+from nlmm.backbones import Backbone, BackboneSpec, weights_identity
 from nlmm.config import BACKBONE_SAMPLE_RATE, DataConfig, EncodersConfig
 from nlmm.data.cache import PreparedCache, locked, npy_header, progress_bar
 from nlmm.data.features import PCM_SCALE, BadInput, load_clip, normalize_images
 from nlmm.data.parallel import map_chunks
 from nlmm.errors import NlmmError
-from nlmm.model.backbones import Backbone, BackboneSpec, weights_identity
 
 FEATURES_DIR = "features"
 FEATURES_VERSION = 1

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nlmm.config import MODALITIES
 from nlmm.data.cache import PreparedCache
 from nlmm.data.features import PCM_SCALE, normalize_images
 from nlmm.errors import NlmmError
 
-MODALITIES = ("image", "text", "audio")
 PREFETCH_DEPTH = 2
 CROP_AREA = (0.7, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)

@@ -2,7 +2,7 @@
 
 `y = MLP^(f_k)( ... MLP^(f_1)(x))`, one level per `cms_levels` entry in the order listed
 (fast -> slow). Each level is a pre-norm residual MLP; its parameters (norm included) form the
-level's parameter group, which the level scheduler updates every `chunk_size` global steps
+level's parameter group, which the level optimizer updates every `chunk_size` global steps
 with the gradient accumulated over the chunk. The model itself is an ordinary chain: the
 multi-frequency behaviour lives entirely in how the groups are stepped.
 """

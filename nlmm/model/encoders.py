@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from nlmm.backbones import Backbone, BackboneSpec
 from nlmm.config import Config
 from nlmm.errors import NlmmError
-from nlmm.model.backbones import Backbone, BackboneSpec
 from nlmm.model.block import NLBlock
 from nlmm.model.layers import AttentionPool, sinusoidal_positions, trunc_normal
 

@@ -38,7 +38,7 @@ import torch
 
 from nlmm.config import MODALITIES, PAIRS, Config
 from nlmm.model.encoders import image_stem_widths, stem_strides
-from nlmm.model.nlmm import LOOKUP_TABLES, NLMM
+from nlmm.model.nlmm import NLMM
 from nlmm.optim.levels import level_settings
 
 OPTIMIZER_STATE_COPIES = {
@@ -86,13 +86,12 @@ def parameter_counts(cfg: Config) -> dict[str, Any]:
     return {"parts": parts, "levels": levels, "trainable": sum(parts.values()), "ttt_adapters": adapters}
 
 
-def _optimizer_state(optimizer: str, name: str, p: torch.Tensor) -> tuple[int, int]:
-    """(copies of the parameter, tensors) that an optimizer keeps for one parameter."""
-    if optimizer == "muon":
-        # matrices on the orthogonalised path keep a momentum; lookup tables, output heads and
-        # vectors take Muon's AdamW path (see NLMM.configure_scheduler)
-        if p.ndim < 2 or name.endswith(LOOKUP_TABLES + ("head.weight",)):
-            optimizer = "adamw"
+def _optimizer_state(optimizer: str, orthogonalised: bool) -> tuple[int, int]:
+    """(copies of the parameter, tensors) that an optimizer keeps for one parameter;
+    `orthogonalised`: the parameter takes Muon's orthogonalised path (it keeps a momentum only),
+    not its AdamW path."""
+    if optimizer == "muon" and not orthogonalised:
+        optimizer = "adamw"
     return OPTIMIZER_STATE_COPIES[optimizer], OPTIMIZER_STATE_TENSORS[optimizer]
 
 
@@ -105,13 +104,15 @@ def checkpoint_bytes(cfg: Config) -> dict[str, int]:
     weights = sum(t.numel() * t.element_size() for t in state.values())
     best = (weights + CHECKPOINT_BYTES_PER_TENSOR * len(state)
             + TOKENIZER_BYTES_PER_ENTRY * cfg.vocab_size + CHECKPOINT_OVERHEAD_BYTES)
-    names = {id(p): name for name, p in model.named_parameters()}
+    no_muon = model.no_muon()
+    orthogonalised = {id(p) for name, p in model.named_parameters()
+                      if p.ndim >= 2 and name not in no_muon}
     settings = {s.name: s for s in level_settings(cfg, model.backbone_levels(cfg))}
     resume, tensors = torch.get_rng_state().numel(), 0
     for level, params in model.level_params().items():
         chunk_sum = 1 if settings[level].chunk_size > 1 else 0
         for p in params:
-            copies, count = _optimizer_state(settings[level].optimizer, names[id(p)], p)
+            copies, count = _optimizer_state(settings[level].optimizer, id(p) in orthogonalised)
             resume += (copies + chunk_sum) * p.numel() * p.element_size()
             tensors += count + chunk_sum
     return {"best": best, "last": best + resume + CHECKPOINT_BYTES_PER_TENSOR * tensors}

@@ -9,18 +9,29 @@ of `-log p` over positives, because:
 - it reaches zero when all mass sits on positives, while the mean-over-positives form has a
   floor of log(#positives) and keeps pulling duplicates apart to split the mass evenly.
 Queries without any positive in the batch contribute nothing (they cannot be scored).
+
+`ContrastiveLoss` turns a training forward's `ForwardOutput` into the losses the loop
+optimises and logs, in one process and, gathering the embeddings of all ranks first, under
+data-parallel training: the one implementation of the training objective.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from nlmm.config import Config
+from nlmm.errors import NlmmError
+from nlmm.model.gather import gather_ragged, gather_rows
 
 MAX_LOGIT_SCALE = 100.0
 INIT_TEMPERATURE = 0.07
 INIT_LOGIT_SCALE = math.log(1.0 / INIT_TEMPERATURE)
+PAIR_MODALITIES = {"i2t": ("image", "text"), "i2a": ("image", "audio"), "t2a": ("text", "audio")}
 
 
 def logit_scale_value(logit_scale: Tensor) -> Tensor:
@@ -38,30 +49,49 @@ def _directional(logits: Tensor, positive: Tensor) -> Tensor:
     return per_row.sum() / has_positive.sum().clamp(min=1)
 
 
-def contrastive_loss(a: Tensor, b: Tensor, ids_a: Tensor, ids_b: Tensor, logit_scale: Tensor) -> Tensor:
+def contrastive_loss(a: Tensor, b: Tensor, ids_a: Tensor, ids_b: Tensor, scale: Tensor) -> Tensor:
     """Symmetric InfoNCE between L2-normalised (Na, E) `a` and (Nb, E) `b`.
 
-    `ids_a`/`ids_b` are the image ids of the rows; `logit_scale` is the log of the inverse
-    temperature (a learnable scalar). Returns the mean of the a->b and b->a losses (fp32).
+    `ids_a`/`ids_b` are the image ids of the rows; `scale` is the inverse temperature
+    (`logit_scale_value` of the learnable log-scale). Returns the mean of the a->b and b->a
+    losses (fp32).
     """
-    logits = logit_scale_value(logit_scale) * (a.float() @ b.float().T)
+    logits = scale * (a.float() @ b.float().T)
     positive = ids_a[:, None] == ids_b[None, :]
     return 0.5 * (_directional(logits, positive) + _directional(logits.T, positive.T))
 
 
-PAIR_MODALITIES = {"i2t": ("image", "text"), "i2a": ("image", "audio"), "t2a": ("text", "audio")}
+@dataclass
+class ForwardOutput:
+    """What a training forward hands the loss (`NLMM.forward`, the benchmarks' reference model).
+
+    embeddings: (rows, E) L2-normalised embeddings of every modality encoded; "audio" holds only
+        the rows flagged in `audio_rows` and is absent when no row has audio.
+    image_ids: (B,) the image of each row: rows of the same image are positives of each other.
+    audio_rows: (B,) bool, the rows whose audio was encoded; None when the batch has no audio.
+    scale: the inverse temperature (`logit_scale_value`), with gradient to the log-scale.
+    loss_ttt: the test-time-training self-supervised loss of the batch (joint training), or None.
+    """
+
+    embeddings: dict[str, Tensor]
+    image_ids: Tensor
+    audio_rows: Tensor | None
+    scale: Tensor
+    loss_ttt: Tensor | None = None
 
 
-def pair_losses(embeddings: dict[str, Tensor], image_ids: Tensor, audio_rows: Tensor | None,
-                logit_scale: Tensor, weights: dict[str, float]) -> dict[str, Tensor]:
+def _no_weighted_pair() -> NlmmError:
+    return NlmmError("the batch gives no modality pair with a positive loss weight; it needs two "
+                     "modalities (audio on at least two rows) weighted in train.loss_weights.")
+
+
+def pair_losses(embeddings: Mapping[str, Tensor], image_ids: Tensor, audio_rows: Tensor | None,
+                scale: Tensor, weights: Mapping[str, float]) -> dict[str, Tensor]:
     """`loss_<pair>` for every pair of modalities present, and `loss`, their weighted mean.
 
     `embeddings["audio"]` holds only the rows flagged in `audio_rows`, so the other side of an
-    audio pair is cut to those rows too. Shared by the model's forward and the distributed
-    trainer (which calls it on embeddings gathered from all ranks).
+    audio pair is cut to those rows too.
     """
-    from nlmm.errors import NlmmError
-
     out: dict[str, Tensor] = {}
     weighted, weight_sum = None, 0.0
     for pair, (a, b) in PAIR_MODALITIES.items():
@@ -72,14 +102,82 @@ def pair_losses(embeddings: dict[str, Tensor], image_ids: Tensor, audio_rows: Te
             if embeddings["audio"].shape[0] < 2:
                 continue  # one row has no negatives: the loss would be a constant zero
             emb_a, ids = emb_a[audio_rows], image_ids[audio_rows]
-        loss = contrastive_loss(emb_a, embeddings[b], ids, ids, logit_scale)
+        loss = contrastive_loss(emb_a, embeddings[b], ids, ids, scale)
         out[f"loss_{pair}"] = loss
         weight = float(weights.get(pair, 0.0))
         if weight > 0:
             weighted = loss * weight if weighted is None else weighted + loss * weight
             weight_sum += weight
     if weighted is None:
-        raise NlmmError("the batch gives no modality pair with a positive loss weight; it needs "
-                        "two modalities (audio on at least two rows) weighted in train.loss_weights.")
+        raise _no_weighted_pair()
     out["loss"] = weighted / weight_sum
     return out
+
+
+class ContrastiveLoss(nn.Module):
+    """The training objective of a `ForwardOutput`: `loss_<pair>` for every pair present, `loss`
+    (their mean weighted by `weights`, a pair missing from them counting 0, plus `aux_weight`
+    × `loss_ttt` when the forward computed one), `loss_ttt`, and the `temperature` (detached).
+
+    With `gather` (data-parallel training: every rank calls it on the output of its shard of
+    the global batch) the embeddings and labels of all ranks are gathered first, with gradient,
+    so the negatives span the global batch and every rank computes the loss one process would
+    compute on it. The gather's backward sums the gradients of a rank's rows over all ranks (W
+    times the gradient of the one loss), and DDP's averaging over the W ranks cancels that W.
+    `loss_ttt` is per row, so a shard's own mean is its share: DDP's averaging makes it the
+    global batch's mean (the logged value is the shard's). Every rank must pass the same
+    modalities, and `image_ids` must be the global batch's ids (as the loader gives them).
+    """
+
+    def __init__(self, weights: Mapping[str, float], aux_weight: float = 0.0,
+                 gather: bool = False) -> None:
+        super().__init__()
+        self.weights = dict(weights)
+        self.aux_weight = aux_weight
+        self.gather = gather
+
+    @classmethod
+    def from_config(cls, cfg: Config, gather: bool = False) -> ContrastiveLoss:
+        """Pair weights from `train.loss_weights`, the auxiliary weight from `ttt.aux_weight`
+        (a model without `ttt.enable` computes no `loss_ttt`, so it then adds nothing)."""
+        return cls(cfg.train.loss_weights, cfg.ttt.aux_weight, gather)
+
+    def forward(self, out: ForwardOutput) -> dict[str, Tensor]:
+        if self.gather:
+            losses = self._global_pair_losses(out)
+        else:
+            losses = pair_losses(out.embeddings, out.image_ids, out.audio_rows, out.scale,
+                                 self.weights)
+        if out.loss_ttt is not None:
+            losses["loss_ttt"] = out.loss_ttt
+            losses["loss"] = losses["loss"] + self.aux_weight * out.loss_ttt
+        losses["temperature"] = 1.0 / out.scale.detach()
+        return losses
+
+    def _global_pair_losses(self, out: ForwardOutput) -> dict[str, Tensor]:
+        present = set(out.embeddings) | ({"audio"} if out.audio_rows is not None else set())
+        if not any(self.weights.get(pair, 0.0) > 0 and {a, b} <= present
+                   for pair, (a, b) in PAIR_MODALITIES.items()):
+            raise _no_weighted_pair()  # on every rank alike, before any collective
+        image_ids = gather_ragged(out.image_ids)
+        embeddings = {m: gather_rows(out.embeddings[m]) for m in ("image", "text")
+                      if m in out.embeddings}
+        audio_rows = None
+        if out.audio_rows is not None:
+            rows_here = out.audio_rows
+            # Scattered into one row per caption so that every rank sends a block of the same
+            # size; a weighted pair is present, so image or text gives the embedding width.
+            width = next(e for m, e in out.embeddings.items() if m != "audio").shape[1]
+            full = torch.zeros(rows_here.shape[0], width, device=rows_here.device)
+            if "audio" in out.embeddings:
+                full = full.index_put((rows_here.nonzero().squeeze(1),),
+                                      out.embeddings["audio"].float())
+            audio_rows = gather_ragged(rows_here)
+            if bool(audio_rows.any()):
+                embeddings["audio"] = gather_rows(full)[audio_rows]
+        losses = pair_losses(embeddings, image_ids, audio_rows, out.scale, self.weights)
+        # Each local embedding enters the loss, even one the global batch leaves out (a lone
+        # spoken caption), because DDP waits for a gradient of every parameter its forward used.
+        untouched = sum(e.sum() for e in out.embeddings.values()) * 0.0
+        losses["loss"] = losses["loss"] + untouched
+        return losses

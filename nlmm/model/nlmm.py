@@ -2,13 +2,13 @@
 
 Reading order: the state object, the model's construction and initialisation, input checks,
 `encode` (one modality to embeddings) and `encode_ttt` (the same after test-time training),
-`forward` (a batch to embeddings and the pairwise contrastive losses), and the parameter
-grouping by CMS level that the level scheduler consumes.
+`forward` (a batch to the embeddings and temperature that `ContrastiveLoss` scores), and the
+parameter grouping by CMS level that the level optimizer consumes.
 
 Pretrained backbones (`cfg.encoders`) live in the image/audio stems and are part of the state
 dict, so a checkpoint carries the exact weights its queries must go through. They are built
-with random weights; `load_pretrained_backbones` (called by `configure_scheduler`, i.e. when
-training starts) loads the configured ones, and a checkpoint load replaces them.
+with random weights; `load_pretrained_backbones` (which the training worker calls when a run
+starts) loads the configured ones, and a checkpoint load replaces them.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from nlmm.backbones import Backbone
 from nlmm.config import MODALITIES, CMSLevel, Config
 from nlmm.errors import NlmmError
-from nlmm.model.backbones import Backbone
 from nlmm.model.encoders import FeatureStem, build_encoder
 from nlmm.model.layers import trunc_normal
-from nlmm.model.losses import (INIT_LOGIT_SCALE, logit_scale_value,
-                                pair_losses)
+from nlmm.model.losses import INIT_LOGIT_SCALE, ForwardOutput, logit_scale_value
 from nlmm.model.memory import SharedMemory
 from nlmm.model.ttt import MASK_TOKEN_ID, adapt_and_encode, ssl_loss
 
 if TYPE_CHECKING:
-    from nlmm.optim import LevelScheduler
+    from nlmm.optim import LevelOptimizer
 
 # Parameters that are looked up or read row by row rather than applied as a linear map.
 LOOKUP_TABLES = ("positions", "tokens.weight", "slots", "pool.query")
@@ -212,20 +211,20 @@ class NLMM(nn.Module):
 
     # ----------------------------------------------------------------------- training forward
 
-    def forward(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], NLMMState]:
-        """Embeddings of every modality in the batch and the contrastive loss of every pair.
+    def forward(self, batch: dict[str, Tensor]) -> tuple[ForwardOutput, NLMMState]:
+        """Embeddings of every modality in the batch and the temperature, for
+        `nlmm.model.losses.ContrastiveLoss` (the loss lives outside the model, so data-parallel
+        training can score the embeddings of the global batch).
 
         Audio is encoded only for rows with `has_audio` (default: rows whose audio_mask has a
-        valid frame); image-audio and text-audio losses use those rows on both sides.
-        `outputs["audio_rows"]` (B,) bool says which rows `emb_audio` belongs to. Every pair
-        present gets its `loss_<pair>`; `loss` averages them with cfg.train.loss_weights
-        (a pair missing from the weights counts 0), over the pairs present only.
+        valid frame); `audio_rows` (B,) bool says which rows the audio embeddings belong to.
+        `image_ids` defaults to one image per row.
 
         With `ttt.enable` and `ttt.aux_weight > 0` (joint training for test-time training),
         `loss_ttt` is the self-supervised loss `encode_ttt` minimises at test time (masked tokens
         / masked patches / masked frames, nlmm.model.ttt.ssl_loss), averaged over the modalities
-        encoded, and `loss` adds `aux_weight * loss_ttt`. Text masks use MASK_TOKEN_ID, the
-        [MASK] id of every nlmm tokenizer.
+        encoded; it needs the stem outputs, so the forward computes it. Text masks use
+        MASK_TOKEN_ID, the [MASK] id of every nlmm tokenizer.
         """
         present = [m for m in MODALITIES if m in batch]
         if not present:
@@ -235,7 +234,6 @@ class NLMM(nn.Module):
         image_ids = batch.get("image_ids")
         if image_ids is None:
             image_ids = torch.arange(size, device=device)
-        outputs: dict[str, Tensor] = {}
         state = NLMMState()
         embeddings: dict[str, Tensor] = {}
 
@@ -250,7 +248,6 @@ class NLMM(nn.Module):
                     has_audio = mask.bool().any(dim=1) if mask is not None else \
                         torch.ones(size, dtype=torch.bool, device=device)
                 audio_rows = has_audio.bool()
-                outputs["audio_rows"] = audio_rows
                 x = x[audio_rows]
                 mask = None if mask is None else mask[audio_rows]
                 if x.shape[0] == 0:
@@ -261,19 +258,15 @@ class NLMM(nn.Module):
             if aux:
                 # the test-time objective, on this batch's corrupted inputs (nlmm.model.ttt)
                 ssl[modality] = ssl_loss(self, modality, x, mask, tokens=stem)
-            embeddings[modality] = outputs[f"emb_{modality}"] = emb
+            embeddings[modality] = emb
             state.rows[modality] = x.shape[0]
             state.tokens[modality] = n_tokens.detach()
             if entropy is not None:
                 state.memory_entropy[modality] = entropy.detach()
 
-        outputs.update(pair_losses(embeddings, image_ids, audio_rows, self.logit_scale,
-                                   self.cfg.train.loss_weights))
-        if ssl:
-            outputs["loss_ttt"] = torch.stack(list(ssl.values())).mean()
-            outputs["loss"] = outputs["loss"] + self.cfg.ttt.aux_weight * outputs["loss_ttt"]
-        outputs["temperature"] = 1.0 / logit_scale_value(self.logit_scale).detach()
-        return outputs, state
+        loss_ttt = torch.stack(list(ssl.values())).mean() if ssl else None
+        return ForwardOutput(embeddings, image_ids, audio_rows,
+                             logit_scale_value(self.logit_scale), loss_ttt), state
 
     # ----------------------------------------------------------------------- optimisation
 
@@ -318,18 +311,23 @@ class NLMM(nn.Module):
         return {name for name, p in self.named_parameters()
                 if p.ndim < 2 or name.endswith(LOOKUP_TABLES)}
 
-    def configure_scheduler(self, cfg: Config) -> LevelScheduler:
-        """Set the model up for training: load the pretrained backbone weights, then build the
-        per-level multi-frequency optimiser for its parameter groups."""
-        from nlmm.optim import LevelScheduler, exclude_from_muon
+    def no_muon(self) -> set[str]:
+        """Names of the matrices that take Muon's AdamW path instead of orthogonalised updates.
 
-        self.load_pretrained_backbones()
+        Orthogonalised updates suit weight matrices that map features to features; lookup
+        tables and output heads keep Adam-style per-entry steps, as in the Muon reference setup.
+        (Vectors take the AdamW path anyway.)"""
+        return {name for name, p in self.named_parameters()
+                if p.ndim >= 2 and name.endswith(LOOKUP_TABLES + ("head.weight",))}
 
-        # Orthogonalised updates suit weight matrices that map features to features; lookup
-        # tables and output heads keep Adam-style per-entry steps, as in the Muon reference setup.
+    def configure_optimizers(self, cfg: Config) -> LevelOptimizer:
+        """The per-level multi-frequency optimizer of the model's parameter groups. Reads
+        nothing from disk: pretrained backbone weights are loaded by
+        `load_pretrained_backbones`, which the caller runs."""
+        from nlmm.optim import LevelOptimizer, exclude_from_muon
+
         named = dict(self.named_parameters())
-        exclude_from_muon(*(p for name, p in named.items()
-                            if name.endswith(LOOKUP_TABLES + ("head.weight",))))
+        exclude_from_muon(*(named[name] for name in self.no_muon()))
         no_decay = [named[name] for name in self.no_weight_decay()]
-        return LevelScheduler.from_config(self.level_params(), cfg, self.backbone_levels(cfg),
+        return LevelOptimizer.from_config(self.level_params(), cfg, self.backbone_levels(cfg),
                                           no_decay)

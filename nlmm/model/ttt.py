@@ -14,13 +14,14 @@ would already change every embedding by a random rank-r perturbation that the co
 training never saw. Exact equality at step 0 is worth more than the one step of `down`.
 
 The self-supervised objective is built by ONE function, `ssl_task`, and used twice:
-- at training time, when `ttt.enable` is true and `ttt.aux_weight > 0`, `NLMM.forward` adds
-  `aux_weight * ssl_loss(...)` (the same objective, on the batch's own corrupted inputs, through
-  the trunk without adapters) to the contrastive loss, so the masked-token head and the trunk
-  learn the task whose gradient the adapters follow at test time (joint training, as in Sun et
-  al. 2020, "Test-Time Training", and Gandelsman et al. 2022, "Test-Time Training with Masked
-  Autoencoders"). Without it the head is an untrained tie to the token embeddings and the
-  reconstruction objective is arbitrary, so its gradient carries no information;
+- at training time, when `ttt.enable` is true and `ttt.aux_weight > 0`, `NLMM.forward` computes
+  `ssl_loss(...)` (the same objective, on the batch's own corrupted inputs, through the trunk
+  without adapters) and `ContrastiveLoss` adds `aux_weight` times it to the contrastive loss,
+  so the masked-token head and the trunk learn the task whose gradient the adapters follow at
+  test time (joint training, as in Sun et al. 2020, "Test-Time Training", and Gandelsman et al.
+  2022, "Test-Time Training with Masked Autoencoders"). Without it the head is an untrained tie
+  to the token embeddings and the reconstruction objective is arbitrary, so its gradient
+  carries no information;
 - at test time by `adapt_and_encode`.
 
 `adapt_and_encode` adapts one private copy of the adapters PER QUERY ROW: the copies carry a

@@ -1,12 +1,14 @@
-"""Multi-frequency stepping of the CMS levels, with per-level clipping and fp16 loss scaling.
+"""The per-level optimizers of the CMS levels, each stepped at its own frequency, with per-level
+clipping and fp16 loss scaling (`LevelOptimizer`; not an lr scheduler: warmup and decay come
+from the training loop through `set_lr_factor`).
 
 Continuum Memory System rule (Nested Learning, Eq. 31): the parameters of level ℓ change only
 when the global step i ≡ 0 (mod C_ℓ), and then by the update of the SUM of the gradients over
 the C_ℓ steps of the chunk. The training loop, once per optimizer step:
 
-    loss = sched.scale_loss(loss)          # × loss scale under fp16, unchanged otherwise
-    loss.backward()                        # as many micro-batches as it likes: .grad sums them
-    stepped = sched.step_all(global_step)  # 1-based count of optimizer steps, across epochs
+    loss = optimizer.scale_loss(loss)          # × loss scale under fp16, unchanged otherwise
+    loss.backward()                            # as many micro-batches as it likes: .grad sums them
+    stepped = optimizer.step_all(global_step)  # 1-based count of optimizer steps, across epochs
 
 `global_step` numbers optimizer steps over the whole run, never the batch index in an epoch, so
 the levels keep their rhythm across epoch boundaries and resumes.
@@ -67,7 +69,7 @@ class LevelSetting:
 
 def level_settings(cfg: Config, extra_levels: Sequence[CMSLevel] = ()) -> list[LevelSetting]:
     """The optimizer and lr of every CMS level of `cfg`, then of every `extra_levels` entry: what
-    the scheduler builds, and what reports show as a run's levels.
+    the level optimizer builds, and what reports show as a run's levels.
 
     `cfg.train.optimizer`, when set, replaces every level's optimizer; `cfg.train.lr`, when set,
     becomes the lr of the fastest CMS level (smallest chunk_size, the first listed on a tie) and
@@ -102,7 +104,7 @@ class Level:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
-class LevelScheduler:
+class LevelOptimizer:
     """Steps each CMS level's optimizer at its own frequency (see the module docstring)."""
 
     def __init__(self, levels: Sequence[Level], amp: str = "none", grad_clip: float = 0.0,
@@ -138,7 +140,7 @@ class LevelScheduler:
     @classmethod
     def from_config(cls, level_params: dict[str, list[Parameter]], cfg: Config,
                     extra_levels: Sequence[CMSLevel] = (),
-                    no_decay: Collection[Parameter] = ()) -> LevelScheduler:
+                    no_decay: Collection[Parameter] = ()) -> LevelOptimizer:
         """One optimizer per CMS level of `cfg` (then per `extra_levels` entry, e.g. a
         fine-tuned backbone) over that level's parameters, set up as `level_settings` says.
 
@@ -305,7 +307,7 @@ class LevelScheduler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
-            raise NlmmError(f"the scheduler state has version {state.get('version')!r}, this nlmm "
+            raise NlmmError(f"the level optimizer state has version {state.get('version')!r}, this nlmm "
                             f"reads version {_STATE_VERSION}; resume with the nlmm that saved it.")
         saved, mine = sorted(state["levels"]), sorted(lvl.name for lvl in self._levels)
         if saved != mine:

@@ -9,11 +9,11 @@ from nlmm.store.models import (
     BLOCK_STEPS,
     CHECKPOINT_KINDS,
     ENDED_STATUSES,
-    RUN_STATUSES,
     Checkpoint,
     Metric,
     MetricBlock,
     Run,
+    RunStatus,
     SchemaVersion,
     SystemSample,
 )
@@ -47,8 +47,8 @@ from nlmm.store.writer import MetricWriter
 
 __all__ = [
     "ACTIVE_STATUSES", "BEST_METRIC_KEY", "BLOCK_STEPS", "CHECKPOINT_KINDS", "ENDED_STATUSES",
-    "LATEST_VERSION", "MIGRATIONS", "RUN_STATUSES", "Checkpoint", "Metric", "MetricBlock",
-    "MetricWriter", "Migration", "Run", "SchemaVersion", "SystemSample",
+    "LATEST_VERSION", "MIGRATIONS", "Checkpoint", "Metric", "MetricBlock",
+    "MetricWriter", "Migration", "Run", "RunStatus", "SchemaVersion", "SystemSample",
     "add_system_samples", "best_checkpoint", "best_metric", "create_run", "create_store_engine",
     "current_url", "default_db_url", "delete_run", "elapsed_seconds", "eta_seconds", "find_run",
     "get_engine", "get_run", "heartbeat", "hms", "last_checkpoint", "latest_metrics", "latest_run",

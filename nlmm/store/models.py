@@ -1,5 +1,6 @@
 """The store's tables. Times are seconds since the epoch (float), which every dialect stores as is."""
 
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, Dialect, Index, String, Text, TypeDecorator, \
@@ -8,9 +9,23 @@ from sqlmodel import Field, SQLModel
 
 from nlmm.paths import from_stored, to_stored
 
-RUN_STATUSES = ("queued", "running", "finished", "stopped", "failed", "lost")
-ACTIVE_STATUSES = ("queued", "running")
-ENDED_STATUSES = ("finished", "stopped", "failed", "lost")
+
+
+class RunStatus(StrEnum):
+    """Where a run is in its life. The column keeps the plain string, and a member equals its
+    string, so rows read back compare with these members as they are."""
+
+    QUEUED = "queued"  # registered; its worker is starting
+    RUNNING = "running"
+    FINISHED = "finished"
+    STOPPED = "stopped"  # on request, after a checkpoint: it can be resumed
+    FAILED = "failed"
+    LOST = "lost"  # its worker disappeared without reporting
+
+
+# A run with a (possibly) live worker: it blocks a resume or a removal, and can be stopped.
+ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
+ENDED_STATUSES = tuple(status for status in RunStatus if status not in ACTIVE_STATUSES)
 CHECKPOINT_KINDS = ("last", "best", "epoch")
 # The metric that ranks checkpoints and runs: mean Recall@1 over the six retrieval directions.
 BEST_METRIC_KEY = "mean_r1"
@@ -36,7 +51,7 @@ class Run(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(unique=True, index=True)
-    status: str = Field(default="queued", index=True)
+    status: str = Field(default=RunStatus.QUEUED.value, index=True)
     # JSON of the run's nlmm.config.Config, as text: callers json.loads it into config_from_dict.
     config: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     data: str = ""

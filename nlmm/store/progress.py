@@ -8,7 +8,7 @@ them from here.
 
 from __future__ import annotations
 
-from nlmm.store.models import Run
+from nlmm.store.models import Run, RunStatus
 from nlmm.units import hms  # noqa: F401 (the store's readers format with store.hms)
 
 
@@ -24,7 +24,7 @@ def elapsed_seconds(run: Run, now: float) -> float | None:
 
 def eta_seconds(run: Run, now: float) -> float | None:
     """Time left for a running run at its average rate so far; None until there is a rate."""
-    if run.status != "running" or not run.steps_total or not run.step:
+    if run.status != RunStatus.RUNNING or not run.steps_total or not run.step:
         return None
     spent = elapsed_seconds(run, now)
     if not spent:

@@ -28,11 +28,11 @@ from nlmm.store.models import (
     BLOCK_STEPS,
     CHECKPOINT_KINDS,
     ENDED_STATUSES,
-    RUN_STATUSES,
     Checkpoint,
     Metric,
     MetricBlock,
     Run,
+    RunStatus,
     SystemSample,
 )
 
@@ -75,9 +75,9 @@ def create_run(name: str, config: Mapping[str, Any], data: str, device: str, epo
                steps_total: int | None, parent: str | None = None, log_path: str | None = None,
                engine: Engine | None = None) -> Run:
     """Register a queued run; `config` is stored as JSON text."""
-    run = Run(name=name, status="queued", config=json.dumps(dict(config)), data=data, device=device,
-              host=socket.gethostname(), created_at=time.time(), epochs_total=epochs_total,
-              steps_total=steps_total, parent=parent, log_path=log_path)
+    run = Run(name=name, status=RunStatus.QUEUED.value, config=json.dumps(dict(config)), data=data,
+              device=device, host=socket.gethostname(), created_at=time.time(),
+              epochs_total=epochs_total, steps_total=steps_total, parent=parent, log_path=log_path)
     try:
         with write_session(engine) as session:
             session.add(run)
@@ -136,9 +136,12 @@ def latest_run(status: str | None = None, engine: Engine | None = None) -> Run |
 
 
 def _checked_status(status: str) -> str:
-    if status not in RUN_STATUSES:
-        raise NlmmError(f"unknown run status {status!r}; use one of {', '.join(RUN_STATUSES)}")
-    return status
+    """`status` as the column keeps it: the plain string of a RunStatus."""
+    try:
+        return RunStatus(status).value
+    except ValueError:
+        raise NlmmError(f"unknown run status {status!r}; use one of "
+                        f"{', '.join(RunStatus)}") from None
 
 
 def set_status(run_id: int, status: str, error: str | None = None, pid: int | None = None,
@@ -162,13 +165,13 @@ def set_status(run_id: int, status: str, error: str | None = None, pid: int | No
         values["processes"] = processes
     if status in ENDED_STATUSES:
         values["phase"] = ""
-    if pid is not None or status == "running":
+    if pid is not None or status == RunStatus.RUNNING:
         ended = and_(col(Run.started_at).is_not(None), col(Run.ended_at).is_not(None))
         values.update(started_at=now, heartbeat_at=now, ended_at=None,
                       elapsed_before=Run.elapsed_before
                       + case((ended, Run.ended_at - Run.started_at), else_=0.0))
     if status in ENDED_STATUSES:
-        values["ended_at"] = _last_sign_of_life(now) if status == "lost" else now
+        values["ended_at"] = _last_sign_of_life(now) if status == RunStatus.LOST else now
     with write_session(engine) as session:
         found = session.exec(update(Run).where(Run.id == run_id).values(**values))
         if found.rowcount == 0:
@@ -247,7 +250,8 @@ def mark_lost(timeout_s: float = LOST_AFTER_S, engine: Engine | None = None) -> 
             session.exec(update(Run)
                          .where(col(Run.id).in_(lost), col(Run.status).in_(ACTIVE_STATUSES),
                                 last_sign < cutoff)
-                         .values(status="lost", ended_at=_last_sign_of_life(time.time()),
+                         .values(status=RunStatus.LOST.value,
+                                 ended_at=_last_sign_of_life(time.time()),
                                  error="the worker process disappeared without reporting"))
     return lost
 

@@ -8,11 +8,12 @@ batch B:
   [r*B/W, (r+1)*B/W) of each global batch. Image augmentation is drawn for the whole global
   batch before slicing, so each row is augmented as it would be in one process;
 - the contrastive loss is computed on embeddings gathered from all ranks, with gradient, so the
-  negatives span the global batch (CLIP-style data parallelism). Every rank computes the same
-  global loss; the gather's backward sums the gradients of a rank's rows over all ranks (W
-  times the gradient of the one loss), and DDP's averaging over the W ranks cancels that W;
+  negatives span the global batch (CLIP-style data parallelism; `ContrastiveLoss` with
+  `gather`). Every rank computes the same global loss; the gather's backward sums the gradients
+  of a rank's rows over all ranks (W times the gradient of the one loss), and DDP's averaging
+  over the W ranks cancels that W;
 - DDP averages gradients at the backward of the last micro-batch of a step (`no_sync` before
-  it), and every rank steps the level scheduler at the same global step with the same gradients;
+  it), and every rank steps the level optimizer at the same global step with the same gradients;
 - a stop request (SIGTERM reaches rank 0) is OR-reduced after every step, so all ranks stop at
   the same step and rank 0 checkpoints it;
 - evaluation: each rank embeds a contiguous share of every modality of the split, the shares are
@@ -25,7 +26,6 @@ resumed state to the other ranks, so nodes other than the first need no access t
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import warnings
@@ -39,13 +39,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from nlmm.data.cache import PreparedCache
-from nlmm.data.loader import iter_modality, owner_images
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
-from nlmm.model.losses import logit_scale_value, pair_losses
-from nlmm.train.evaluate import score_split
+from nlmm.model.gather import gather_ragged
+from nlmm.train.evaluate import embed_split, score_split
 
-MODALITIES = ("image", "text", "audio")
 # Long enough for rank 0 to write a large checkpoint or evaluate while the others wait.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
@@ -181,85 +179,6 @@ def shard_batch(batch: dict[str, Tensor], ctx: DistContext) -> dict[str, Tensor]
     return out
 
 
-class _GatherRows(torch.autograd.Function):
-    """Concatenate equal-sized row blocks of all ranks in rank order; the backward hands each
-    rank the gradient of its own rows summed over every rank's loss."""
-
-    @staticmethod
-    def forward(ctx: Any, block: Tensor) -> Tensor:
-        parts = [torch.empty_like(block) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, block.contiguous())
-        ctx.rows, ctx.rank = block.shape[0], dist.get_rank()
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def gather_rows(block: Tensor) -> Tensor:
-    """All ranks' equal-sized (rows, ...) blocks, concatenated in rank order, with gradient."""
-    return _GatherRows.apply(block)
-
-
-def _gather_ragged(block: Tensor, ctx: DistContext) -> Tensor:
-    """All ranks' blocks of different row counts, concatenated in rank order (no gradient)."""
-    if block.dtype == torch.bool:  # gloo has no collectives on bool tensors
-        return _gather_ragged(block.to(torch.uint8), ctx).bool()
-    counts = torch.tensor([block.shape[0]], device=block.device)
-    all_counts = [torch.empty_like(counts) for _ in range(ctx.world_size)]
-    dist.all_gather(all_counts, counts)
-    sizes = [int(c.item()) for c in all_counts]
-    padded = block.new_zeros((max(sizes), *block.shape[1:]))
-    padded[:block.shape[0]] = block
-    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-def global_batch_losses(outputs: dict[str, Tensor], shard: dict[str, Tensor], model: NLMM,
-                        ctx: DistContext) -> dict[str, Tensor]:
-    """The losses `model(global batch)` would give, from the forward outputs of this rank's shard.
-
-    Mirrors the pair losses of NLMM.forward on the gathered embeddings. Every rank must call it
-    with the same modalities in its shard (the loader always serves image, text and audio).
-    """
-    cfg = model.cfg
-    image_ids = _gather_ragged(shard["image_ids"], ctx)
-    embeddings: dict[str, Tensor] = {}
-    local: list[Tensor] = []
-    for modality in ("image", "text"):
-        if modality in shard:
-            local.append(outputs[f"emb_{modality}"])
-            embeddings[modality] = gather_rows(outputs[f"emb_{modality}"])
-    audio_rows = None
-    if "audio" in shard:
-        rows_here = outputs["audio_rows"]
-        # Scattered into one row per caption so that every rank sends a block of the same size.
-        full = torch.zeros(rows_here.shape[0], cfg.embed_dim, device=rows_here.device)
-        if "emb_audio" in outputs:
-            local.append(outputs["emb_audio"])
-            full = full.index_put((rows_here.nonzero().squeeze(1),), outputs["emb_audio"].float())
-        audio_rows = _gather_ragged(rows_here, ctx)
-        if bool(audio_rows.any()):
-            embeddings["audio"] = gather_rows(full)[audio_rows]
-    losses = pair_losses(embeddings, image_ids, audio_rows, model.logit_scale,
-                         cfg.train.loss_weights)
-    # Each local embedding enters the loss, even one the global batch leaves out (a lone
-    # spoken caption), because DDP waits for a gradient of every parameter its forward used.
-    untouched = sum(e.sum() for e in local) * 0.0
-    losses["loss"] = losses["loss"] + untouched
-    if "loss_ttt" in outputs:
-        # the TTT auxiliary loss is per row, so this rank's shard mean is its share: DDP's
-        # gradient average over ranks makes it the global batch's mean (logged: rank 0's)
-        losses["loss_ttt"] = outputs["loss_ttt"]
-        losses["loss"] = losses["loss"] + cfg.ttt.aux_weight * outputs["loss_ttt"]
-    losses["temperature"] = 1.0 / logit_scale_value(model.logit_scale).detach()
-    return losses
-
-
 def sync_context(ddp: nn.Module | None, last_micro_batch: bool) -> contextlib.AbstractContextManager:
     """DDP averages gradients at the last micro-batch of a step only."""
     if ddp is None or last_micro_batch:
@@ -270,24 +189,7 @@ def sync_context(ddp: nn.Module | None, last_micro_batch: bool) -> contextlib.Ab
 def evaluate_split_sharded(model: NLMM, cache: PreparedCache, split: str, device: torch.device,
                            ctx: DistContext, batch_size: int = 128) -> dict[str, float]:
     """`evaluate_split` with the embedding work shared by all ranks; the same figures on each."""
-    model.eval()
-    emb: dict[str, Tensor] = {}
-    owner: dict[str, Tensor] = {}
-    for modality in MODALITIES:
-        owners = owner_images(cache, split, modality)
-        if len(owners) == 0:
-            continue
-        chunks = math.ceil(len(owners) / batch_size)
-        first, stop = ctx.rank * chunks // ctx.world_size, (ctx.rank + 1) * chunks // ctx.world_size
-        mine = []
-        for index, (x, mask, _rows) in enumerate(iter_modality(cache, split, modality, batch_size,
-                                                                 device)):
-            if index >= stop:
-                break
-            if index >= first:
-                with torch.no_grad():
-                    mine.append(model.encode(modality, x, mask).float())
-        block = torch.cat(mine) if mine else torch.zeros(0, model.cfg.embed_dim, device=device)
-        emb[modality] = _gather_ragged(block, ctx)
-        owner[modality] = torch.as_tensor(owners, device=device)
+    mine, owner = embed_split(model, cache, split, device, batch_size=batch_size, part=ctx.rank,
+                              parts=ctx.world_size)
+    emb = {modality: gather_ragged(block) for modality, block in mine.items()}
     return score_split(cache, split, emb, owner)

@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nlmm.config import MODALITIES
 from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import iter_modality, modality_rows, owner_images
 from nlmm.model import NLMM
 from nlmm.train.retrieval import retrieval_metrics
 
-MODALITIES = ("image", "text", "audio")
 # Keys of the coverage counts, so a partly covered split shows on how many items it was scored.
 COVERAGE_KEYS = {"image": "n_images", "text": "n_captions", "audio": "n_wavs"}
 
 
 def embed_split(model: NLMM, cache: PreparedCache, split: str, device: torch.device,
                 modalities: tuple[str, ...] = MODALITIES, batch_size: int = 128,
-                ttt: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Embeddings (on `device`) and owning image rows of every item of `split`."""
+                ttt: bool = False, part: int = 0,
+                parts: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Embeddings (on `device`) and owning image rows of every item of `split`.
+
+    With `parts` > 1 only share `part` (0-based) of each modality's batches is embedded, a
+    contiguous run of them that may be empty, while the owners still cover the whole split:
+    the data-parallel evaluation embeds one share per rank and concatenates them in rank order.
+    """
     model.eval()
     emb: dict[str, torch.Tensor] = {}
     owner: dict[str, torch.Tensor] = {}
@@ -28,15 +35,23 @@ def embed_split(model: NLMM, cache: PreparedCache, split: str, device: torch.dev
         owners = owner_images(cache, split, modality)
         if len(owners) == 0:
             continue
+        batches = math.ceil(len(owners) / batch_size)
+        first, stop = part * batches // parts, (part + 1) * batches // parts
         chunks = []
-        for x, mask, _rows in iter_modality(cache, split, modality, batch_size, device):
+        for index, (x, mask, _rows) in enumerate(iter_modality(cache, split, modality,
+                                                               batch_size, device)):
+            if index >= stop:
+                break
+            if index < first:
+                continue
             if ttt:
                 chunks.append(model.encode_ttt(modality, x, mask,
                                                mask_id=cache.tokenizer.mask_id).detach())
             else:
                 with torch.no_grad():
                     chunks.append(model.encode(modality, x, mask))
-        emb[modality] = torch.cat(chunks).float()
+        emb[modality] = (torch.cat(chunks).float() if chunks
+                         else torch.zeros(0, model.cfg.embed_dim, device=device))
         owner[modality] = torch.as_tensor(owners, device=device)
     return emb, owner
 

@@ -1,4 +1,4 @@
-"""The training loop: cached batches → NL-MM → level scheduler, with evaluation and checkpoints.
+"""The training loop: cached batches → NL-MM → level optimizer, with evaluation and checkpoints.
 
 Everything that touches processes, signals or the store's run status lives in `worker.py`;
 this module only needs a metric sink and a stop flag, so tests can drive it in-process. Under
@@ -22,7 +22,9 @@ from nlmm.config import MODALITIES, Config
 from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import PREFETCH_DEPTH, TrainLoader
 from nlmm.errors import NlmmError
+from nlmm.metric_names import LOSS_KEYS
 from nlmm.model import NLMM
+from nlmm.model.losses import ContrastiveLoss
 from nlmm.train.checkpoint import model_snapshot, save_checkpoint
 from nlmm.train.distributed import (
     SINGLE,
@@ -30,7 +32,6 @@ from nlmm.train.distributed import (
     any_rank,
     check_batch_size,
     evaluate_split_sharded,
-    global_batch_losses,
     shard_batch,
     sync_context,
     wrap_model,
@@ -46,8 +47,6 @@ from nlmm.train.speed import (
     use_channels_last,
 )
 
-# loss_ttt: the TTT auxiliary loss, with ttt.enable (see NLMM.forward)
-LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a", "loss_ttt")
 # A modality whose batch embeddings keep a mean pairwise cosine above this for a whole epoch
 # has collapsed: every item maps to (nearly) the same point and retrieval is at chance.
 COLLAPSE_SPREAD = 0.98
@@ -94,15 +93,6 @@ class CheckpointEvent:
     nbytes: int
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NlmmError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu "
-                        "or auto.")
-    return torch.device(name)
-
-
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to 0 at `total` (or constant)."""
     if warmup and step <= warmup:
@@ -114,7 +104,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 class Trainer:
-    """Owns the model, scheduler and data of one run (of one rank, under torchrun).
+    """Owns the model, level optimizer and data of one run (of one rank, under torchrun).
 
     `cfg.train.batch_size` is the global batch: with `dist.world_size` ranks each trains on its
     slice of every batch. Sink and log should be no-ops on ranks other than 0.
@@ -125,11 +115,12 @@ class Trainer:
                  stop_event: threading.Event | None = None, log: Callable[[str], None] = print,
                  dist: DistContext = SINGLE, compile_backend: str = "inductor"):
         """`compile_backend`: the torch.compile backend of `train.compile` (tests and CPU smoke
-        runs pass a cheaper one than inductor)."""
-        from nlmm.data.backbone_features import ensure_features
+        runs pass a cheaper one than inductor).
 
-        # frozen pretrained backbones: their cached features replace pixels / waveforms
-        cache = ensure_features(cache, cfg.encoders, device, progress=False)
+        Construction reads and downloads nothing: the caller builds the frozen backbones' feature
+        cache first (`nlmm.data.backbone_features.ensure_features`, else the backbones run at
+        every step) and loads their pretrained weights afterwards
+        (`trainer.model.load_pretrained_backbones()`, before any checkpoint is loaded)."""
         self.cfg, self.cache, self.device, self.run_dir = cfg, cache, device, Path(run_dir)
         self.sink, self.on_checkpoint, self.log = sink, on_checkpoint, log
         self.stop_event = stop_event or threading.Event()
@@ -138,7 +129,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         self.model = NLMM(cfg).to(device)
         self.channels_last = cfg.train.channels_last and use_channels_last(self.model, device)
-        self.sched = self.model.configure_scheduler(cfg)
+        self.optimizer = self.model.configure_optimizers(cfg)
+        self.loss = ContrastiveLoss.from_config(cfg, gather=dist.enabled)
         # with the batch counter: a step that is skipped or redone did not see its batch
         self.norm_stats = [t for m in self.model.modules()
                            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))
@@ -182,7 +174,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         p = self.progress
-        return {"model": self.model.state_dict(), "scheduler": self.sched.state_dict(),
+        # "scheduler": the key checkpoints have always stored the level optimizer under
+        return {"model": self.model.state_dict(), "scheduler": self.optimizer.state_dict(),
                 "progress": {"global_step": p.global_step, "epoch": p.epoch,
                              "batch_in_epoch": p.batch_in_epoch, "best_metric": p.best_metric,
                              "last_eval": p.last_eval},
@@ -193,7 +186,7 @@ class Trainer:
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
-        self.sched.load_state_dict(payload["scheduler"])
+        self.optimizer.load_state_dict(payload["scheduler"])
         self.progress = Progress(**payload["progress"])
         torch.set_rng_state(payload["rng"])
 
@@ -231,15 +224,13 @@ class Trainer:
         if self.channels_last:
             batch = channels_last_images(batch)
         if self.ddp is None:
-            outputs = self.model(batch)[0]
-            losses = dict(outputs)
+            outputs, _ = self.model(batch)
         else:
-            shard = shard_batch(batch, self.dist)
-            outputs, _ = self.ddp(shard)
-            losses = global_batch_losses(outputs, shard, self.model, self.dist)
+            outputs, _ = self.ddp(shard_batch(batch, self.dist))
+        losses = self.loss(outputs)
         with torch.no_grad():
             for modality in MODALITIES:
-                emb = outputs.get(f"emb_{modality}")
+                emb = outputs.embeddings.get(modality)
                 if emb is not None and emb.shape[0] > 1:
                     losses[f"spread/{modality}"] = embedding_spread(emb.detach())
         return losses
@@ -260,15 +251,15 @@ class Trainer:
             # a compiled part's backward is compiled at its first use, inside backward(): on a
             # failure there the step starts again, eagerly, from where it began
             self.compiled.fall_back(exc)
-            self.sched.zero_grad()
+            self.optimizer.zero_grad()
             if self.norm_stats:
                 torch._foreach_copy_(self.norm_stats, saved_stats)
             totals = self._gradients(batches)
         step = self.progress.global_step + 1
-        self.sched.set_lr_factor(lr_factor(step, self.total_steps, self.cfg.train.warmup_steps,
-                                           self.cfg.train.schedule))
-        self.sched.step_all(step)
-        if self.sched.last_step_skipped:
+        self.optimizer.set_lr_factor(lr_factor(step, self.total_steps,
+                                               self.cfg.train.warmup_steps, self.cfg.train.schedule))
+        self.optimizer.step_all(step)
+        if self.optimizer.last_step_skipped:
             if self.norm_stats:
                 torch._foreach_copy_(self.norm_stats, saved_stats)
             # a non-finite loss or gradient (or an fp16 overflow) retries the same step number,
@@ -295,7 +286,7 @@ class Trainer:
                     tf32_scope(self.device, amp, self.cfg.precision.tf32):
                 with self._autocast():
                     outputs = self._forward(batch)
-                self.sched.scale_loss(outputs["loss"] / n).backward()
+                self.optimizer.scale_loss(outputs["loss"] / n).backward()
             for key in LOSS_KEYS + ("temperature",) + tuple(f"spread/{m}" for m in MODALITIES):
                 if key in outputs:
                     value = outputs[key].detach().float() / n
@@ -370,7 +361,7 @@ class Trainer:
                 window_time, tick = window_time + now - tick, now
                 p.batch_in_epoch += len(pending)
                 pending = []
-                if self.sched.last_step_skipped:
+                if self.optimizer.last_step_skipped:
                     window_skipped += 1  # its losses are not finite: kept out of the means
                 else:
                     for key, value in losses.items():
@@ -383,7 +374,7 @@ class Trainer:
                         values["skipped_steps"] = float(window_skipped)
                         values["triples_per_s"] = ((window_steps + window_skipped) * acc
                                                    * cfg.train.batch_size / max(window_time, 1e-9))
-                        values.update({f"lr/{k}": v for k, v in self.sched.lrs().items()})
+                        values.update({f"lr/{k}": v for k, v in self.optimizer.lrs().items()})
                         self.sink.log(p.global_step, p.epoch_number, values)
                         self.log(self._progress_line(
                             values, window_time / (window_steps + window_skipped)))

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-KS = (1, 5, 10)
-DIRECTIONS = ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t")
+from nlmm.metric_names import DIRECTIONS, KS
+
 # Caption-level speech retrieval: a caption's only positive is its own reading, and vice versa.
 OWN_DIRECTIONS = ("t2a_own", "a2t_own")
 _MODALITY = {"i": "image", "t": "text", "a": "audio"}

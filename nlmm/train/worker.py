@@ -24,12 +24,14 @@ import torch
 
 from nlmm import store
 from nlmm.config import config_from_dict, with_legacy_defaults
+from nlmm.data.backbone_features import ensure_features
 from nlmm.data.cache import PreparedCache
+from nlmm.devices import resolve_device
 from nlmm.errors import NlmmError
 from nlmm.train import distributed
 from nlmm.train.checkpoint import discard_partial_writes, load_checkpoint
 from nlmm.train.distributed import DistContext
-from nlmm.train.loop import CheckpointEvent, Trainer, resolve_device
+from nlmm.train.loop import CheckpointEvent, Trainer
 
 HEARTBEAT_S = 1.0
 
@@ -108,9 +110,11 @@ def _run_follower(ctx: DistContext, device: torch.device, data: Path | None) -> 
         spec, payload = distributed.broadcast_from_main(None, ctx, device)
         _set_threads(ctx)
         cfg = config_from_dict(with_legacy_defaults(spec["config"]), f"run {spec['name']}")
-        cache = _open_cache(data or Path(spec["cache"]), spec["cache_key"])
+        cache = ensure_features(_open_cache(data or Path(spec["cache"]), spec["cache_key"]),
+                                cfg.encoders, device, progress=False)
         trainer = Trainer(cfg, cache, device, Path(spec["run_dir"]), NullSink(),
                           log=lambda _msg: None, dist=ctx)
+        trainer.model.load_pretrained_backbones()
         if payload is not None:
             trainer.load_state_dict(payload)
         trainer.fit()
@@ -177,8 +181,12 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
             store.record_checkpoint(run.id, ev.progress.global_step, ev.progress.epoch_number,
                                     str(ev.path), ev.kind, ev.metrics, ev.kind == "best", ev.nbytes)
 
+        # frozen pretrained backbones: their cached features replace pixels / waveforms
+        cache = ensure_features(cache, cfg.encoders, device, progress=False)
         trainer = Trainer(cfg, cache, device, run_dir, sink, on_checkpoint, stop_event, _log,
                           dist=ctx)
+        # before the checkpoint, which replaces them on a resume
+        trainer.model.load_pretrained_backbones()
         if payload is not None:
             trainer.load_state_dict(payload)
             _log(f"resumed from {last} at step {trainer.progress.global_step}")
