@@ -23,14 +23,12 @@ The server runs as a thread of this process, listening on its Unix socket as `nl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,23 +38,10 @@ from search_bench import latencies, make_checkpoint, pct, show, unit_rows
 from nlmm.config import resolve_config
 from nlmm.search import GalleryIndex, read_index
 from nlmm.search_types import SearchRequest
-from nlmm.serve import ModelPool, SearchService, listening
+from nlmm.serve import SearchService, serving_in_thread
 from nlmm.serve_client import ask_server
 
 NLMM = Path(sys.executable).with_name("nlmm")
-
-
-@contextlib.contextmanager
-def server_thread(runs: Path) -> Iterator[SearchService]:
-    service = SearchService(ModelPool(log=lambda line: None), log=lambda line: None)
-    with listening(service, runs) as (server, _):
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield service
-        finally:
-            server.shutdown()
-            thread.join()
 
 
 def timed(cmd: list[str], env: dict[str, str]) -> Callable[[], float]:
@@ -121,7 +106,7 @@ def main() -> None:
         os.environ["NLMM_RUNS_DIR"] = str(runs)
         req = SearchRequest(text="a dog", checkpoint=checkpoint, target="audio", k=10,
                             device="cpu")
-        with server_thread(runs) as service:
+        with serving_in_thread(runs) as service:
             hold_big_gallery(service, req, gallery)
             times = rounds({
                 "python -c 'import torch'": timed([sys.executable, "-c", "import torch"], env),

@@ -206,6 +206,22 @@ def listening(service: SearchService, runs: Path,
                 path.unlink()
 
 
+@contextlib.contextmanager
+def serving_in_thread(runs: Path, max_models: int = DEFAULT_MAX_MODELS
+                      ) -> Iterator[SearchService]:
+    """A server for the runs folder answering from a background thread of this process (for
+    benchmarks and tests: the same service, pool and socket as `nlmm serve`)."""
+    service = SearchService(ModelPool(max_models, log=lambda line: None), log=lambda line: None)
+    with listening(service, runs) as (server, _):
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield service
+        finally:
+            server.shutdown()
+            thread.join()
+
+
 def _stamp(path: Path) -> tuple[int, int]:
     st = path.stat()
     return st.st_ino, st.st_mtime_ns

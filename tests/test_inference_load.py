@@ -59,6 +59,24 @@ def scale_weights(path: Path, factor: float) -> bytes:
     return body
 
 
+def replace_checkpoint(path: Path, new_bytes: bytes, how: str) -> None:
+    """Put `new_bytes` at `path` as a worker would (`renamed_over`), or in place keeping size,
+    inode and mtime (`rewritten_in_place_same_stamp`: only the content and ctime differ)."""
+    if how == "renamed_over":
+        incoming = path.with_name("incoming.pt")
+        incoming.write_bytes(new_bytes)
+        os.replace(incoming, path)
+        return
+    st = path.stat()
+    assert len(new_bytes) == st.st_size
+    with open(path, "r+b") as fh:
+        fh.write(new_bytes)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_ino, after.st_mtime_ns) == (st.st_size, st.st_ino,
+                                                                st.st_mtime_ns)
+
+
 def embed(model: NLMM, tokenizer, text: str = CAPTION) -> torch.Tensor:
     ids, lengths = tokenizer.encode_batch([text], 16)
     with torch.no_grad():
@@ -119,21 +137,7 @@ def test_first_load_writes_a_weights_copy_that_later_loads_map(checkpoint: Path,
 def test_a_replaced_checkpoint_never_loads_the_old_weights(checkpoint: Path, how: str):
     before = load_for_inference(checkpoint, device="cpu")
     [old_copy] = copies(checkpoint)
-    new_bytes = scale_weights(checkpoint, 1.5)
-    if how == "renamed_over":
-        tmp = checkpoint.with_name("incoming.pt")
-        tmp.write_bytes(new_bytes)
-        os.replace(tmp, checkpoint)
-    else:
-        # Same size, same inode, same mtime: only the content (and the ctime) differ.
-        st = checkpoint.stat()
-        assert len(new_bytes) == st.st_size
-        with open(checkpoint, "r+b") as fh:
-            fh.write(new_bytes)
-        os.utime(checkpoint, ns=(st.st_atime_ns, st.st_mtime_ns))
-        after = checkpoint.stat()
-        assert (after.st_size, after.st_ino, after.st_mtime_ns) == \
-            (st.st_size, st.st_ino, st.st_mtime_ns)
+    replace_checkpoint(checkpoint, scale_weights(checkpoint, 1.5), how)
     after = load_for_inference(checkpoint, device="cpu")
     assert after.source_key == checkpoint_key(checkpoint) != before.source_key
     assert torch.allclose(embed(after.model, after.tokenizer),

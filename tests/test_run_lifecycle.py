@@ -15,15 +15,8 @@ from pathlib import Path
 import pytest
 
 from nlmm import store
-
-NLMM = [sys.executable, "-m", "nlmm.cli"]
-SMALL = ["--set", "d_model=32", "--set", "embed_dim=32", "--set", "n_heads=2", "--set", "L_mem=2",
-         "--set", "depth.text=1", "--set", "depth.image=1", "--set", "depth.audio=1",
-         "--set", "train.log_every=1", "--device", "cpu"]
-# The hand-written corpus of conftest (6 train images, 30 captions): 3 steps per epoch at batch 8.
-TINY_DATA = ["--set", "data.image_size=32", "--set", "data.max_audio_seconds=2.0",
-             "--set", "data.text_max_len=16", "--set", "vocab_size=300", "--batch-size", "8"]
-STEPS_PER_EPOCH = 3
+from test_faults import NLMM, SMALL, TINY_DATA
+from test_faults import TINY_STEPS_PER_EPOCH as STEPS_PER_EPOCH
 
 
 def nlmm(*args: str, runs: Path, timeout: float = 180) -> subprocess.CompletedProcess:

@@ -21,14 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from test_inference_load import scale_weights, write_checkpoint
+from test_inference_load import replace_checkpoint, scale_weights, write_checkpoint
 
 import nlmm.serve_client
 from nlmm.data.cache import PreparedCache
 from nlmm.errors import NlmmError
 from nlmm.search import run_search
 from nlmm.search_types import SearchRequest
-from nlmm.serve import ModelPool, SearchService, listening
+from nlmm.serve import SearchService, listening, serving_in_thread
 from nlmm.serve_client import ask_server, search, server_address
 from nlmm.serve_protocol import SOCKET_NAME, TCP_PORT_NAME
 
@@ -64,22 +64,9 @@ def model_b(runs: Path, tiny_cache: PreparedCache) -> Path:
     return write_checkpoint(runs / "b" / "checkpoints" / "best.pt", tiny_cache, seed=1)
 
 
-@contextlib.contextmanager
-def server_thread(runs: Path, max_models: int = 2) -> Iterator[SearchService]:
-    service = SearchService(ModelPool(max_models, log=lambda line: None), log=lambda line: None)
-    with listening(service, runs) as (server, _):
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield service
-        finally:
-            server.shutdown()
-            thread.join()
-
-
 @pytest.fixture
 def served(runs: Path, model_a: Path, model_b: Path) -> Iterator[SearchService]:
-    with server_thread(runs) as service:
+    with serving_in_thread(runs) as service:
         yield service
 
 
@@ -162,17 +149,7 @@ def test_a_replaced_checkpoint_is_loaded_before_the_next_answer(served: SearchSe
     shutil.copy(model_a, path)
     req = SearchRequest(text=tiny_cache.caption_text(0), checkpoint=path, target="text", k=6)
     before = served_results(req)
-    new_bytes = scale_weights(path, 1.7)
-    if how == "renamed_over":
-        incoming = path.with_name("incoming.pt")
-        incoming.write_bytes(new_bytes)
-        os.replace(incoming, path)
-    else:
-        st = path.stat()
-        assert len(new_bytes) == st.st_size
-        with open(path, "r+b") as fh:
-            fh.write(new_bytes)
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    replace_checkpoint(path, scale_weights(path, 1.7), how)
     after = served_results(req)
     assert after == in_process(req)
     assert [h.score for h in after.hits] != [h.score for h in before.hits]
@@ -208,7 +185,7 @@ def test_least_recently_used_model_is_let_go_beyond_max_models(runs: Path, model
                                                                model_b: Path,
                                                                tiny_cache: PreparedCache):
     req_a, req_b = requests(model_a, tiny_cache)[0], requests(model_b, tiny_cache)[0]
-    with server_thread(runs, max_models=1) as service:
+    with serving_in_thread(runs, max_models=1) as service:
         first = served_results(req_a)
         assert service.pool.loaded() == [str(model_a)]
         assert served_results(req_b) == in_process(req_b)
