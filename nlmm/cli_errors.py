@@ -16,7 +16,7 @@ from typing import Any
 # the exceptions its parser raises.
 from typer._click import exceptions as parser
 
-from nlmm.cli_help import placeholder
+from nlmm.cli_help import metavar_of
 from nlmm.errors import NlmmError
 
 USAGE_EXIT = 2  # click's status for command-line mistakes, kept for scripts that test it
@@ -72,9 +72,9 @@ def _usage(exc: parser.UsageError, cmd: str) -> str:
 
 
 def param_name(param: Any) -> str:
-    """How the help shows a parameter: an argument's placeholder (ROOT), an option's first name."""
+    """How the help shows a parameter: an argument's metavar (ROOT), an option's first name."""
     if param.param_type_name == "argument":
-        return placeholder(param)
+        return metavar_of(param)
     longs = [o for o in param.opts if o.startswith("--")]
     return (longs or param.opts)[0]
 

@@ -22,7 +22,7 @@ _SHOWN_TYPE = re.compile(r" <([^<>]*)>$")
 _BY_TYPE = {"int": "N", "int range": "N", "path": "PATH"}
 
 
-def placeholder(param: Any, shown_type: str = "") -> str:
+def metavar_of(param: Any, shown_type: str = "") -> str:
     """What to type for `param`, given the type typer would show for it (`int range`, `a|b`)."""
     if param.metavar:
         return param.metavar
@@ -49,11 +49,11 @@ def write_rows(formatter: Any, rows: list[tuple[str, str]], label_max: int = 30)
 
 
 def _argument_label(param: Any) -> str:
-    return placeholder(param) + ("..." if param.nargs != 1 else "")
+    return metavar_of(param) + ("..." if param.nargs != 1 else "")
 
 
 class ReadableCommand(TyperCommand):
-    """A command whose usage line and parameter list use placeholders, not Python types."""
+    """A command whose usage line and parameter list use metavars (DIR, KEY=VALUE), not Python types."""
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -75,7 +75,7 @@ class ReadableCommand(TyperCommand):
                 continue
             shown = _SHOWN_TYPE.search(label)
             if shown and not param.metavar:
-                label = label[:shown.start()] + " " + placeholder(param, shown[1])
+                label = label[:shown.start()] + " " + metavar_of(param, shown[1])
             options.append((label, text))
         for title, rows in (("Arguments", arguments), ("Options", options)):
             if rows:
