@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from gpu_info import describe_device
 
+from nlmm.metric_names import LOSS_KEYS
+
 RECALL_TITLE = "Recall@K"
-LOSS_KEYS = ("loss", "loss_i2t", "loss_i2a", "loss_t2a")
 RECALL_KEYS = ("mean_r1", "test/mean_r1")
 
 

@@ -10,10 +10,13 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from nlmm.metric_names import DIRECTIONS, KS
+from nlmm.metric_names import DIRECTIONS, KS, LOSS_KEYS
+from nlmm.store.progress import elapsed_seconds
+from nlmm.store.sqlite_reader import read_runs
+from nlmm.units import hms
 
-if TYPE_CHECKING:  # `runs ls` and the like need no config machinery (yaml), and `nlmm
-    # search` through a server no store (SQLAlchemy): each function imports what it uses
+if TYPE_CHECKING:  # `runs ls` needs neither config machinery (yaml) nor SQLAlchemy, and `nlmm
+    # search` through a server no store: each function imports what it uses
     from nlmm import store
     from nlmm.config import Config
     from nlmm.search_types import SearchResults
@@ -26,9 +29,7 @@ ARROWS = {"i2t": "image→text", "t2i": "text→image", "i2a": "image→audio",
 
 def _elapsed(run: store.Run, now: float | None = None) -> str:
     """Wall time of a run over all its workers (store times are seconds since the epoch)."""
-    from nlmm import store
-
-    return store.hms(store.elapsed_seconds(run, time.time() if now is None else now))
+    return hms(elapsed_seconds(run, time.time() if now is None else now))
 
 
 def status_text(status: str) -> Text:
@@ -36,10 +37,12 @@ def status_text(status: str) -> Text:
 
 
 def runs_table(status: str | None = None) -> Table | Text:
-    from nlmm import store
+    runs = read_runs(status)
+    if runs is None:  # only the store can answer (see nlmm.store.sqlite_reader)
+        from nlmm import store
 
-    store.mark_lost()
-    runs = store.list_runs(status=status)
+        store.mark_lost()
+        runs = store.list_runs(status=status)
     if not runs:
         return Text("no runs yet: start one with `nlmm train flickr8k` (or `--synthetic` offline)")
     table = Table(title="runs")
@@ -172,8 +175,7 @@ def run_details(ref: str) -> Group:
         parts.append(Text(f"note: {note}", style="yellow"))
     if run.error:
         parts.append(Text(run.error.strip().splitlines()[0], style="red"))
-    latest = store.latest_metrics(run.id, keys=["loss", "loss_i2t", "loss_i2a", "loss_t2a",
-                                                "triples_per_s"])
+    latest = store.latest_metrics(run.id, keys=[*LOSS_KEYS, "triples_per_s"])
     if latest:
         parts.append(Text("  ".join(f"{k} {v:.4g}" for k, v in latest.items())))
     metrics = _eval_metrics(run.id)
@@ -191,9 +193,6 @@ def run_details(ref: str) -> Group:
                           "★" if c.is_best else "", f"{(c.bytes or 0) / 1e6:.1f} MB", c.path)
         parts.append(table)
     return Group(*parts)
-
-
-COMPARE_LOSSES = ("loss", "loss_i2t", "loss_i2a", "loss_t2a")
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -262,9 +261,9 @@ def compare_table(refs: Iterable[str]) -> Group:
         _figure_rows(figures, [(k, [m.get(k) for m in per_run]) for k in keys], "max")
         if figures.row_count:
             parts.append(figures)
-    latest = [store.latest_metrics(run.id, keys=list(COMPARE_LOSSES)) for run in runs]
+    latest = [store.latest_metrics(run.id, keys=list(LOSS_KEYS)) for run in runs]
     losses = table("final training losses (last log window)")
-    _figure_rows(losses, [(k, [m.get(k) for m in latest]) for k in COMPARE_LOSSES], "min")
+    _figure_rows(losses, [(k, [m.get(k) for m in latest]) for k in LOSS_KEYS], "min")
     if losses.row_count:
         parts.append(losses)
     return Group(*parts)

@@ -206,14 +206,18 @@ def command_at(path: tuple[str, ...]):
 
 # ------------------------------------------------------------------------------------ imports
 
-def test_runs_ls_does_not_import_torch(env):
+def test_runs_ls_imports_neither_torch_nor_sqlalchemy(env):
+    from nlmm import store
+
+    store.create_run("quick", {}, data="", device="cpu", epochs_total=1, steps_total=1)
     probe = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "nlmm.cli", "runs", "ls"], env=env,
         capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr
+    assert "quick" in probe.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in probe.stderr.splitlines()
                 if line.startswith("import time:")}
     assert "nlmm.reports" in imported  # the probe saw the command's own imports
-    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "torchvision",
-                                                              "torchaudio", "matplotlib"))
+    heavy = sorted(m for m in imported if m.split(".")[0] in (
+        "torch", "torchvision", "torchaudio", "matplotlib", "yaml", "sqlalchemy", "sqlmodel"))
     assert not heavy, heavy

@@ -32,6 +32,7 @@ from textual.widgets import Input, Select, SelectionList
 from console.app import NlmmDash, run_dashboard
 from console.screens.base import PollingScreen
 from console.screens.checkpoints import CheckpointsScreen
+from console.screens.dialogs import MoreEpochsScreen
 from console.screens.compare import CompareScreen
 from console.screens.dialogs import ConfirmScreen, HelpScreen, NewRunScreen
 from console.screens.run import RunScreen
@@ -563,6 +564,33 @@ async def test_test_results_stay_when_the_worker_saves_the_checkpoint_again(dash
         assert "evaluated at step 200, before the worker saved last.pt again at step 300" in detail
         assert "test Recall@K (%) at step 200" in detail
         assert f"{eval_values(250)['i2t_r1']:.1f}" in detail
+
+
+@pytest.mark.parametrize("status", ["finished", "stopped"])
+async def test_resume_asks_a_finished_run_for_more_epochs(dash_store, monkeypatch, status):
+    import nlmm.train.launcher
+
+    run = add_run("done", status, steps=400)
+    requests = []
+    monkeypatch.setattr(nlmm.train.launcher, "launch",
+                        lambda request, **_: requests.append(request) or run)
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        app.push_screen(CheckpointsScreen(run.id))
+        await settle(pilot)
+        screen = app.screen
+        await pilot.press("r")
+        await settle(pilot)
+        if status == "finished":
+            assert isinstance(app.screen, MoreEpochsScreen)  # `--epochs N`, asked for
+            assert "finished its 4 epochs" in plain(app.screen.query_one("#epochs-question"))
+            await pilot.press("backspace", "0", "enter")
+            assert "1 or more" in plain(app.screen.query_one("#epochs-error")) and not requests
+            await pilot.press("backspace", "3", "enter")
+        await until(pilot, lambda: requests and not screen.busy, 10, "the launch")
+        assert app.screen is screen
+        assert [(r.resume, r.add_epochs) for r in requests] == \
+            [("done", 3 if status == "finished" else None)]
 
 
 # ---- polling

@@ -16,6 +16,7 @@ from textual.widgets import Header, Static
 
 from console.messages import SearchRequested
 from console.screens.base import PollingScreen
+from console.screens.dialogs import MoreEpochsScreen
 from console.widgets import cells
 from console.widgets.key_footer import key_footer
 from console.widgets.keyed_table import KeyedTable, Row
@@ -194,23 +195,34 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
         ckpt = self._require()
         if ckpt is None or self.run is None:
             return
-        if self.run.status in store.ACTIVE_STATUSES:
-            self.notify(f"run {self.run.name} is {self.run.status}; stop it before resuming",
+        run = self.run
+        if run.status in store.ACTIVE_STATUSES:
+            self.notify(f"run {run.name} is {run.status}; stop it before resuming",
                         severity="warning")
             return
         last = max(self.checkpoints.values(), key=lambda c: (c.step, c.id))
         if ckpt.id != last.id:
             self.notify(f"resuming continues from the run's latest checkpoint (step {last.step})")
-        self.busy = True
-        self._resume(self.run.name)
+        if run.status != store.RunStatus.FINISHED:
+            self.busy = True
+            self._resume(run.name, None)
+            return
+
+        def resume_for(epochs: int | None) -> None:  # a finished run needs epochs to train on
+            if epochs is not None:
+                self.busy = True
+                self._resume(run.name, epochs)
+
+        self.app.push_screen(MoreEpochsScreen(run.name, run.epochs_total or run.epoch), resume_for)
 
     @work(thread=True, group="ckpt-action")
-    def _resume(self, run_name: str) -> None:
+    def _resume(self, run_name: str, add_epochs: int | None) -> None:
         from nlmm.train.launcher import launch
         from nlmm.train.request import TrainRequest
 
-        self._run_action(lambda: launch(TrainRequest(resume=run_name)),
-                         lambda run: self.notify(f"resumed {run.name}; its worker is starting"))
+        more = f" for {add_epochs} more epochs" if add_epochs else ""
+        self._run_action(lambda: launch(TrainRequest(resume=run_name, add_epochs=add_epochs)),
+                         lambda run: self.notify(f"resumed {run.name}{more}; its worker is starting"))
 
     def action_search_with(self) -> None:
         ckpt = self.selected()

@@ -1,4 +1,5 @@
-"""Modal dialogs: the help overlay, a yes/no confirmation, and the new-run form."""
+"""Modal dialogs: the help overlay, a yes/no confirmation, the epochs to add to a finished run,
+and the new-run form."""
 
 from __future__ import annotations
 
@@ -70,6 +71,40 @@ class ConfirmScreen(ModalScreen[bool]):
     @on(Button.Pressed, "#confirm-no")
     def _no(self) -> None:
         self.dismiss(False)
+
+
+class MoreEpochsScreen(ModalScreen[int | None]):
+    """How many more epochs a finished run should train when resumed (`--epochs N`)."""
+
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+
+    def __init__(self, run_name: str, epochs_done: int) -> None:
+        super().__init__()
+        self.run_name = run_name
+        self.epochs_done = epochs_done
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="epochs-box") as box:
+            box.border_title = f"resume {self.run_name}"
+            box.border_subtitle = "Enter resumes · Esc cancels"
+            yield Label(f"{self.run_name} finished its {self.epochs_done} epochs. How many more "
+                        "epochs should it train?", id="epochs-question")
+            yield Input("1", type="integer", id="epochs-input", compact=True)
+            yield Label("", id="epochs-error")
+
+    def on_mount(self) -> None:
+        self.query_one("#epochs-input", Input).focus()
+
+    @on(Input.Submitted, "#epochs-input")
+    def _submit(self, event: Input.Submitted) -> None:
+        epochs = int(event.value) if event.value.strip().lstrip("-").isdigit() else 0
+        if epochs < 1:
+            self.query_one("#epochs-error", Label).update("give a whole number of epochs, 1 or more")
+            return
+        self.dismiss(epochs)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
 
 
 def config_names() -> list[str]:

@@ -1,6 +1,5 @@
 """The store's tables. Times are seconds since the epoch (float), which every dialect stores as is."""
 
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Column, Dialect, Index, String, Text, TypeDecorator, \
@@ -8,24 +7,8 @@ from sqlalchemy import JSON, BigInteger, Column, Dialect, Index, String, Text, T
 from sqlmodel import Field, SQLModel
 
 from nlmm.paths import from_stored, to_stored
+from nlmm.store.status import RunStatus
 
-
-
-class RunStatus(StrEnum):
-    """Where a run is in its life. The column keeps the plain string, and a member equals its
-    string, so rows read back compare with these members as they are."""
-
-    QUEUED = "queued"  # registered; its worker is starting
-    RUNNING = "running"
-    FINISHED = "finished"
-    STOPPED = "stopped"  # on request, after a checkpoint: it can be resumed
-    FAILED = "failed"
-    LOST = "lost"  # its worker disappeared without reporting
-
-
-# A run with a (possibly) live worker: it blocks a resume or a removal, and can be stopped.
-ACTIVE_STATUSES = (RunStatus.QUEUED, RunStatus.RUNNING)
-ENDED_STATUSES = tuple(status for status in RunStatus if status not in ACTIVE_STATUSES)
 CHECKPOINT_KINDS = ("last", "best", "epoch")
 # The metric that ranks checkpoints and runs: mean Recall@1 over the six retrieval directions.
 BEST_METRIC_KEY = "mean_r1"

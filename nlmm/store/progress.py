@@ -8,8 +8,12 @@ them from here.
 
 from __future__ import annotations
 
-from nlmm.store.models import Run, RunStatus
-from nlmm.units import hms  # noqa: F401 (the store's readers format with store.hms)
+from typing import TYPE_CHECKING
+
+from nlmm.store.status import RunStatus
+
+if TYPE_CHECKING:  # this module is read without SQLAlchemy by `nlmm runs ls`
+    from nlmm.store.models import Run
 
 
 def elapsed_seconds(run: Run, now: float) -> float | None:

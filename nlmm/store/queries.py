@@ -15,33 +15,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-import psutil
 from sqlalchemy import BigInteger, Engine, and_, case, cast, delete, func, insert, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from nlmm.errors import NlmmError
 from nlmm.store.engine import read_session, write_session
+from nlmm.store.liveness import LOST_AFTER_S, is_lost
 from nlmm.store.models import (
-    ACTIVE_STATUSES,
     BEST_METRIC_KEY,
     BLOCK_STEPS,
     CHECKPOINT_KINDS,
-    ENDED_STATUSES,
     Checkpoint,
     Metric,
     MetricBlock,
     Run,
-    RunStatus,
     SystemSample,
 )
-
-# Clock granularity and the gap between fork and the worker registering its pid.
-_PID_START_SLACK_S = 2.0
-# A run of this host is declared lost once its heartbeat (every second from the worker) is this
-# old and its process is gone; the process check rules out false alarms on a busy machine, so
-# the window only needs to cover a few missed beats, and a killed worker shows as lost within 10 s.
-LOST_AFTER_S = 5.0
+from nlmm.store.status import ACTIVE_STATUSES, ENDED_STATUSES, RunStatus
 
 # DISTINCT over a million rows scans them all; hopping from key to next key is one index seek each.
 _KEYS_SQL = text("""
@@ -199,57 +190,28 @@ def heartbeat(run_id: int, step: int | None = None, epoch: int | None = None,
         session.exec(update(Run).where(Run.id == run_id).values(**values))
 
 
-def _process_alive(pid: int | None, started_at: float | None) -> bool:
-    if pid is None:
-        return False
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        # A process that began after the run registered it is another program that reused the pid.
-        return started_at is None or process.create_time() <= started_at + _PID_START_SLACK_S
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
-def worker_alive(run: Run) -> bool:
-    """Whether the worker registered for `run` still runs: the one liveness rule of the launcher
-    (before it signals or replaces a worker) and of `mark_lost`.
-
-    On this host: its process exists, is no zombie, and began no later than it was registered,
-    so a pid reused by another program does not count. On another host, where processes cannot
-    be checked: its heartbeat is younger than LOST_AFTER_S.
-    """
-    if run.host and run.host != socket.gethostname():
-        last_sign = run.heartbeat_at or run.started_at or run.created_at
-        return time.time() - last_sign < LOST_AFTER_S
-    return _process_alive(run.pid, run.started_at)
-
-
 def mark_lost(timeout_s: float = LOST_AFTER_S, engine: Engine | None = None) -> list[int]:
-    """Sweep: mark `lost` the active runs of this host that have a registered worker, a heartbeat
-    older than `timeout_s` and no live worker (`worker_alive`); returns their ids.
+    """Sweep: mark `lost` the runs that `is_lost` judges so (active, registered on this host,
+    silent for `timeout_s`, no live worker); returns their ids.
 
     The one store call that turns silence into `lost`: readers (`list_runs`, the dash's polling)
     never write, so the CLI and the dash call this explicitly before they list runs. Runs of
     other hosts are left alone: their processes cannot be checked from here.
     """
-    cutoff = time.time() - timeout_s
-    last_sign = func.coalesce(Run.heartbeat_at, Run.started_at, Run.created_at)
-    stale = select(Run).where(col(Run.status).in_(ACTIVE_STATUSES), col(Run.pid).is_not(None),
-                              Run.host == socket.gethostname(), last_sign < cutoff)
+    now = time.time()
+    active_here = select(Run).where(col(Run.status).in_(ACTIVE_STATUSES),
+                                    Run.host == socket.gethostname())
     with read_session(engine) as session:
-        candidates = session.exec(stale).all()
-    lost = [run.id for run in candidates if not worker_alive(run)]
+        candidates = session.exec(active_here).all()
+    lost = [run.id for run in candidates if is_lost(run, now, timeout_s)]
     if lost:
+        last_sign = func.coalesce(Run.heartbeat_at, Run.started_at, Run.created_at)
         with write_session(engine) as session:
             # Re-check status and heartbeat inside the write lock: the run may have ended or
             # beaten since the read.
             session.exec(update(Run)
                          .where(col(Run.id).in_(lost), col(Run.status).in_(ACTIVE_STATUSES),
-                                last_sign < cutoff)
+                                last_sign < now - timeout_s)
                          .values(status=RunStatus.LOST.value,
                                  ended_at=_last_sign_of_life(time.time()),
                                  error="the worker process disappeared without reporting"))

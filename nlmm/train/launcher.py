@@ -50,8 +50,6 @@ def launch(req: TrainRequest, notify: Notify | None = None) -> store.Run:
     check_distributed(req, device)
     if req.node_rank > 0:
         raise NlmmError("a node other than node 0 joins a run with join(), it does not launch one.")
-    # a worker that died unseen must show as lost before --resume or --name look at its run
-    store.mark_lost()
     run = _reopen(req, device, notify) if req.resume else _register(req, device, notify)
     _spawn(run, req)
     return store.get_run(run.id)
@@ -110,6 +108,7 @@ def join(req: TrainRequest, notify: Notify | None = None,
 
 
 def _reopen(req: TrainRequest, device: str, notify: Notify | None) -> store.Run:
+    store.mark_lost()  # a worker that died unseen must show as lost before its run is judged
     run = store.get_run(req.resume)
     if run.status in store.ACTIVE_STATUSES and store.worker_alive(run):
         raise NlmmError(f"run {run.name} is still {run.status}; stop it first with "
