@@ -97,7 +97,10 @@ class MoreEpochsScreen(ModalScreen[int | None]):
 
     @on(Input.Submitted, "#epochs-input")
     def _submit(self, event: Input.Submitted) -> None:
-        epochs = int(event.value) if event.value.strip().lstrip("-").isdigit() else 0
+        try:
+            epochs = int(event.value)
+        except ValueError:  # empty, or only a sign
+            epochs = 0
         if epochs < 1:
             self.query_one("#epochs-error", Label).update("give a whole number of epochs, 1 or more")
             return

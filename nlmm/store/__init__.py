@@ -11,8 +11,11 @@ import pkgutil
 from typing import Any
 
 
+_SUBMODULES = frozenset(module.name for module in pkgutil.iter_modules(__path__))
+
+
 def __getattr__(name: str) -> Any:
-    if name in {module.name for module in pkgutil.iter_modules(__path__)}:
+    if name in _SUBMODULES:
         # `from nlmm.store import models` asks here first: not found lets the import system load it
         raise AttributeError(f"module {__name__!r} has not loaded {name!r} yet")
     api = importlib.import_module("nlmm.store.api")

@@ -30,6 +30,12 @@ class RunLike(Protocol):
     heartbeat_at: float | None
 
 
+def _last_sign(run: RunLike) -> float:
+    """When the run last showed it was alive: its heartbeat, else its worker's start, else its
+    registration."""
+    return run.heartbeat_at or run.started_at or run.created_at
+
+
 def _process_alive(pid: int | None, started_at: float | None) -> bool:
     if pid is None:
         return False
@@ -54,8 +60,7 @@ def worker_alive(run: RunLike) -> bool:
     be checked: its heartbeat is younger than LOST_AFTER_S.
     """
     if run.host and run.host != socket.gethostname():
-        last_sign = run.heartbeat_at or run.started_at or run.created_at
-        return time.time() - last_sign < LOST_AFTER_S
+        return time.time() - _last_sign(run) < LOST_AFTER_S
     return _process_alive(run.pid, run.started_at)
 
 
@@ -64,5 +69,4 @@ def is_lost(run: RunLike, now: float, timeout_s: float = LOST_AFTER_S) -> bool:
     for `timeout_s` and no longer alive. Runs of other hosts are never judged lost from here."""
     if run.status not in ACTIVE_STATUSES or run.pid is None or run.host != socket.gethostname():
         return False
-    last_sign = run.heartbeat_at or run.started_at or run.created_at
-    return last_sign < now - timeout_s and not worker_alive(run)
+    return _last_sign(run) < now - timeout_s and not worker_alive(run)
