@@ -95,6 +95,50 @@ def _root(
 
 # ------------------------------------------------------------------------------------ data
 
+FORMAT_HELP = ("Corpus layout: flickr8k, karpathy, coco, audiocaps, clotho, librispeech, "
+               "commonvoice or manifest (default: detected from the files); once for every "
+               "--data, or once per --data in order.")
+COLUMNS_HELP = ("Manifest columns by role, e.g. image=filepath,text=title (roles: image, text, "
+                "audio, split, group; default: guessed from common names).")
+
+
+def _parse_columns(columns: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (columns or "").split(","):
+        if not part.strip():
+            continue
+        role, eq, name = part.partition("=")
+        role = role.strip().lower()
+        if not eq or not name.strip() or role not in ("image", "text", "audio", "split", "group"):
+            raise NlmmError(f"--columns takes ROLE=COLUMN pairs separated by commas (roles: "
+                            f"image, text, audio, split, group), got {part.strip()!r}; e.g. "
+                            f"--columns image=filepath,text=title.")
+        out[role] = name.strip()
+    return out
+
+
+def _corpus_specs(data: list[Path] | None, formats: list[str] | None,
+                  columns: str | None, dataset: str | None = None) -> list | None:
+    """The corpora named on the command line as CorpusSpecs (None: none named)."""
+    from nlmm.data.corpora import FORMATS
+    from nlmm.data.corpora.base import CorpusSpec
+
+    if not data:
+        return None
+    formats = list(formats or [])
+    if not formats and dataset and dataset.lower() != "flickr8k":
+        formats = [dataset.lower()]  # `nlmm train coco --data DIR`
+    if len(formats) not in (0, 1, len(data)):
+        raise NlmmError(f"{len(formats)} --format values for {len(data)} --data paths; give one "
+                        f"for all, or one per --data in the same order.")
+    for f in formats:
+        if f not in FORMATS:
+            raise NlmmError(f"unknown corpus format {f!r}; use one of {', '.join(FORMATS)}.")
+    cols = _parse_columns(columns)
+    return [CorpusSpec(path, formats[i] if len(formats) > 1 else (formats[0] if formats else None),
+                       cols) for i, path in enumerate(data)]
+
+
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder to write the corpus into.")] = Path("data/synth"),
@@ -132,31 +176,43 @@ def data_download(
 
 @data_app.command("check")
 def data_check(
-    root: Annotated[Path, typer.Argument(help="Corpus folder in the Flickr8k + FACC layout.")],
-    decode: Annotated[bool, typer.Option(help="Decode every image and wav to find corrupt files.")] = True,
+    root: Annotated[Path, typer.Argument(help="Corpus folder or manifest file, in any layout "
+                                         "nlmm reads.")],
+    decode: Annotated[bool, typer.Option(help="Decode every image and audio file to find "
+                                         "corrupt ones.")] = True,
+    format_: Annotated[Optional[str], typer.Option("--format", help=FORMAT_HELP)] = None,
+    columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
 ) -> None:
-    """Count images, captions, wavs and usable triples per split, and list every defect."""
-    from nlmm.data.flickr import check_corpus
+    """Say which layout was detected; count images, clips, captions and audio per split and
+    modality; list every defect with its reason."""
+    from nlmm.data.check import check_corpus
 
-    report = check_corpus(root, decode=decode, progress=True)
+    spec = _corpus_specs([root], [format_] if format_ else None, columns)[0]
+    report = check_corpus(spec, decode=decode, progress=True)
     console.print(report.to_table())
     if not report.usable:
-        raise NlmmError(f"{root} holds no usable image–caption pair; fix the defects listed above.")
+        raise NlmmError(f"{root} holds no usable image-caption or caption-audio pair in its "
+                        f"train split; fix the defects listed above.")
 
 
 @data_app.command("prepare")
 def data_prepare(
-    root: Annotated[Path, typer.Argument(help="Corpus folder in the Flickr8k + FACC layout.")],
+    roots: Annotated[list[Path], typer.Argument(metavar="PATH...", help="Corpus folder(s) or "
+                                                "manifest file(s); several make one mixed "
+                                                "cache.")],
     config: Annotated[str, typer.Option("--config", "-c", metavar="NAME|FILE", help="Config name or YAML path.")] = "flickr8k",
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.sub=value.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even when the cache is fresh.")] = False,
+    format_: Annotated[Optional[list[str]], typer.Option("--format", help=FORMAT_HELP)] = None,
+    columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
 ) -> None:
     """Decode images, compute log-mels and tokenize captions once, into a versioned cache."""
     from nlmm.config import resolve_config
     from nlmm.data.cache import prepare
 
     cfg = resolve_config(config, set_ or [])
-    cache = prepare(root, cfg.data, cfg.vocab_size, force=force, encoders=cfg.encoders)
+    specs = _corpus_specs(roots, format_, columns)
+    cache = prepare(specs, cfg.data, cfg.vocab_size, force=force, encoders=cfg.encoders)
     for name, features in (cache.features or {}).items():
         console.print(f"features {name}: {features.path}")
     console.print(cache.report().to_table())
@@ -167,12 +223,17 @@ def data_prepare(
 
 @app.command("train")
 def train(
-    dataset: Annotated[str, typer.Argument(help="Dataset to train on (flickr8k).")] = "flickr8k",
-    data: Annotated[Optional[Path], typer.Option("--data", "--data_dir", "--data-dir",
-                                                 metavar="DIR",
-                                                 help="Corpus folder (default ./data/flickr8k, "
-                                                      "downloaded there when absent or "
-                                                      "incomplete).")] = None,
+    dataset: Annotated[str, typer.Argument(help="Dataset to train on: flickr8k (downloaded into "
+                                            "./data/flickr8k when no --data is given), or the "
+                                            "format of the --data corpus (coco, karpathy, ...).")] = "flickr8k",
+    data: Annotated[Optional[list[Path]], typer.Option("--data", "--data_dir", "--data-dir",
+                                                       metavar="PATH",
+                                                       help="Corpus folder or manifest file, in "
+                                                            "any layout nlmm reads (default "
+                                                            "./data/flickr8k); repeat to train on "
+                                                            "several corpora at once.")] = None,
+    format_: Annotated[Optional[list[str]], typer.Option("--format", help=FORMAT_HELP)] = None,
+    columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Use (and create) the offline "
                                             "synthetic corpus in ./data/synth.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", "-c", metavar="NAME|FILE",
@@ -221,7 +282,9 @@ def train(
     from nlmm.train.launcher import join, launch
     from nlmm.train.request import TrainRequest
 
-    _only_flickr8k(dataset)
+    specs = _corpus_specs(data, format_, columns, dataset)
+    if specs is None:
+        _only_flickr8k(dataset)
     overrides = list(set_ or [])
     # with --resume, --epochs means "this many more" and is handled by the launcher
     for key, value in (("train.epochs", None if resume else epochs),
@@ -238,7 +301,7 @@ def train(
     mirrors = [m for m, on in (("tensorboard", tensorboard), ("wandb", wandb)) if on]
     if mirrors:
         overrides.append(f"train.mirrors={json.dumps(mirrors)}")
-    request = TrainRequest(data=data, synthetic=synthetic, config=config, overrides=overrides,
+    request = TrainRequest(data=specs, synthetic=synthetic, config=config, overrides=overrides,
                            device=device.value, name=name, resume=resume,
                            add_epochs=epochs if resume else None, nproc=nproc, nnodes=nnodes,
                            node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
@@ -345,17 +408,24 @@ def eval_(
     ttt: Annotated[Optional[bool], typer.Option(
         "--ttt/--no-ttt", help="Also evaluate with test-time training, or not (default: as the "
         "checkpoint's config says, ttt.enable).")] = None,
-    data: Annotated[Optional[Path], typer.Option(
-        metavar="DIR", help="Score on this corpus (Flickr8k layout) instead of the run's own: "
+    data: Annotated[Optional[list[Path]], typer.Option(
+        metavar="PATH", help="Score on this corpus (any layout) instead of the run's own: "
         "prepared with the run's data settings and tokenizer.")] = None,
+    format_: Annotated[Optional[list[str]], typer.Option("--format", help=FORMAT_HELP)] = None,
+    columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
+    protocol: Annotated[Optional[str], typer.Option(
+        help="Score the test split as the literature does: test, karpathy-1k (Flickr8k/30k: "
+        "1000 images), coco-5k (5000 images), coco-1k (5 folds of 1000, averaged).")] = None,
     device: Annotated[Device, typer.Option()] = Device.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Recall@1/5/10 in all six directions on a split (with and without TTT)."""
+    """Recall@1/5/10 in every direction the model has, on a split or under a test protocol
+    (with and without TTT), beside the number of images, captions and audio items scored."""
     from nlmm.reports import eval_table
     from nlmm.train.evaluate import evaluate_target
 
-    results = evaluate_target(target, split=split.value, ttt=ttt, device=device.value, data=data)
+    results = evaluate_target(target, split=split.value, ttt=ttt, device=device.value,
+                              data=_corpus_specs(data, format_, columns), protocol=protocol)
     if as_json:
         print(json.dumps(results))
     else:
@@ -459,9 +529,16 @@ def dash(
 
 
 def _only_flickr8k(dataset: str) -> None:
-    if dataset.lower() != "flickr8k":
-        raise NlmmError(f"unknown dataset {dataset!r}; the supported dataset is flickr8k "
-                        "(use --synthetic for the offline corpus).")
+    from nlmm.data.corpora import FORMATS
+
+    if dataset.lower() == "flickr8k":
+        return
+    if dataset.lower() in FORMATS:
+        raise NlmmError(f"only flickr8k is downloaded by nlmm; pass --data PATH with the "
+                        f"{dataset} corpus you have on disk.")
+    raise NlmmError(f"unknown dataset {dataset!r}; use flickr8k, or pass --data PATH with a "
+                    f"corpus in one of the layouts {', '.join(FORMATS)} (--synthetic for the "
+                    f"offline corpus).")
 
 
 def _command_path(argv: list[str]) -> str:

@@ -209,6 +209,9 @@ class Config:
                               "slower)")
     audio_stride: int = _f(4, min=1, help="time subsampling of mel frames by the audio stem")
     dropout: float = _f(0.0, min=0.0, max=1.0)
+    modalities: list[str] = _f(factory=lambda: list(MODALITIES),
+                               help="towers the model builds; a run keeps those its corpus has "
+                                    "(image-text, text-audio or all three)")
     data: DataConfig = _f(factory=DataConfig)
     train: TrainConfig = _f(factory=TrainConfig)
     encoders: EncodersConfig = _f(factory=EncodersConfig)
@@ -234,6 +237,10 @@ class Config:
             if mirror not in ("tensorboard", "wandb"):
                 raise ConfigError(f"{source}: train.mirrors holds {mirror!r}; allowed: "
                                   "tensorboard, wandb.")
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown or len(set(self.modalities)) < 2:
+            raise ConfigError(f"{source}: modalities must name at least two of "
+                              f"{', '.join(MODALITIES)}, got {self.modalities}.")
         bad = set(self.train.loss_weights) - set(PAIRS)
         if bad:
             raise ConfigError(f"{source}: train.loss_weights has unknown pair {sorted(bad)[0]!r}; "

@@ -140,11 +140,12 @@ def _matching(path: Path) -> Iterator[None]:
 
 
 def load_for_inference(target: str | Path | None, device: str = "auto",
-                       data: Path | None = None) -> LoadedModel:
+                       data: Any = None) -> LoadedModel:
     """Model in eval mode plus the tokenizer and (when available) the prepared data cache.
 
-    With `data`, the corpus is prepared (or its cache reused) with the checkpoint's own data
-    parameters, so a gallery always matches the features the model was trained on.
+    With `data` (a corpus folder or manifest, a CorpusSpec, or a list of them), the corpus is
+    prepared (or its cache reused) with the checkpoint's own data parameters, so a gallery
+    always matches the features the model was trained on.
     """
     from nlmm.data.cache import PreparedCache
     from nlmm.devices import resolve_device
@@ -166,7 +167,7 @@ def load_for_inference(target: str | Path | None, device: str = "auto",
         from nlmm.data.cache import prepare
 
         # the model's own tokenizer: one trained on another corpus would give other token ids
-        cache = prepare(Path(data), cfg.data, cfg.vocab_size, progress=True,
+        cache = prepare(data, cfg.data, cfg.vocab_size, progress=True,
                         encoders=cfg.encoders, device=dev, tokenizer=tokenizer)
     else:
         cache_path = Path(payload.get("data", {}).get("cache", ""))

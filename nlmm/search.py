@@ -33,7 +33,7 @@ from nlmm.config import MODALITIES
 from nlmm.data.cache import PreparedCache
 from nlmm.data.features import (BadInput, load_clip, load_image, load_wav, log_mel,
                                  normalize_images)
-from nlmm.data.flickr import SPLITS
+from nlmm.data.corpora.base import SPLITS
 from nlmm.data.loader import iter_modality, modality_rows
 from nlmm.errors import NlmmError
 from nlmm.inference import LoadedModel, checkpoint_for, load_for_inference, require_cache

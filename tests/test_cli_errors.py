@@ -47,8 +47,8 @@ def assert_one_sentence(err: str, expected: str) -> None:
 # ------------------------------------------------------------------------- command-line mistakes
 
 MISTAKES = {
-    ("data", "check"): "nlmm data check needs ROOT (corpus folder in the Flickr8k + FACC "
-                       "layout); see `nlmm data check --help`.",
+    ("data", "check"): "nlmm data check needs ROOT (corpus folder or manifest file, in any "
+                       "layout nlmm reads); see `nlmm data check --help`.",
     ("export", "some-run"): "nlmm export needs --out (bundle folder to write); see "
                             "`nlmm export --help`.",
     ("train", "--lr", "-1"): "--lr must be at least 0.0, got '-1'; see `nlmm train --help`.",

@@ -15,7 +15,7 @@ from corpus_factory import PublicCorpus, tone, write_public_corpus
 import nlmm.data.parallel
 from nlmm.data.cache import PreparedCache, default_cache_dir, prepare
 from nlmm.data.features import BadInput, load_wav, log_mel
-from nlmm.data.flickr import CheckReport, check_corpus
+from nlmm.data.check import CheckReport, check_corpus
 from nlmm.data.loader import TrainLoader
 from nlmm.errors import NlmmError
 
@@ -120,12 +120,12 @@ def test_nothing_else_is_reported(broken: Broken, broken_check: CheckReport,
 
 
 def test_counts_after_skipping(broken_check: CheckReport, broken_cache: PreparedCache) -> None:
-    dev = {"images": 3, "captions": 15, "wavs": 12, "triples": 12, "pairs": 15}
-    test = {"images": 3, "captions": 15, "wavs": 15, "triples": 15, "pairs": 15}
+    dev = {"images": 3, "clips": 0, "captions": 15, "wavs": 12, "triples": 12, "pairs": 15}
+    test = {"images": 3, "clips": 0, "captions": 15, "wavs": 15, "triples": 15, "pairs": 15}
     # check decodes every wav; prepare only those whose image is usable.
-    assert broken_check.counts["train"] == {"images": 4, "captions": 30, "wavs": 30,
+    assert broken_check.counts["train"] == {"images": 4, "clips": 0, "captions": 30, "wavs": 30,
                                             "triples": 20, "pairs": 20}
-    assert broken_cache.manifest["counts"]["train"] == {"images": 4, "captions": 30, "wavs": 20,
+    assert broken_cache.manifest["counts"]["train"] == {"images": 4, "clips": 0, "captions": 30, "wavs": 20,
                                                         "triples": 20, "pairs": 20}
     for counts in (broken_check.counts, broken_cache.manifest["counts"]):
         assert counts["dev"] == dev and counts["test"] == test
@@ -189,7 +189,7 @@ def test_corpus_with_nothing_usable_is_an_error(tmp_path: Path) -> None:
     assert not report.usable
     assert [d.kind for d in report.defects if d.kind == "bad_image"] == ["bad_image"]
     cfg = tiny_data_config()
-    with pytest.raises(NlmmError, match="no usable image-caption pair"):
+    with pytest.raises(NlmmError, match="no usable image-caption or caption-audio pair"):
         prepare(written.root, cfg, TINY_VOCAB, workers=1, progress=False)
     cache_dir = default_cache_dir(written.root.resolve(), cfg, TINY_VOCAB)
     assert not cache_dir.exists()

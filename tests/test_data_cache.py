@@ -39,7 +39,7 @@ def forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args, **kwargs):
         raise AssertionError("prepare decoded files although the cache was fresh")
     monkeypatch.setattr(cache_mod, "map_chunks", fail)
-    monkeypatch.setattr(cache_mod, "read_corpus", fail)
+    monkeypatch.setattr(cache_mod, "_build", fail)
 
 
 # --------------------------------------------------------------------------- features
@@ -175,7 +175,7 @@ def test_cache_arrays_equal_direct_decoding(tiny_corpus: PublicCorpus,
         ids, n = tiny_cache.tokenizer.encode_batch([tiny_cache.caption_text(row)], cfg.text_max_len)
         assert np.array_equal(tiny_cache.tokens[row], ids[0]) and tiny_cache.token_lengths[row] == n[0]
     counts = tiny_cache.manifest["counts"]
-    assert counts["train"] == {"images": 6, "captions": 30, "wavs": 30, "triples": 30, "pairs": 30}
+    assert counts["train"] == {"images": 6, "clips": 0, "captions": 30, "wavs": 30, "triples": 30, "pairs": 30}
     assert tiny_cache.manifest["unassigned_images"] == 1 and tiny_cache.manifest["defects"] == []
 
 
@@ -302,8 +302,10 @@ def test_image_text_only_corpus_prepares_pairs_without_audio(tmp_path: Path) -> 
     assert not cache.caption_has_audio(np.arange(20)).any()
     assert cache.manifest["counts"]["total"]["pairs"] == 20
     assert [d["kind"] for d in cache.manifest["defects"]] == ["no_audio"]
+    assert cache.modalities() == ("image", "text")
     batch = next(iter(TrainLoader(cache, "train", 4, seed=0)))
-    assert not batch["has_audio"].any() and not batch["audio_mask"].any()
+    # a corpus without audio gives batches without it: nothing to gather, nothing to encode
+    assert "audio" not in batch and "has_audio" not in batch and bool(batch["has_image"].all())
     assert list(iter_modality(cache, "test", "audio", 4)) == []
     assert sum(len(rows) for _, _, rows in iter_modality(cache, "test", "text", 4)) == 5
 

@@ -9,7 +9,8 @@ import pytest
 from corpus_factory import PublicCorpus, write_public_corpus
 from rich.console import Console
 
-from nlmm.data.flickr import check_corpus, read_corpus
+from nlmm.data.check import check_corpus
+from nlmm.data.corpora import read_corpus
 from nlmm.errors import NlmmError
 
 
@@ -36,7 +37,7 @@ def expected_counts(corpus: PublicCorpus, audio: bool = True) -> dict[str, dict[
         images = corpus.images_in(split)
         caps = sum(len(corpus.captions[i]) for i in images)
         wavs = sum((i, n) in corpus.wavs for i in images for n in range(len(corpus.captions[i])))
-        out[split] = {"images": len(images), "captions": caps, "wavs": wavs if audio else 0,
+        out[split] = {"images": len(images), "clips": 0, "captions": caps, "wavs": wavs if audio else 0,
                       "triples": wavs if audio else 0, "pairs": caps}
     out["total"] = {k: sum(out[s][k] for s in ("train", "dev", "test")) for k in out["train"]}
     return out
@@ -51,13 +52,13 @@ def render(report) -> str:
 def test_exact_counts_on_hand_made_corpus(tiny_corpus: PublicCorpus) -> None:
     corpus = read_corpus(tiny_corpus.root)
     assert corpus.defects == []
-    assert {img.filename: img.split for img in corpus.images} == tiny_corpus.split_of
+    assert {img.id: img.split for img in corpus.groups} == tiny_corpus.split_of
     assert len(corpus.captions) == 13 * 5
     for cap in corpus.captions:
-        assert cap.text == tiny_corpus.captions[cap.image][cap.index]
+        assert cap.text == tiny_corpus.captions[cap.group][cap.index]
     report = check_corpus(tiny_corpus.root, decode=False)
     assert report.counts == expected_counts(tiny_corpus)
-    assert report.counts["train"] == {"images": 6, "captions": 30, "wavs": 30, "triples": 30,
+    assert report.counts["train"] == {"images": 6, "clips": 0, "captions": 30, "wavs": 30, "triples": 30,
                                       "pairs": 30}
     assert report.unassigned_images == 1 and report.usable and report.defects == []
 
@@ -79,12 +80,11 @@ def test_wav2capt_third_field_is_the_caption_index_without_hash(corpus_copy: Pub
     wav2capt(corpus_copy.root).write_text("\n".join(remapped + kept) + "\n")
     corpus = read_corpus(corpus_copy.root)
     assert corpus.defects == []
-    wav_of = {(c.image, c.index): c.wav.name for c in corpus.captions if c.wav}
+    wav_of = {(c.group, c.index): c.audio.name for c in corpus.captions if c.audio}
     for n in range(5):
         assert wav_of[(image, n)] == f"{image[:-4]}_{4 - n}.wav"
     other = corpus_copy.images_in("train")[2]
     assert wav_of[(other, 3)] == corpus_copy.wavs[(other, 3)]
-    assert corpus.speakers[corpus_copy.wavs[(other, 3)]] == 1 + (2 + 3) % 7
 
 
 def test_malformed_wav2capt_lines_are_reported(corpus_copy: PublicCorpus) -> None:
@@ -100,7 +100,7 @@ def test_malformed_wav2capt_lines_are_reported(corpus_copy: PublicCorpus) -> Non
     corpus = read_corpus(corpus_copy.root)
     kinds = sorted(d.kind for d in corpus.defects)
     assert kinds == ["malformed_line"] * 3 + ["missing_wav", "unknown_caption"]
-    assert all(c.wav is None for c in corpus.captions if c.image == image)
+    assert all(c.audio is None for c in corpus.captions if c.group == image)
     report = check_corpus(corpus_copy.root, decode=False)
     assert report.counts["train"]["pairs"] == 30
     assert report.counts["train"]["triples"] == 25
@@ -124,8 +124,8 @@ def test_misspelled_image_folder_is_accepted(tmp_path: Path, folder: str) -> Non
     written = write_public_corpus(tmp_path / "c", n_images=5, splits=(2, 1, 1), audio=False,
                                   image_folder=folder)
     corpus = read_corpus(written.root)
-    assert corpus.layout.image_dir == written.root / folder
-    assert {img.filename: img.split for img in corpus.images} == written.split_of
+    assert {g.image.parent for g in corpus.groups} == {written.root / folder}
+    assert {img.id: img.split for img in corpus.groups} == written.split_of
     assert check_corpus(written.root).counts["train"]["pairs"] == 10
 
 
@@ -144,7 +144,7 @@ def test_image_without_audio_keeps_its_pairs(corpus_copy: PublicCorpus) -> None:
                             if ln.split()[1] != image))
     report = check_corpus(corpus_copy.root, decode=False)
     assert report.defects == []
-    assert report.counts["test"] == {"images": 3, "captions": 15, "wavs": 10, "triples": 10,
+    assert report.counts["test"] == {"images": 3, "clips": 0, "captions": 15, "wavs": 10, "triples": 10,
                                      "pairs": 15}
 
 

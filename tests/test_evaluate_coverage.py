@@ -17,13 +17,15 @@ from nlmm.train.evaluate import embed_split, evaluate_split, score_split
 class RowsOnlyCache:
     """The split lookups score_split needs: image rows 0-2, caption rows 10-14, readings 10-12."""
 
-    def split_images(self, split: str) -> np.ndarray:
+    own_audio = np.ones(15, dtype=bool)  # every reading is its caption's own (FACC)
+
+    def split_images(self, split: str, source: int | None = None) -> np.ndarray:
         return np.arange(3)
 
-    def split_captions(self, split: str) -> np.ndarray:
+    def split_captions(self, split: str, source: int | None = None) -> np.ndarray:
         return np.arange(10, 15)
 
-    def split_audio_captions(self, split: str) -> np.ndarray:
+    def split_audio_captions(self, split: str, source: int | None = None) -> np.ndarray:
         return np.array([10, 11, 12])
 
 

@@ -201,7 +201,7 @@ def test_queries_from_image_and_audio_files(searcher: Searcher, trained: Trained
     assert hits[0].item == cache.image_file(image_row) and hits[0].score > 0.99
 
     transcript = {name: cache.caption_text(row)
-                  for row, name in enumerate(cache.caption_wavs) if name}
+                  for row in range(cache.n_captions) if (name := cache.caption_wav(row))}
     to_audio = searcher.query(image=cache.image_path(image_row), target="audio", k=5)
     assert [h.modality for h in to_audio] == ["audio"] * 5
     assert all(Path(h.path).is_file() and h.caption == transcript[h.item] for h in to_audio)
@@ -492,7 +492,7 @@ def test_dash_searcher_cache_reloads_a_checkpoint_rewritten_under_the_same_name(
 def test_eval_on_another_corpus_tokenizes_it_with_the_models_tokenizer(trained: Trained,
                                                                         tmp_path: Path):
     from nlmm.data.cache import default_cache_dir
-    from nlmm.data.flickr import read_corpus
+    from nlmm.data.corpora import read_corpus
     from nlmm.data.synth import synth_corpus
     from nlmm.data.tokenizer import TextTokenizer
     from nlmm.inference import load_for_inference
@@ -502,8 +502,8 @@ def test_eval_on_another_corpus_tokenizes_it_with_the_models_tokenizer(trained: 
     synth_corpus(other, n_images=60, seed=7, progress=False, engine="builtin")
     model_tokenizer = load_checkpoint(trained.checkpoint)["tokenizer"]
     corpus = read_corpus(other)
-    train_images = {img.filename for img in corpus.images if img.split == "train"}
-    own_tokenizer = TextTokenizer.train([c.text for c in corpus.captions if c.image in train_images],
+    train_images = {g.id for g in corpus.groups if g.split == "train"}
+    own_tokenizer = TextTokenizer.train([c.text for c in corpus.captions if c.group in train_images],
                                         resolve_config("tiny_cpu").vocab_size)
     assert own_tokenizer.to_json() != model_tokenizer  # else this test would prove nothing
 

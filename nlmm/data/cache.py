@@ -1,6 +1,13 @@
-"""Prepare once, train fast: a versioned, memory-mappable feature cache of a Flickr8k corpus.
+"""Prepare once, train fast: a versioned, memory-mappable feature cache of one or more corpora.
 
-`prepare` decodes every image and every wav once, trains the tokenizer on training captions,
+Rows follow the corpus interface (nlmm.data.corpora): a row per group (an image or a clip; the
+images array has one row per group, left as a sparse hole where a group has no image) and a row
+per caption, each pointing to its group. A caption's audio is its own reading (FACC) or its
+group's clip (AudioCaps, Clotho, LibriSpeech): a clip is stored once and every caption of the
+group points at the same frames; `audio_primary` marks the one caption row that stands for an
+audio item in galleries, so a clip is ranked once, not once per caption.
+
+`prepare` decodes every image and every audio file once, trains the tokenizer on training captions,
 and writes arrays plus a manifest holding the parameters, counts, defects and a fingerprint of
 the sources. A cache whose parameters or sources differ is rebuilt, never used; it is built in
 a temporary folder and renamed into place, so a crash cannot leave a half cache that looks
@@ -34,8 +41,9 @@ from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from nlmm.config import DataConfig, EncodersConfig
 from nlmm.data.features import BadInput, load_image, load_log_mel, mel_frames
-from nlmm.data.flickr import (SPLITS, CaptionEntry, CheckReport, Defect, ImageEntry, find_layout,
-                              read_corpus, tally)
+from nlmm.data.check import CheckReport, caption_audio, tally
+from nlmm.data.corpora import read_corpus, resolve_spec
+from nlmm.data.corpora.base import SPLITS, Caption, Corpus, CorpusSpec, Defect, Group
 from nlmm.data.parallel import default_workers, map_chunks
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
@@ -43,7 +51,7 @@ from nlmm.errors import NlmmError
 if TYPE_CHECKING:
     from nlmm.data.backbone_features import FeatureSet
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CACHE_DIR_NAME = ".nlmm_cache"
 FEATURE_FIELDS = ("image_size", "sample_rate", "n_mels", "win_length", "hop_length",
                   "max_audio_seconds", "text_max_len")
@@ -67,52 +75,75 @@ def tokenizer_id(tokenizer: TextTokenizer) -> str:
     return hashlib.sha256(tokenizer.to_json().encode()).hexdigest()[:12]
 
 
-def cache_params(cfg: DataConfig, vocab_size: int,
-                 tokenizer: TextTokenizer | None = None) -> dict[str, Any]:
+Specs = CorpusSpec | Path | str | list[CorpusSpec | Path | str]
+
+
+def as_specs(data: Specs) -> list[CorpusSpec]:
+    """One or several corpora as resolved specs (format detected where none is named), paths
+    absolute."""
+    items = data if isinstance(data, list) else [data]
+    specs = []
+    for item in items:
+        spec = item if isinstance(item, CorpusSpec) else CorpusSpec(Path(item))
+        spec = CorpusSpec(Path(spec.path).resolve(), spec.format, spec.columns)
+        specs.append(resolve_spec(spec))
+    if not specs:
+        raise NlmmError("no corpus given; pass --data PATH.")
+    return specs
+
+
+def cache_params(cfg: DataConfig, vocab_size: int, tokenizer: TextTokenizer | None = None,
+                 specs: list[CorpusSpec] | None = None) -> dict[str, Any]:
     """The parameters that change the cached features (augmentation does not); with a given
-    tokenizer (a trained model's, for another corpus) its identity too."""
+    tokenizer (a trained model's, for another corpus) its identity too; with `specs` how the
+    corpora are read (format, manifest columns)."""
     params = {**{f: getattr(cfg, f) for f in FEATURE_FIELDS}, "vocab_size": vocab_size}
     if tokenizer is not None:
         params["tokenizer"] = tokenizer_id(tokenizer)
+    if specs is not None:
+        params["corpora"] = [s.to_dict() for s in specs]
     return params
 
 
-def cache_key(cfg: DataConfig, vocab_size: int, tokenizer: TextTokenizer | None = None) -> str:
-    blob = json.dumps({"version": CACHE_VERSION, **cache_params(cfg, vocab_size, tokenizer)},
-                      sort_keys=True)
+def cache_key(cfg: DataConfig, vocab_size: int, tokenizer: TextTokenizer | None = None,
+              specs: list[CorpusSpec] | None = None) -> str:
+    blob = json.dumps({"version": CACHE_VERSION,
+                       **cache_params(cfg, vocab_size, tokenizer, specs)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def default_cache_dir(root: Path, cfg: DataConfig, vocab_size: int,
+def _cache_home(spec: CorpusSpec) -> Path:
+    path = Path(spec.path)
+    return path if path.is_dir() else path.parent
+
+
+def default_cache_dir(data: Specs, cfg: DataConfig, vocab_size: int,
                       tokenizer: TextTokenizer | None = None) -> Path:
-    return Path(root) / CACHE_DIR_NAME / cache_key(cfg, vocab_size, tokenizer)
+    """`<first corpus>/.nlmm_cache/<key>` (`mix-<key>` for several corpora)."""
+    specs = as_specs(data)
+    key = cache_key(cfg, vocab_size, tokenizer, specs)
+    return _cache_home(specs[0]) / CACHE_DIR_NAME / (key if len(specs) == 1 else f"mix-{key}")
 
 
-def source_fingerprint(root: Path) -> str:
-    """Hash of (relative path, size, mtime_ns) of every source file plus the text files' bytes.
+def corpus_fingerprint(corpus: Corpus) -> str:
+    """Hash of the annotation files' bytes and (path, size, mtime_ns) of every media file.
 
-    Stat-only for the media files keeps this well under a second for the full corpus, so it can
-    run on every start; any edit, copy or touch of a file changes it.
+    Stat-only for the media files keeps this well under a second for a Flickr8k-sized corpus,
+    so it can run on every start; any edit, copy or touch of a file changes it.
     """
-    root = Path(root)
-    layout = find_layout(root)
-    entries: list[tuple[str, int, int]] = []
-    for folder in (layout.image_dir, layout.wav_dir):
-        if folder is None:
-            continue
-        with os.scandir(folder) as it:
-            for e in it:
-                if e.is_file():
-                    st = e.stat()
-                    entries.append((os.path.relpath(e.path, root), st.st_size, st.st_mtime_ns))
-    digest = hashlib.sha256()
-    for path in layout.text_files():
-        st = path.stat()
-        entries.append((os.path.relpath(path, root), st.st_size, st.st_mtime_ns))
-        digest.update(os.path.relpath(path, root).encode() + b"\0" + path.read_bytes() + b"\0")
-    for rel, size, mtime in sorted(entries):
-        digest.update(f"{rel}\0{size}\0{mtime}\n".encode())
+    digest = hashlib.sha256(corpus.format.encode() + b"\0")
+    for path in corpus.sources:
+        digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted({str(p) for p in corpus.media_paths()}):
+        st = os.stat(path)
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def source_fingerprint(data: Specs) -> str:
+    """Fingerprint of every corpus in `data` (re-read: the files decide, not a stored listing)."""
+    return hashlib.sha256("".join(corpus_fingerprint(read_corpus(s)) for s in as_specs(data))
+                          .encode()).hexdigest()
 
 
 def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
@@ -122,21 +153,27 @@ def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def _manifest_matches(cache_dir: Path, params: dict[str, Any], root: Path, fingerprint: str) -> bool:
+def _sources_entry(specs: list[CorpusSpec], fingerprint: str) -> dict[str, Any]:
+    return {"root": str(specs[0].path), "corpora": [s.to_dict() for s in specs],
+            "fingerprint": fingerprint}
+
+
+def _manifest_matches(cache_dir: Path, params: dict[str, Any], specs: list[CorpusSpec],
+                      fingerprint: str) -> bool:
     manifest = _read_manifest(cache_dir)
-    # The root must match too: a cache copied along with its corpus still names the old paths.
+    # The paths must match too: a cache copied along with its corpus still names the old ones.
     return (manifest is not None and manifest.get("version") == CACHE_VERSION
             and manifest.get("params") == params
-            and manifest.get("sources") == {"root": str(root), "fingerprint": fingerprint}
+            and manifest.get("sources") == _sources_entry(specs, fingerprint)
             and all((cache_dir / f).is_file() for f in ARRAY_FILES))
 
 
-def is_fresh(root: Path, cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None) -> bool:
+def is_fresh(data: Specs, cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None) -> bool:
     """True when a cache for these parameters exists and its sources are unchanged."""
-    root = Path(root).resolve()
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(root, cfg, vocab_size)
-    return _manifest_matches(cache_dir, cache_params(cfg, vocab_size), root,
-                             source_fingerprint(root))
+    specs = as_specs(data)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(specs, cfg, vocab_size)
+    return _manifest_matches(cache_dir, cache_params(cfg, vocab_size, specs=specs), specs,
+                             source_fingerprint(specs))
 
 
 # --------------------------------------------------------------------------- .npy helpers
@@ -197,122 +234,203 @@ def progress_bar(enabled: bool) -> Progress:
                     TimeRemainingColumn(elapsed_when_finished=True), disable=not enabled)
 
 
-def _decode_images(images: list[ImageEntry], size: int, out: Path, workers: int | None,
+def _decode_images(groups: list[Group], size: int, out: Path, workers: int | None,
                    bar: Progress, defects: list[Defect]) -> np.ndarray:
-    """Fill `out` with every image, drop the ones that fail; returns the kept entry indices."""
-    shape = (len(images), 3, size, size)
-    _allocate_npy(out, shape, np.uint8)
-    task = bar.add_task("images", total=len(images))
-    ok = np.zeros(len(images), dtype=bool)
-    for chunk in map_chunks(decode_images_chunk, [(i, img.path) for i, img in enumerate(images)],
-                            args=(size, str(out)), workers=workers, progress=bar, task=task):
+    """Fill row i of `out` with group i's image (groups without one stay a sparse hole);
+    returns whether each group's image decoded."""
+    _allocate_npy(out, (len(groups), 3, size, size), np.uint8)
+    items = [(i, g.image) for i, g in enumerate(groups) if g.image is not None]
+    task = bar.add_task("images", total=len(items))
+    ok = np.zeros(len(groups), dtype=bool)
+    for chunk in map_chunks(decode_images_chunk, items, args=(size, str(out)), workers=workers,
+                            progress=bar, task=task):
         for row, reason in chunk:
             if reason is None:
                 ok[row] = True
             else:
-                defects.append(Defect("bad_image", images[row].filename,
-                                      f"{reason}; image and its captions skipped"))
-    kept = np.flatnonzero(ok)
-    if len(kept) < len(images):
-        arr = np.load(out, mmap_mode="r+")
-        for new, old in enumerate(kept):
-            if new != old:
-                arr[new] = arr[old]
-        arr.flush()
-        del arr
-        _shrink_npy(out, (len(kept), 3, size, size), np.uint8)
-    return kept
+                g = groups[row]
+                what = ("image skipped; the clip and captions kept" if g.audio is not None
+                        else "image and its captions skipped")
+                defects.append(Defect("bad_image", g.image.name, f"{reason}; {what}"))
+    return ok
 
 
-def _compute_mels(captions: list[CaptionEntry], cfg: DataConfig, out: Path, workers: int | None,
-                  bar: Progress, defects: list[Defect]) -> tuple[np.ndarray, np.ndarray]:
-    """Stream every caption's log-mel into one flat (frames, n_mels) array; offsets, lengths."""
-    offsets = np.zeros(len(captions), dtype=np.int64)
-    lengths = np.zeros(len(captions), dtype=np.int32)
-    items = [(row, cap.wav) for row, cap in enumerate(captions) if cap.wav is not None]
-    task = bar.add_task("audio", total=len(items))
+def _compact_images(out: Path, kept: np.ndarray, size: int) -> None:
+    """Keep only rows `kept` (ascending) of images.npy, in place."""
+    arr = np.load(out, mmap_mode="r+")
+    if len(kept) == arr.shape[0]:
+        return
+    for new, old in enumerate(kept):
+        if new != old:
+            arr[new] = arr[old]
+    arr.flush()
+    del arr
+    _shrink_npy(out, (len(kept), 3, size, size), np.uint8)
+
+
+def _compute_mels(paths: list[Path], cfg: DataConfig, out: Path, workers: int | None,
+                  bar: Progress) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Stream every audio file's log-mel into one flat (frames, n_mels) array: offsets and
+    lengths per file (length 0: it failed), and the reason per failed file."""
+    offsets = np.zeros(len(paths), dtype=np.int64)
+    lengths = np.zeros(len(paths), dtype=np.int32)
+    failed: dict[int, str] = {}
+    task = bar.add_task("audio", total=len(paths))
     total = 0
     with open(out, "wb") as fh:
         fh.write(npy_header((0, cfg.n_mels), np.float16))
-        for chunk in map_chunks(log_mel_chunk, items, args=(cfg,), workers=workers,
-                                progress=bar, task=task):
-            for row, mel, reason in chunk:
+        for chunk in map_chunks(log_mel_chunk, list(enumerate(paths)), args=(cfg,),
+                                workers=workers, progress=bar, task=task):
+            for i, mel, reason in chunk:
                 if mel is None:
-                    defects.append(Defect("bad_audio", captions[row].wav.name,
-                                          f"{reason}; caption kept without audio"))
+                    failed[i] = reason
                     continue
                 fh.write(mel.tobytes())
-                offsets[row], lengths[row] = total, mel.shape[0]
+                offsets[i], lengths[i] = total, mel.shape[0]
                 total += mel.shape[0]
         fh.seek(0)
         fh.write(npy_header((total, cfg.n_mels), np.float16))
-    return offsets, lengths
+    return offsets, lengths, failed
 
 
-def _build(root: Path, cfg: DataConfig, vocab_size: int, fingerprint: str, out: Path,
-           workers: int | None, progress: bool, given: TextTokenizer | None = None) -> None:
-    corpus = read_corpus(root)
-    defects = list(corpus.defects)
+def _read_sources(specs: list[CorpusSpec]) -> tuple[list[Group], list[Caption], list[int],
+                                                     list[Defect], list[Corpus]]:
+    """Every corpus's groups and captions in one list; group ids carry a source prefix when
+    there are several corpora, so ids of different corpora never meet."""
+    groups: list[Group] = []
+    captions: list[Caption] = []
+    source_of: list[int] = []
+    defects: list[Defect] = []
+    corpora = []
+    for i, spec in enumerate(specs):
+        corpus = read_corpus(spec)
+        corpora.append(corpus)
+        prefix = f"{i}:" if len(specs) > 1 else ""
+        for g in corpus.groups:
+            groups.append(Group(prefix + g.id, g.split, g.image, g.audio))
+            source_of.append(i)
+        captions.extend(Caption(prefix + c.group, c.index, c.text, c.audio)
+                        for c in corpus.captions)
+        defects.extend(corpus.defects)
+    return groups, captions, source_of, defects, corpora
+
+
+def _build(specs: list[CorpusSpec], cfg: DataConfig, vocab_size: int, fingerprint: str,
+           out: Path, workers: int | None, progress: bool,
+           given: TextTokenizer | None = None) -> None:
+    groups_all, captions_all, source_all, defects, corpora = _read_sources(specs)
+    where = ", ".join(str(s.path) for s in specs)
     order = {s: i for i, s in enumerate(SPLITS)}
-    candidates = sorted((img for img in corpus.images if img.split is not None),
-                        key=lambda img: (order[img.split], img.filename))
+    source_of = {g.id: src for g, src in zip(groups_all, source_all, strict=True)}
+    captioned = {c.group for c in captions_all}
+    candidates = sorted((g for g in groups_all if g.split is not None and g.id in captioned),
+                        key=lambda g: (order[g.split], source_of[g.id], g.id))
     if not candidates:
-        raise NlmmError(f"no image of {root} is listed in a split file, so nothing can be "
-                        f"prepared; run `nlmm data check {root}` to see why.")
+        raise NlmmError(f"no captioned image or clip of {where} is in a split, so nothing can be "
+                        f"prepared; run `nlmm data check {specs[0].path}` to see why.")
     seconds: dict[str, float] = {}
     with progress_bar(progress) as bar:
         start = time.perf_counter()
-        kept = _decode_images(candidates, cfg.image_size, out / IMAGES, workers, bar, defects)
+        image_ok = _decode_images(candidates, cfg.image_size, out / IMAGES, workers, bar, defects)
         seconds["images"] = time.perf_counter() - start
-        images = [candidates[i] for i in kept]
-        row_of = {img.filename: row for row, img in enumerate(images)}
-        captions = sorted((c for c in corpus.captions if c.image in row_of),
-                          key=lambda c: (row_of[c.image], c.index))
-        split_of = {img.filename: img.split for img in images}
-        train_texts = [c.text for c in captions if split_of[c.image] == "train"]
-        if not train_texts:
-            raise NlmmError(f"the train split of {root} has no usable image-caption pair; "
-                            f"run `nlmm data check {root}` to see the defects.")
+        by_id = {g.id: g for g in candidates}
+        cand_captions = [c for c in captions_all if c.group in by_id]
+        # every distinct audio file once: a clip is shared by all captions of its group
+        audio_paths = sorted({str(p) for c in cand_captions
+                              if (p := caption_audio(c, by_id[c.group])) is not None})
         start = time.perf_counter()
-        offsets, lengths = _compute_mels(captions, cfg, out / MELS, workers, bar, defects)
+        offsets, lengths, failed = _compute_mels([Path(p) for p in audio_paths], cfg,
+                                                 out / MELS, workers, bar)
         seconds["audio"] = time.perf_counter() - start
+        audio_index = {p: i for i, p in enumerate(audio_paths)}
+        for i, reason in failed.items():
+            path = Path(audio_paths[i])
+            clip = any(g.audio == path for g in candidates)
+            defects.append(Defect("bad_audio", path.name, f"{reason}; "
+                                  + ("clip skipped" if clip else "caption kept without audio")))
+
+        def audio_of(c: Caption) -> int | None:
+            p = caption_audio(c, by_id[c.group])
+            i = None if p is None else audio_index[str(p)]
+            return i if i is not None and lengths[i] > 0 else None
+
+        with_audio = {c.group for c in cand_captions if audio_of(c) is not None}
+        # a group whose image fails is dropped with its captions, unless it is a clip's group
+        keep_group = np.array([bool(image_ok[r]) or g.id in with_audio
+                               and (g.image is None or g.audio is not None)
+                               for r, g in enumerate(candidates)], dtype=bool)
+        kept = np.flatnonzero(keep_group)
+        _compact_images(out / IMAGES, kept, cfg.image_size)
+        groups = [candidates[i] for i in kept]
+        has_image = image_ok[kept]
+        row_of = {g.id: row for row, g in enumerate(groups)}
+        captions = sorted((c for c in cand_captions if c.group in row_of),
+                          key=lambda c: (row_of[c.group], c.index))
+        split_of = {g.id: g.split for g in groups}
+        train_texts = [c.text for c in captions if split_of[c.group] == "train"]
+        if not train_texts:
+            raise NlmmError(f"the train split of {where} has no usable image-caption or "
+                            f"caption-audio pair; run `nlmm data check {specs[0].path}` to see "
+                            f"the defects.")
+        caption_audio_item = [audio_of(c) for c in captions]
         start = time.perf_counter()
         task = bar.add_task("tokens", total=len(captions))
         tokenizer = given or TextTokenizer.train(train_texts, vocab_size)
         tokens, token_lengths = tokenizer.encode_batch([c.text for c in captions], cfg.text_max_len)
         bar.advance(task, len(captions))
         seconds["tokens"] = time.perf_counter() - start
+    items = np.array([-1 if i is None else i for i in caption_audio_item], dtype=np.int64)
+    has = items >= 0
+    offsets, lengths = np.append(offsets, 0), np.append(lengths, 0)  # index -1: no audio
+    primary = np.zeros(len(captions), dtype=bool)
+    first_rows = np.unique(items[has], return_index=True)[1]
+    primary[np.flatnonzero(has)[first_rows]] = True
+    own = np.array([c.audio is not None for c in captions], dtype=bool) & has
     tokenizer.save(out / TOKENIZER)
     np.save(out / TOKENS, tokens)
     np.savez(out / INDEX,
-             image_split=np.array([order[img.split] for img in images], dtype=np.int8),
-             caption_image=np.array([row_of[c.image] for c in captions], dtype=np.int32),
+             image_split=np.array([order[g.split] for g in groups], dtype=np.int8),
+             group_has_image=has_image,
+             group_source=np.array([source_of[g.id] for g in groups], dtype=np.int16),
+             caption_image=np.array([row_of[c.group] for c in captions], dtype=np.int32),
              caption_index=np.array([c.index for c in captions], dtype=np.int32),
-             mel_offsets=offsets, mel_lengths=lengths, token_lengths=token_lengths)
+             mel_offsets=offsets[items], mel_lengths=lengths[items].astype(np.int32),
+             audio_primary=primary, own_audio=own, token_lengths=token_lengths)
     (out / ITEMS).write_text(json.dumps({
-        "image_dir": str(corpus.layout.image_dir),
-        "wav_dir": str(corpus.layout.wav_dir) if corpus.layout.wav_dir else None,
-        "images": [img.filename for img in images],
+        "groups": [g.id for g in groups],
+        "image_paths": [str(g.image) if ok else None
+                        for g, ok in zip(groups, has_image, strict=True)],
         "caption_texts": [c.text for c in captions],
-        "caption_wavs": [c.wav.name if lengths[row] else None for row, c in enumerate(captions)],
+        "caption_audio": [audio_paths[i] if i is not None else None for i in caption_audio_item],
+        "sources": [{**s.to_dict(), "format": c.format, "notes": c.notes}
+                    for s, c in zip(specs, corpora, strict=True)],
     }))
-    has_audio = {(c.image, c.index): bool(lengths[row]) for row, c in enumerate(captions)}
+    has_audio = {(c.group, c.index): i is not None
+                 for c, i in zip(captions, caption_audio_item, strict=True)}
+    clip_ok = {g.id for g in groups if g.audio is not None
+               and lengths[audio_index[str(g.audio)]] > 0}
+    image_ok_ids = {g.id for g, ok in zip(groups, has_image, strict=True) if ok}
     manifest = {
         "version": CACHE_VERSION,
-        "key": hashlib.sha256(f"{cache_key(cfg, vocab_size, given)}:{fingerprint}"
+        "key": hashlib.sha256(f"{cache_key(cfg, vocab_size, given, specs)}:{fingerprint}"
                               .encode()).hexdigest()[:16],
-        "params": cache_params(cfg, vocab_size, given),
+        "params": cache_params(cfg, vocab_size, given, specs),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sources": {"root": str(root), "fingerprint": fingerprint},
-        "counts": tally(corpus.images, corpus.captions, has_audio, set(row_of)),
-        "unassigned_images": len(corpus.unassigned_images()),
+        "sources": _sources_entry(specs, fingerprint),
+        "formats": [c.format for c in corpora],
+        "counts": tally(groups_all, captions_all, has_audio, image_ok_ids, clip_ok),
+        "source_counts": [tally([g for g in groups_all if source_of[g.id] == i],
+                                [c for c in captions_all if source_of.get(c.group) == i],
+                                has_audio, image_ok_ids, clip_ok) for i in range(len(specs))],
+        "unassigned_images": sum(1 for g in groups_all if g.split is None),
         "tokenizer_vocab": tokenizer.vocab_size,
         "mel_frames": int(lengths.sum()),
-        "wavs_decoded": len([c for c in captions if c.wav is not None]),
+        "wavs_decoded": len(audio_paths),
         "build_seconds": seconds,
         "workers": default_workers(workers),
         "max_mel_frames": mel_frames(10**12, cfg),
         "defects": [dataclasses.asdict(d) for d in defects],
+        "notes": [n for c in corpora for n in c.notes],
     }
     # Written last: a folder without a manifest is never taken for a cache.
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -339,12 +457,14 @@ def _install(tmp: Path, cache_dir: Path) -> None:
         os.rename(tmp, cache_dir)
 
 
-def prepare(root: Path, cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None,
+def prepare(data: Specs, cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None,
             workers: int | None = None, progress: bool = True, force: bool = False,
             encoders: EncodersConfig | None = None,
             device: torch.device | str | None = None,
             tokenizer: TextTokenizer | None = None) -> PreparedCache:
-    """Build (or reuse, when fresh) the feature cache of the corpus at `root`.
+    """Build (or reuse, when fresh) the feature cache of the corpus (or corpora) in `data`: a
+    folder or manifest path, a CorpusSpec, or a list of them (one cache, a tokenizer trained on
+    the union of their training captions).
 
     With `encoders`, the feature sets its backbones need are built too (on `device`; default:
     the GPU when there is one) and attached to the returned cache. With `tokenizer` (a trained
@@ -352,27 +472,27 @@ def prepare(root: Path, cfg: DataConfig, vocab_size: int, cache_dir: Path | None
     captions, so a model can be scored on a corpus it was not trained on; the corpus's own cache
     is reused when it was built with that very tokenizer (the model's training corpus).
     """
-    root = Path(root).resolve()
+    specs = as_specs(data)
     if tokenizer is not None and not cache_dir and not force:
-        own = default_cache_dir(root, cfg, vocab_size)
-        if (is_fresh(root, cfg, vocab_size, own)
+        own = default_cache_dir(specs, cfg, vocab_size)
+        if (is_fresh(specs, cfg, vocab_size, own)
                 and tokenizer_id(TextTokenizer.load(own / TOKENIZER)) == tokenizer_id(tokenizer)):
             return _with_features(PreparedCache.open(own, verify_sources=False), encoders,
                                   device, progress, workers)
     cache_dir = (Path(cache_dir).resolve() if cache_dir
-                 else default_cache_dir(root, cfg, vocab_size, tokenizer))
+                 else default_cache_dir(specs, cfg, vocab_size, tokenizer))
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    params = cache_params(cfg, vocab_size, tokenizer)
+    params = cache_params(cfg, vocab_size, tokenizer, specs)
     with locked(cache_dir):
-        fingerprint = source_fingerprint(root)
-        fresh = not force and _manifest_matches(cache_dir, params, root, fingerprint)
+        fingerprint = source_fingerprint(specs)
+        fresh = not force and _manifest_matches(cache_dir, params, specs, fingerprint)
         if not fresh:
             # Under the lock, any sibling build folder is debris from a crashed prepare.
             for debris in cache_dir.parent.glob(f"{cache_dir.name}.tmp-*"):
                 shutil.rmtree(debris, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{cache_dir.name}.tmp-", dir=cache_dir.parent))
             try:
-                _build(root, cfg, vocab_size, fingerprint, tmp, workers, progress, tokenizer)
+                _build(specs, cfg, vocab_size, fingerprint, tmp, workers, progress, tokenizer)
                 _install(tmp, cache_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -394,7 +514,11 @@ def _with_features(cache: PreparedCache, encoders: EncodersConfig | None,
 # --------------------------------------------------------------------------- reading
 
 class PreparedCache:
-    """Read side of a prepared cache: memory-mapped arrays plus per-split row indices."""
+    """Read side of a prepared cache: memory-mapped arrays plus per-split row indices.
+
+    "Image rows" are group rows (an image or a clip): `image_file(row)` is the group's id
+    (for Flickr8k its file name) and `image_path(row)` its image, or None for a clip.
+    """
 
     def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
         self.path = path
@@ -410,17 +534,21 @@ class PreparedCache:
         self.tokens: np.ndarray = np.load(path / TOKENS, mmap_mode="r")
         with np.load(path / INDEX) as index:
             self.image_split_codes: np.ndarray = index["image_split"]
+            self.group_has_image: np.ndarray = index["group_has_image"]
+            self.group_source: np.ndarray = index["group_source"]
             self.caption_image_rows: np.ndarray = index["caption_image"]
             self.caption_indices: np.ndarray = index["caption_index"]
             self.mel_offsets: np.ndarray = index["mel_offsets"]
             self.mel_lengths: np.ndarray = index["mel_lengths"]
+            self.audio_primary: np.ndarray = index["audio_primary"]
+            self.own_audio: np.ndarray = index["own_audio"]
             self.token_lengths: np.ndarray = index["token_lengths"]
         items = json.loads((path / ITEMS).read_text())
-        self.image_dir = Path(items["image_dir"])
-        self.wav_dir = Path(items["wav_dir"]) if items["wav_dir"] else None
-        self.image_files: list[str] = items["images"]
+        self.image_files: list[str] = items["groups"]
+        self.image_paths: list[str | None] = items["image_paths"]
         self.caption_texts: list[str] = items["caption_texts"]
-        self.caption_wavs: list[str | None] = items["caption_wavs"]
+        self.caption_audio: list[str | None] = items["caption_audio"]
+        self.sources: list[dict[str, Any]] = items["sources"]
         caption_split = self.image_split_codes[self.caption_image_rows]
         self._split_images = {s: np.flatnonzero(self.image_split_codes == i)
                               for i, s in enumerate(SPLITS)}
@@ -438,8 +566,8 @@ class PreparedCache:
     def open(path: Path, verify_sources: bool = True) -> PreparedCache:
         """Open a cache; NlmmError when it is missing, of another version, or stale.
 
-        With `verify_sources`, the corpus it was built from is fingerprinted again and must be
-        unchanged (and present), so a stale cache is never used silently.
+        With `verify_sources`, the corpora it was built from are fingerprinted again and must
+        be unchanged (and present), so a stale cache is never used silently.
         """
         path = Path(path)
         manifest = _read_manifest(path)
@@ -452,16 +580,17 @@ class PreparedCache:
         if missing:
             raise NlmmError(f"the data cache at {path} lacks {', '.join(missing)}; {PREPARE_HINT}.")
         if verify_sources:
-            root = Path(manifest["sources"]["root"])
+            sources = manifest["sources"]
+            specs = [CorpusSpec.from_dict(d) for d in sources["corpora"]]
             try:
-                current = source_fingerprint(root)
-            except NlmmError:
-                raise NlmmError(f"the corpus {root} that the data cache at {path} was built from "
-                                f"is gone or incomplete, so the cache cannot be checked; restore "
-                                f"it and run `nlmm data prepare`.") from None
-            if current != manifest["sources"]["fingerprint"]:
-                raise NlmmError(f"the data cache at {path} is stale: files under {root} changed "
-                                f"since it was built; {PREPARE_HINT}.")
+                current = source_fingerprint(specs)
+            except (NlmmError, OSError):
+                raise NlmmError(f"the corpus {sources['root']} that the data cache at {path} was "
+                                f"built from is gone or incomplete, so the cache cannot be "
+                                f"checked; restore it and run `nlmm data prepare`.") from None
+            if current != sources["fingerprint"]:
+                raise NlmmError(f"the data cache at {path} is stale: files under "
+                                f"{sources['root']} changed since it was built; {PREPARE_HINT}.")
         return PreparedCache(path, manifest)
 
     # ----------------------------------------------------------------- sizes and splits
@@ -478,24 +607,44 @@ class PreparedCache:
     def max_mel_frames(self) -> int:
         return int(self.manifest["max_mel_frames"])
 
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities that some caption row can pair with text: image and/or audio."""
+        present = {"text"}
+        if bool(self.group_has_image[self.caption_image_rows].any()):
+            present.add("image")
+        if bool((self.mel_lengths > 0).any()):
+            present.add("audio")
+        return tuple(m for m in ("image", "text", "audio") if m in present)
+
     def _check_split(self, split: str) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
 
-    def split_images(self, split: str) -> np.ndarray:
-        """Image rows of a split, ascending."""
-        self._check_split(split)
-        return self._split_images[split]
+    def _of_source(self, rows: np.ndarray, groups: np.ndarray, source: int | None) -> np.ndarray:
+        return rows if source is None else rows[self.group_source[groups] == source]
 
-    def split_captions(self, split: str) -> np.ndarray:
+    def split_groups(self, split: str, source: int | None = None) -> np.ndarray:
+        """Group rows of a split (images and clips alike), ascending."""
+        self._check_split(split)
+        rows = self._split_images[split]
+        return self._of_source(rows, rows, source)
+
+    def split_images(self, split: str, source: int | None = None) -> np.ndarray:
+        """Rows of a split's groups that have an image, ascending."""
+        rows = self.split_groups(split, source)
+        return rows[self.group_has_image[rows]]
+
+    def split_captions(self, split: str, source: int | None = None) -> np.ndarray:
         """Caption rows of a split, ascending (captions without audio included)."""
         self._check_split(split)
-        return self._split_captions[split]
+        rows = self._split_captions[split]
+        return self._of_source(rows, self.caption_image_rows[rows], source)
 
-    def split_audio_captions(self, split: str) -> np.ndarray:
-        """Caption rows of a split that have a spoken caption."""
-        rows = self.split_captions(split)
-        return rows[self.mel_lengths[rows] > 0]
+    def split_audio_captions(self, split: str, source: int | None = None) -> np.ndarray:
+        """Caption rows of a split that stand for an audio item (a spoken caption, or the one
+        row per clip), so each recording is in a gallery once."""
+        rows = self.split_captions(split, source)
+        return rows[(self.mel_lengths[rows] > 0) & self.audio_primary[rows]]
 
     # ----------------------------------------------------------------- per-row lookups
 
@@ -505,24 +654,29 @@ class PreparedCache:
     def caption_has_audio(self, rows: np.ndarray | int) -> np.ndarray:
         return self.mel_lengths[rows] > 0
 
+    def caption_has_image(self, rows: np.ndarray | int) -> np.ndarray:
+        return self.group_has_image[self.caption_image_rows[rows]]
+
     def caption_text(self, row: int) -> str:
         return self.caption_texts[row]
 
     def caption_wav(self, row: int) -> str | None:
-        return self.caption_wavs[row]
+        path = self.caption_audio[row]
+        return Path(path).name if path else None
 
     def image_file(self, row: int) -> str:
         return self.image_files[row]
 
-    def image_path(self, row: int) -> Path:
-        return self.image_dir / self.image_files[row]
+    def image_path(self, row: int) -> Path | None:
+        path = self.image_paths[row]
+        return Path(path) if path else None
 
     def wav_path(self, row: int) -> Path | None:
-        name = self.caption_wavs[row]
-        return self.wav_dir / name if name and self.wav_dir else None
+        path = self.caption_audio[row]
+        return Path(path) if path else None
 
     def mel(self, row: int) -> np.ndarray:
-        """Log-mel (n_mels, T) float16 of a caption's spoken version (a view of the memmap)."""
+        """Log-mel (n_mels, T) float16 of a caption's audio (a view of the memmap)."""
         n = int(self.mel_lengths[row])
         if n == 0:
             raise ValueError(f"caption row {row} has no audio")
@@ -531,6 +685,8 @@ class PreparedCache:
 
     def report(self) -> CheckReport:
         """The counts and defects recorded when the cache was built."""
+        formats = self.manifest.get("formats", ["flickr8k"])
         return CheckReport(Path(self.manifest["sources"]["root"]), self.manifest["counts"],
                            [Defect(**d) for d in self.manifest["defects"]],
-                           self.manifest["unassigned_images"], True)
+                           self.manifest["unassigned_images"], True, "+".join(formats),
+                           self.manifest.get("notes", []))

@@ -32,9 +32,9 @@ from typing import BinaryIO
 from rich.progress import (BarColumn, DownloadColumn, Progress, TaskID, TextColumn,
                            TimeRemainingColumn, TransferSpeedColumn)
 
-from nlmm.data.flickr import (AUDIO_DIR, IMAGE_DIRS, IMAGE_SUFFIXES, SPLIT_FILES, TEXT_DIRS,
-                              TOKEN_FILE, find_text_dir, list_files, named_images,
-                              named_wavs)
+from nlmm.data.corpora.base import IMAGE_SUFFIXES, list_files
+from nlmm.data.corpora.flickr8k import (AUDIO_DIR, IMAGE_DIRS, SPLIT_FILES, TEXT_DIRS, TOKEN_FILE,
+                                        find_text_dir, named_images, named_wavs)
 from nlmm.errors import NlmmError
 
 _CHUNK = 1 << 20

@@ -191,7 +191,8 @@ class TrainLoader:
                  epoch: int = 0, shuffle: bool = True, drop_last: bool = True,
                  device: torch.device | str = "cpu", crop: bool = False, flip: bool = False,
                  max_audio_frames: int | None = None, start_batch: int = 0,
-                 prefetch_depth: int = PREFETCH_DEPTH) -> None:
+                 prefetch_depth: int = PREFETCH_DEPTH,
+                 modalities: tuple[str, ...] | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cache = cache
@@ -203,6 +204,9 @@ class TrainLoader:
         self.crop, self.flip = crop, flip
         self.max_audio_frames = max_audio_frames
         self.start_batch = start_batch
+        # only what both the corpus and the model have is gathered
+        self.modalities = tuple(m for m in cache.modalities()
+                                if modalities is None or m in modalities)
         self.prefetch_depth = max(1, prefetch_depth)
         if len(self) == 0:
             raise NlmmError(f"the {split} split has {len(self.rows)} caption(s), fewer than one "
@@ -235,17 +239,20 @@ class TrainLoader:
         index, rows = job
         image_rows = self.cache.caption_image(rows)
         text, text_mask = gather_text(self.cache, rows)
-        audio, audio_mask, has_audio = gather_audio_input(self.cache, rows, self.max_audio_frames)
-        batch = {"text": text, "text_mask": text_mask, "image": gather_images(self.cache, image_rows),
-                 "audio": audio, "audio_mask": audio_mask, "has_audio": has_audio,
+        batch = {"text": text, "text_mask": text_mask,
                  "image_ids": torch.from_numpy(image_rows),
                  "caption_ids": torch.from_numpy(rows.astype(np.int64))}
+        if "image" in self.modalities:
+            batch["image"] = gather_images(self.cache, image_rows)
+            batch["has_image"] = torch.from_numpy(self.cache.group_has_image[image_rows].copy())
+        if "audio" in self.modalities:
+            audio, audio_mask, has_audio = gather_audio_input(self.cache, rows,
+                                                              self.max_audio_frames)
+            batch.update(audio=audio, audio_mask=audio_mask, has_audio=has_audio)
         if self.device.type == "cpu":
             # On the CPU the image work is the costly part: done here, on the prefetch thread,
             # it overlaps with the training step of the previous batch.
-            batch["image"] = self._images(batch["image"], index)
-            batch["audio"] = audio_as_float(batch["audio"])
-            return {"index": index, **batch}
+            return {"index": index, **self._finish(batch, index)}
         return {"index": index, **_pin(batch, self.device.type == "cuda")}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -255,38 +262,46 @@ class TrainLoader:
         for batch in prefetch(self._gather, jobs, self.prefetch_depth):
             index = batch.pop("index")
             if self.device.type != "cpu":
-                batch = _to_device(batch, self.device)
-                batch["image"] = self._images(batch["image"], index)
-                batch["audio"] = audio_as_float(batch["audio"])
+                batch = self._finish(_to_device(batch, self.device), index)
             yield batch
+
+    def _finish(self, batch: dict[str, Any], index: int) -> dict[str, Any]:
+        if "image" in batch:
+            batch["image"] = self._images(batch["image"], index)
+        if "audio" in batch:
+            batch["audio"] = audio_as_float(batch["audio"])
+        return batch
 
 
 # --------------------------------------------------------------------------- evaluation passes
 
-def modality_rows(cache: PreparedCache, split: str, modality: str) -> np.ndarray:
-    """Rows served by iter_modality: images of the split, its captions, or its spoken captions."""
+def modality_rows(cache: PreparedCache, split: str, modality: str,
+                  source: int | None = None) -> np.ndarray:
+    """Rows served by iter_modality: a split's images, its captions, or its audio items (a
+    spoken caption, or one row per clip); with `source`, only that corpus's."""
     if modality == "image":
-        return cache.split_images(split)
+        return cache.split_images(split, source)
     if modality == "text":
-        return cache.split_captions(split)
+        return cache.split_captions(split, source)
     if modality == "audio":
-        return cache.split_audio_captions(split)
+        return cache.split_audio_captions(split, source)
     raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
 
 
-def owner_images(cache: PreparedCache, split: str, modality: str) -> np.ndarray:
-    """Image row of each item iter_modality yields, in the same order (images: themselves)."""
-    rows = modality_rows(cache, split, modality)
+def owner_images(cache: PreparedCache, split: str, modality: str,
+                 source: int | None = None) -> np.ndarray:
+    """Group row of each item iter_modality yields, in the same order (images: themselves)."""
+    rows = modality_rows(cache, split, modality, source)
     return rows.astype(np.int64) if modality == "image" else cache.caption_image(rows)
 
 
 def iter_modality(cache: PreparedCache, split: str, modality: str, batch_size: int,
-                  device: torch.device | str = "cpu"
+                  device: torch.device | str = "cpu", source: int | None = None
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, np.ndarray]]:
     """(x, mask, rows) over every item of one modality of a split, fixed order, no augmentation
     (images and audio as backbone features when the cache carries them, see the module doc)."""
     device = torch.device(device)
-    rows = modality_rows(cache, split, modality)
+    rows = modality_rows(cache, split, modality, source)
     pin = device.type == "cuda"
 
     def gather(chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray]:

@@ -65,12 +65,14 @@ def contrastive_loss(a: Tensor, b: Tensor, ids_a: Tensor, ids_b: Tensor, scale: 
 class ForwardOutput:
     """What a training forward hands the loss (`NLMM.forward`, the benchmarks' reference model).
 
-    embeddings: (rows, E) L2-normalised embeddings of every modality encoded; "audio" holds only
-        the rows flagged in `audio_rows` and is absent when no row has audio.
-    image_ids: (B,) the image of each row: rows of the same image are positives of each other.
+    embeddings: (rows, E) L2-normalised embeddings of every modality encoded; "image" and
+        "audio" hold only the rows flagged in `image_rows` / `audio_rows` and are absent when
+        no row has that modality.
+    image_ids: (B,) the group (image or clip) of each row: rows of one group are positives.
     audio_rows: (B,) bool, the rows whose audio was encoded; None when the batch has no audio.
     scale: the inverse temperature (`logit_scale_value`), with gradient to the log-scale.
     loss_ttt: the test-time-training self-supervised loss of the batch (joint training), or None.
+    image_rows: (B,) bool, the rows whose image was encoded; None: every row (or no image).
     """
 
     embeddings: dict[str, Tensor]
@@ -78,6 +80,7 @@ class ForwardOutput:
     audio_rows: Tensor | None
     scale: Tensor
     loss_ttt: Tensor | None = None
+    image_rows: Tensor | None = None
 
 
 def _no_weighted_pair() -> NlmmError:
@@ -85,24 +88,37 @@ def _no_weighted_pair() -> NlmmError:
                      "modalities (audio on at least two rows) weighted in train.loss_weights.")
 
 
-def pair_losses(embeddings: Mapping[str, Tensor], image_ids: Tensor, audio_rows: Tensor | None,
-                scale: Tensor, weights: Mapping[str, float]) -> dict[str, Tensor]:
-    """`loss_<pair>` for every pair of modalities present, and `loss`, their weighted mean.
+# A pair with fewer rows than this in a batch has no negatives to contrast: it is skipped.
+MIN_PAIR_ROWS = 2
 
-    `embeddings["audio"]` holds only the rows flagged in `audio_rows`, so the other side of an
-    audio pair is cut to those rows too.
-    """
+
+def _pair_rows(emb: Tensor, rows: Tensor | None, both: Tensor | None) -> Tensor:
+    """The rows of `both` out of embeddings that hold only the rows flagged in `rows`."""
+    if both is None:
+        return emb
+    return emb[both[rows]] if rows is not None else emb[both]
+
+
+def pair_losses(embeddings: Mapping[str, Tensor], image_ids: Tensor, audio_rows: Tensor | None,
+                scale: Tensor, weights: Mapping[str, float],
+                image_rows: Tensor | None = None) -> dict[str, Tensor]:
+    """`loss_<pair>` for every pair of modalities present on at least MIN_PAIR_ROWS rows, and
+    `loss`, their weighted mean. Each pair is scored over the rows that have both of its sides
+    (`embeddings["image"/"audio"]` hold only the rows flagged in `image_rows` / `audio_rows`)."""
+    rows = {"image": image_rows, "audio": audio_rows, "text": None}
     out: dict[str, Tensor] = {}
     weighted, weight_sum = None, 0.0
     for pair, (a, b) in PAIR_MODALITIES.items():
         if a not in embeddings or b not in embeddings:
             continue
-        emb_a, ids = embeddings[a], image_ids
-        if b == "audio":
-            if embeddings["audio"].shape[0] < 2:
-                continue  # one row has no negatives: the loss would be a constant zero
-            emb_a, ids = emb_a[audio_rows], image_ids[audio_rows]
-        loss = contrastive_loss(emb_a, embeddings[b], ids, ids, scale)
+        ra, rb = rows[a], rows[b]
+        both = ra if rb is None else rb if ra is None else ra & rb
+        n = image_ids.shape[0] if both is None else int(both.sum())
+        if n < MIN_PAIR_ROWS:
+            continue  # one row has no negatives: the loss would be a constant zero
+        ids = image_ids if both is None else image_ids[both]
+        loss = contrastive_loss(_pair_rows(embeddings[a], ra, both),
+                                _pair_rows(embeddings[b], rb, both), ids, ids, scale)
         out[f"loss_{pair}"] = loss
         weight = float(weights.get(pair, 0.0))
         if weight > 0:
@@ -147,7 +163,7 @@ class ContrastiveLoss(nn.Module):
             losses = self._global_pair_losses(out)
         else:
             losses = pair_losses(out.embeddings, out.image_ids, out.audio_rows, out.scale,
-                                 self.weights)
+                                 self.weights, out.image_rows)
         if out.loss_ttt is not None:
             losses["loss_ttt"] = out.loss_ttt
             losses["loss"] = losses["loss"] + self.aux_weight * out.loss_ttt
@@ -155,27 +171,33 @@ class ContrastiveLoss(nn.Module):
         return losses
 
     def _global_pair_losses(self, out: ForwardOutput) -> dict[str, Tensor]:
-        present = set(out.embeddings) | ({"audio"} if out.audio_rows is not None else set())
+        present = set(out.embeddings) | ({"audio"} if out.audio_rows is not None else set()) \
+            | ({"image"} if out.image_rows is not None else set())
         if not any(self.weights.get(pair, 0.0) > 0 and {a, b} <= present
                    for pair, (a, b) in PAIR_MODALITIES.items()):
             raise _no_weighted_pair()  # on every rank alike, before any collective
         image_ids = gather_ragged(out.image_ids)
         embeddings = {m: gather_rows(out.embeddings[m]) for m in ("image", "text")
-                      if m in out.embeddings}
-        audio_rows = None
-        if out.audio_rows is not None:
-            rows_here = out.audio_rows
+                      if m in out.embeddings and not (m == "image" and out.image_rows is not None)}
+        # a weighted pair is present, so some modality gives the embedding width
+        width = next(iter(out.embeddings.values())).shape[1] if out.embeddings else 1
+        gathered_rows: dict[str, Tensor | None] = {"image": None, "audio": None}
+        for modality, rows_here in (("image", out.image_rows), ("audio", out.audio_rows)):
+            if rows_here is None:
+                continue
             # Scattered into one row per caption so that every rank sends a block of the same
-            # size; a weighted pair is present, so image or text gives the embedding width.
-            width = next(e for m, e in out.embeddings.items() if m != "audio").shape[1]
+            # size.
             full = torch.zeros(rows_here.shape[0], width, device=rows_here.device)
-            if "audio" in out.embeddings:
+            if modality in out.embeddings:
                 full = full.index_put((rows_here.nonzero().squeeze(1),),
-                                      out.embeddings["audio"].float())
-            audio_rows = gather_ragged(rows_here)
-            if bool(audio_rows.any()):
-                embeddings["audio"] = gather_rows(full)[audio_rows]
-        losses = pair_losses(embeddings, image_ids, audio_rows, out.scale, self.weights)
+                                      out.embeddings[modality].float())
+            rows_all = gather_ragged(rows_here)
+            gathered = gather_rows(full)
+            gathered_rows[modality] = rows_all
+            if bool(rows_all.any()):
+                embeddings[modality] = gathered[rows_all]
+        losses = pair_losses(embeddings, image_ids, gathered_rows["audio"], out.scale,
+                             self.weights, gathered_rows["image"])
         # Each local embedding enters the loss, even one the global batch leaves out (a lone
         # spoken caption), because DDP waits for a gradient of every parameter its forward used.
         untouched = sum(e.sum() for e in out.embeddings.values()) * 0.0

@@ -55,7 +55,10 @@ class NLMM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.memory = SharedMemory(cfg.L_mem, cfg.d_model) if cfg.L_mem > 0 else None
-        self.encoders = nn.ModuleDict({m: build_encoder(m, cfg) for m in MODALITIES})
+        # Only the towers of the modalities the corpus has: an image-text model carries no
+        # untrained audio tower in its checkpoints.
+        self.encoders = nn.ModuleDict({m: build_encoder(m, cfg) for m in MODALITIES
+                                       if m in cfg.modalities})
         self.logit_scale = nn.Parameter(torch.tensor(INIT_LOGIT_SCALE))
         # Feature stems (with their backbones, whose weights come from load_pretrained) keep
         # their own initialisation.
@@ -132,9 +135,17 @@ class NLMM(nn.Module):
         return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if mask is None \
             else mask.bool()
 
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this model has a tower for, in MODALITIES order."""
+        return tuple(m for m in MODALITIES if m in self.encoders)
+
     def _checked_input(self, modality: str, x: Tensor, mask: Tensor | None) -> Tensor | None:
         """Validate shapes; returns the boolean mask to use (None for images)."""
         cfg = self.cfg
+        if modality in MODALITIES and modality not in self.encoders:
+            raise NlmmError(f"this model has no {modality} tower: it was trained on "
+                            f"{' and '.join(self.modalities)} only.")
         time_axis = -1
         backbone = self.backbones().get(modality)
         if backbone is not None:
@@ -218,6 +229,7 @@ class NLMM(nn.Module):
 
         Audio is encoded only for rows with `has_audio` (default: rows whose audio_mask has a
         valid frame); `audio_rows` (B,) bool says which rows the audio embeddings belong to.
+        Images likewise with `has_image` (default: every row), into `image_rows`.
         `image_ids` defaults to one image per row.
 
         With `ttt.enable` and `ttt.aux_weight > 0` (joint training for test-time training),
@@ -226,7 +238,7 @@ class NLMM(nn.Module):
         encoded; it needs the stem outputs, so the forward computes it. Text masks use
         MASK_TOKEN_ID, the [MASK] id of every nlmm tokenizer.
         """
-        present = [m for m in MODALITIES if m in batch]
+        present = [m for m in self.modalities if m in batch]
         if not present:
             raise NlmmError("the batch holds none of the keys image, text, audio.")
         size = batch[present[0]].shape[0]
@@ -237,21 +249,24 @@ class NLMM(nn.Module):
         state = NLMMState()
         embeddings: dict[str, Tensor] = {}
 
-        audio_rows = None
+        row_masks: dict[str, Tensor | None] = {"image": None, "audio": None}
         aux = self.cfg.ttt.enable and self.cfg.ttt.aux_weight > 0
         ssl: dict[str, Tensor] = {}
         for modality in present:
             x, mask = batch[modality], batch.get(f"{modality}_mask")
-            if modality == "audio":
-                has_audio = batch.get("has_audio")
-                if has_audio is None:
-                    has_audio = mask.bool().any(dim=1) if mask is not None else \
-                        torch.ones(size, dtype=torch.bool, device=device)
-                audio_rows = has_audio.bool()
-                x = x[audio_rows]
-                mask = None if mask is None else mask[audio_rows]
-                if x.shape[0] == 0:
-                    continue
+            if modality in row_masks:
+                # rows without this modality (a clip has no image, a caption no reading) are
+                # padding: encoded nowhere, and left out of the pairs that need them
+                rows = batch.get(f"has_{modality}")
+                if rows is None and modality == "audio":
+                    rows = mask.bool().any(dim=1) if mask is not None else None
+                if rows is not None:
+                    rows = rows.bool()
+                    row_masks[modality] = rows
+                    x = x[rows]
+                    mask = None if mask is None else mask[rows]
+                    if x.shape[0] == 0:
+                        continue
             mask = self._checked_input(modality, x, mask)
             stem = self.encoders[modality].tokens(x, mask)
             emb, entropy, n_tokens = self._encode(modality, x, mask, probe=True, stem=stem)
@@ -265,8 +280,9 @@ class NLMM(nn.Module):
                 state.memory_entropy[modality] = entropy.detach()
 
         loss_ttt = torch.stack(list(ssl.values())).mean() if ssl else None
-        return ForwardOutput(embeddings, image_ids, audio_rows,
-                             logit_scale_value(self.logit_scale), loss_ttt), state
+        return ForwardOutput(embeddings, image_ids, row_masks["audio"],
+                             logit_scale_value(self.logit_scale), loss_ttt,
+                             row_masks["image"]), state
 
     # ----------------------------------------------------------------------- optimisation
 

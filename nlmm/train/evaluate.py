@@ -11,6 +11,7 @@ import torch
 from nlmm.config import MODALITIES
 from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import iter_modality, modality_rows, owner_images
+from nlmm.errors import NlmmError
 from nlmm.model import NLMM
 from nlmm.train.retrieval import retrieval_metrics
 
@@ -19,10 +20,11 @@ COVERAGE_KEYS = {"image": "n_images", "text": "n_captions", "audio": "n_wavs"}
 
 
 def embed_split(model: NLMM, cache: PreparedCache, split: str, device: torch.device,
-                modalities: tuple[str, ...] = MODALITIES, batch_size: int = 128,
-                ttt: bool = False, part: int = 0,
-                parts: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Embeddings (on `device`) and owning image rows of every item of `split`.
+                modalities: tuple[str, ...] | None = None, batch_size: int = 128,
+                ttt: bool = False, part: int = 0, parts: int = 1,
+                source: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Embeddings (on `device`) and owning group rows of every item of `split` (of one corpus of
+    a mixture with `source`), for the modalities the model has (or `modalities`).
 
     With `parts` > 1 only share `part` (0-based) of each modality's batches is embedded, a
     contiguous run of them that may be empty, while the owners still cover the whole split:
@@ -31,15 +33,15 @@ def embed_split(model: NLMM, cache: PreparedCache, split: str, device: torch.dev
     model.eval()
     emb: dict[str, torch.Tensor] = {}
     owner: dict[str, torch.Tensor] = {}
-    for modality in modalities:
-        owners = owner_images(cache, split, modality)
+    for modality in modalities or getattr(model, "modalities", MODALITIES):
+        owners = owner_images(cache, split, modality, source)
         if len(owners) == 0:
             continue
         batches = math.ceil(len(owners) / batch_size)
         first, stop = part * batches // parts, (part + 1) * batches // parts
         chunks = []
         for index, (x, mask, _rows) in enumerate(iter_modality(cache, split, modality,
-                                                               batch_size, device)):
+                                                               batch_size, device, source)):
             if index >= stop:
                 break
             if index < first:
@@ -57,13 +59,17 @@ def embed_split(model: NLMM, cache: PreparedCache, split: str, device: torch.dev
 
 
 def score_split(cache: PreparedCache, split: str, emb: dict[str, torch.Tensor],
-                owner: dict[str, torch.Tensor]) -> dict[str, float]:
+                owner: dict[str, torch.Tensor], source: int | None = None) -> dict[str, float]:
     """`retrieval_metrics` of a split's embeddings (as embed_split returns them) with the strict
-    caption-level speech figures and the coverage counts `n_images`, `n_captions`, `n_wavs`."""
-    # text and audio rows are both caption rows, so equal rows pair a caption with its reading
-    caption_rows = {m: torch.as_tensor(modality_rows(cache, split, m), dtype=torch.int64,
+    caption-level speech figures (spoken-caption corpora only) and the coverage counts
+    `n_images`, `n_captions`, `n_wavs`."""
+    # text and audio rows are both caption rows, so equal rows pair a caption with its reading;
+    # a clip described by several captions is no caption's own reading
+    audio_rows = modality_rows(cache, split, "audio", source) if "audio" in owner else None
+    own = audio_rows is not None and len(audio_rows) > 0 and bool(cache.own_audio[audio_rows].all())
+    caption_rows = {m: torch.as_tensor(modality_rows(cache, split, m, source), dtype=torch.int64,
                                        device=owner[m].device)
-                    for m in ("text", "audio") if m in owner}
+                    for m in ("text", "audio") if m in owner} if own else None
     metrics = retrieval_metrics(emb, owner, caption_rows=caption_rows)
     for modality, key in COVERAGE_KEYS.items():
         metrics[key] = float(len(emb[modality])) if modality in emb else 0.0
@@ -71,42 +77,108 @@ def score_split(cache: PreparedCache, split: str, emb: dict[str, torch.Tensor],
 
 
 def evaluate_split(model: NLMM, cache: PreparedCache, split: str, device: torch.device,
-                   ttt: bool = False) -> dict[str, float]:
-    """Recall@K in percent (R@1/5/10 in the six directions, `mean_r1`, the strict `t2a_own_rK`
-    and `a2t_own_rK`) and the coverage counts `n_images`, `n_captions`, `n_wavs`.
+                   ttt: bool = False, source: int | None = None) -> dict[str, float]:
+    """Recall@K in percent (R@1/5/10 in every direction the model and corpus have, `mean_r1`,
+    the strict `t2a_own_rK` and `a2t_own_rK` for spoken captions) and the coverage counts
+    `n_images`, `n_captions`, `n_wavs`.
 
     Each direction is scored over the queries with at least one positive in the gallery: an
     image none of whose captions was spoken, for instance, is left out of i2a's denominator.
     """
-    emb, owner = embed_split(model, cache, split, device, ttt=ttt)
-    return score_split(cache, split, emb, owner)
+    emb, owner = embed_split(model, cache, split, device, ttt=ttt, source=source)
+    return score_split(cache, split, emb, owner, source)
+
+
+# The test protocols of the retrieval literature: (folds of N groups, or None for the whole
+# split, the split's expected number of images). Karpathy's Flickr8k/30k test has 1000
+# images, COCO's 5000 (scored whole, "5K", or as 5 folds of 1000 averaged, "1K").
+PROTOCOLS: dict[str, tuple[int | None, int | None]] = {
+    "test": (None, None), "karpathy-1k": (None, 1000), "coco-5k": (None, 5000),
+    "coco-1k": (1000, 5000)}
+
+
+def _fold_metrics(emb: dict[str, torch.Tensor], owner: dict[str, torch.Tensor],
+                  groups: torch.Tensor) -> dict[str, float]:
+    """Recall of a fold: only the items whose group is among `groups`."""
+    sub_emb, sub_owner = {}, {}
+    for m in emb:
+        keep = torch.isin(owner[m], groups)
+        sub_emb[m], sub_owner[m] = emb[m][keep], owner[m][keep]
+    metrics = retrieval_metrics(sub_emb, sub_owner)
+    for modality, key in COVERAGE_KEYS.items():
+        metrics[key] = float(len(sub_emb[modality])) if modality in sub_emb else 0.0
+    return metrics
+
+
+def evaluate_protocol(model: NLMM, cache: PreparedCache, protocol: str, device: torch.device,
+                      ttt: bool = False, source: int | None = None
+                      ) -> tuple[dict[str, float], list[str]]:
+    """Metrics of a test protocol (PROTOCOLS) and warnings when the split does not have the size
+    the protocol's papers scored (a partial download, another split file)."""
+    if protocol not in PROTOCOLS:
+        raise NlmmError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}.")
+    fold, expected = PROTOCOLS[protocol]
+    warnings = []
+    n_groups = len(cache.split_groups("test", source))
+    if expected is not None and n_groups != expected:
+        warnings.append(f"{protocol} scores {expected} test images, but this test split has "
+                        f"{n_groups}: the figures are not comparable with published ones.")
+    if fold is None:
+        return evaluate_split(model, cache, "test", device, ttt=ttt, source=source), warnings
+    emb, owner = embed_split(model, cache, "test", device, ttt=ttt, source=source)
+    groups = torch.as_tensor(cache.split_groups("test", source), device=device)
+    folds = [_fold_metrics(emb, owner, groups[i * fold:(i + 1) * fold])
+             for i in range(max(1, len(groups) // fold))]
+    keys = set.intersection(*(set(f) for f in folds))
+    return {k: sum(f[k] for f in folds) / len(folds) for k in sorted(keys)}, warnings
 
 
 def evaluate_target(target: str, split: str = "test", ttt: bool | None = None,
-                    device: str = "auto", data: Path | None = None) -> dict[str, Any]:
-    """`nlmm eval`: load a run's best checkpoint (or a checkpoint file) and score a split.
+                    device: str = "auto", data: list | Path | None = None,
+                    protocol: str | None = None) -> dict[str, Any]:
+    """`nlmm eval`: load a run's best checkpoint (or a checkpoint file) and score a split, or
+    the test split under a literature `protocol` (PROTOCOLS).
 
     The coverage counts of evaluate_split come under "coverage", the figures under "metrics"
     (plain embeddings, always) and "metrics_ttt" (after test-time training, when it is used).
     `ttt` None uses TTT when the checkpoint's config has `ttt.enable`; True / False force it.
-    "ttt" says whether it was used, and "ttt_settings" with which eta / max_steps / rank.
+    "ttt" says whether it was used, and "ttt_settings" with which eta / max_steps / rank. A
+    cache of several corpora adds "sources": each corpus's own figures on the same split.
     """
     from nlmm.inference import load_for_inference, require_cache
 
     loaded = load_for_inference(target, device=device, data=data)
     cache = require_cache(loaded)
-    metrics = evaluate_split(loaded.model, cache, split, loaded.device)
+    use_ttt = loaded.cfg.ttt.enable if ttt is None else bool(ttt)
+
+    def score(source: int | None, with_ttt: bool) -> tuple[dict[str, float], list[str]]:
+        if protocol is not None:
+            return evaluate_protocol(loaded.model, cache, protocol, loaded.device, with_ttt,
+                                     source)
+        return evaluate_split(loaded.model, cache, split, loaded.device, with_ttt, source), []
+
+    metrics, warnings = score(None, False)
     # counts get their own entry so that every value under "metrics" is a percentage
     coverage = {key: int(metrics.pop(key)) for key in COVERAGE_KEYS.values()}
-    results: dict[str, Any] = {"checkpoint": str(loaded.checkpoint_path), "split": split,
-                               "coverage": coverage, "metrics": metrics}
-    use_ttt = loaded.cfg.ttt.enable if ttt is None else bool(ttt)
+    results: dict[str, Any] = {"checkpoint": str(loaded.checkpoint_path),
+                               "split": "test" if protocol else split, "coverage": coverage,
+                               "metrics": metrics, "modalities": list(loaded.model.modalities)}
+    if protocol is not None:
+        results["protocol"] = protocol
+    if warnings:
+        results["warnings"] = warnings
     results["ttt"] = use_ttt
     if use_ttt:
         t = loaded.cfg.ttt
         results["ttt_settings"] = {"eta": t.eta, "max_steps": t.max_steps,
                                    "adapter_rank": t.adapter_rank}
-        metrics_ttt = evaluate_split(loaded.model, cache, split, loaded.device, ttt=True)
-        results["metrics_ttt"] = {k: v for k, v in metrics_ttt.items()
-                                  if k not in coverage}
+        metrics_ttt, _ = score(None, True)
+        results["metrics_ttt"] = {k: v for k, v in metrics_ttt.items() if k not in coverage}
+    if len(cache.sources) > 1:
+        results["sources"] = []
+        for i, src in enumerate(cache.sources):
+            m, w = score(i, False)
+            results["sources"].append({"path": src["path"], "format": src["format"],
+                                       "coverage": {k: int(m.pop(k)) for k in COVERAGE_KEYS.values()},
+                                       "metrics": m, **({"warnings": w} if w else {})})
     return results

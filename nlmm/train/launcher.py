@@ -15,6 +15,7 @@ Nothing here draws on a terminal: progress is handed out as runs (`watch`) and l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -60,12 +61,31 @@ def _requested_config(req: TrainRequest) -> Config:
                           req.overrides)
 
 
+def fit_modalities(cfg: Config, available: tuple[str, ...], notify: Notify | None) -> Config:
+    """`cfg` with only the towers the corpus can train: an image-text corpus builds no audio
+    tower, a text-audio one no image tower."""
+    keep = [m for m in cfg.modalities if m in available]
+    if len(keep) < 2:
+        raise NlmmError(f"the corpus has {' and '.join(available)} but the config asks for "
+                        f"modalities {cfg.modalities}; they share fewer than two, so nothing "
+                        f"can be trained; set modalities to two of {', '.join(available)}.")
+    if keep != list(cfg.modalities):
+        if notify:
+            dropped = [m for m in cfg.modalities if m not in keep]
+            notify(f"the corpus has no {' or '.join(dropped)}: training {' and '.join(keep)} "
+                   f"only ({'-'.join(k[0] for k in keep)} retrieval)")
+        cfg = dataclasses.replace(cfg, modalities=keep)
+    return cfg
+
+
 def _register(req: TrainRequest, device: str, notify: Notify | None) -> store.Run:
     """A new queued run: its corpus prepared, its folder holding config.yaml, its row stored."""
     cfg = _requested_config(req)
     check_batch_size(cfg.train.batch_size, DistContext(world_size=req.world_size))
     cache = prepare_corpus(req.data, req.synthetic, cfg, notify)
-    name = req.name or store.unique_run_name("synth" if req.synthetic else "flickr8k")
+    cfg = fit_modalities(cfg, cache.modalities(), notify)
+    formats = "+".join(dict.fromkeys(cache.manifest.get("formats", ["flickr8k"])))
+    name = req.name or store.unique_run_name("synth" if req.synthetic else formats)
     if req.name and store.find_run(req.name) is not None:
         raise NlmmError(f"a run named {req.name!r} exists already; pick another --name or "
                         f"continue it with --resume {req.name}.")
@@ -97,6 +117,7 @@ def join(req: TrainRequest, notify: Notify | None = None,
     else:
         cfg = _requested_config(req)
     cache = prepare_corpus(req.data, req.synthetic, cfg, notify)
+    fit_modalities(cfg, cache.modalities(), notify)
     command = worker_command(req, None, cache.path, device)
     if log_path is None:
         return subprocess.Popen(command, env=worker_env(req), stdin=subprocess.DEVNULL)

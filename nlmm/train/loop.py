@@ -170,7 +170,8 @@ class Trainer:
                            crop=cfg.data.augment.crop, flip=cfg.data.augment.flip,
                            max_audio_frames=max_frames,
                            start_batch=start_batch,
-                           prefetch_depth=cfg.train.num_workers or PREFETCH_DEPTH)
+                           prefetch_depth=cfg.train.num_workers or PREFETCH_DEPTH,
+                           modalities=tuple(cfg.modalities))
 
     def state_dict(self) -> dict[str, Any]:
         p = self.progress

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
+from nlmm.data.corpora.base import CorpusSpec
 from nlmm.errors import NlmmError
 
 
 @dataclass
 class TrainRequest:
-    data: Path | None = None
+    data: Path | list[CorpusSpec] | None = None  # one corpus folder, or corpora with formats
     synthetic: bool = False
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
