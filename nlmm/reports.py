@@ -149,6 +149,7 @@ def run_details(ref: str) -> Group:
     store.mark_lost()
     run = store.get_run(ref)
     cfg = json.loads(run.config)
+    towers = cfg.get("modalities") or ["image", "text", "audio"]  # runs before bi-modal training
     info = Table.grid(padding=(0, 2))
     info.add_column(style="bold")
     info.add_column()
@@ -164,8 +165,10 @@ def run_details(ref: str) -> Group:
                          f"{run.epoch or 0}/{run.epochs_total or '?'}"),
             ("elapsed", _elapsed(run, now) + (f", ETA {store.hms(eta)}" if eta is not None else "")),
             ("data", run.data or "-"), ("log", run.log_path or "-"),
-            ("model", f"d_model {cfg.get('d_model')}, heads {cfg.get('n_heads')}, depth "
-                      f"{cfg.get('depth')}, mixer {cfg.get('mixer')}"),
+            ("model", f"towers {', '.join(towers)}; d_model {cfg.get('d_model')}, heads "
+                      f"{cfg.get('n_heads')}, depth "
+                      f"{ {m: d for m, d in (cfg.get('depth') or {}).items() if m in towers} }, "
+                      f"mixer {cfg.get('mixer')}"),
             ("levels", _levels(run))]
     for key, value in rows:
         info.add_row(key, value if isinstance(value, Text) else str(value))
@@ -269,15 +272,29 @@ def compare_table(refs: Iterable[str]) -> Group:
     return Group(*parts)
 
 
+def coverage_line(coverage: dict[str, int], modalities: list[str] | None = None) -> str:
+    """"scored on 1000 images, 5000 captions, 5000 audio items": how many items each figure
+    rests on, for the modalities the model has, so it can stand beside a paper's."""
+    names = {"image": ("n_images", "images"), "text": ("n_captions", "captions"),
+             "audio": ("n_wavs", "audio items")}
+    shown = [f"{coverage.get(key, 0)} {label}" for m, (key, label) in names.items()
+             if modalities is None or m in modalities]
+    return "scored on " + ", ".join(shown)
+
+
 def eval_table(results: dict[str, Any]) -> Group:
     title = f"{results['split']} Recall@K (%) — {results['checkpoint']}"
     parts: list[Any] = [recall_table(results["metrics"], title=title,
                                      second=results.get("metrics_ttt"))]
     if "coverage" in results:
         # a split partly embedded (some spoken captions missing) is scored on fewer queries
-        c = results["coverage"]
-        parts.append(Text(f"scored on {c['n_images']} images, {c['n_captions']} captions, "
-                          f"{c['n_wavs']} spoken captions"))
+        parts.append(Text(coverage_line(results["coverage"], results.get("modalities"))))
+    for warning in results.get("warnings", []):
+        parts.append(Text(f"warning: {warning}", style="yellow"))
+    for source in results.get("sources", []):
+        parts.append(recall_table(source["metrics"], title=f"{results['split']} Recall@K (%) — "
+                                  f"{source['format']} corpus {source['path']}"))
+        parts.append(Text(coverage_line(source["coverage"], results.get("modalities"))))
     if "ttt" in results:
         t = results.get("ttt_settings") or {}
         parts.append(Text(

@@ -104,9 +104,24 @@ def check_backend(backend: str) -> None:
         raise NlmmError(f"unknown search backend {backend!r}; use one of {', '.join(BACKENDS)}.")
 
 
-def default_target(query_modality: str) -> str:
-    """Text and speech queries look for images; image queries look for captions."""
-    return "text" if query_modality == "image" else "image"
+def default_target(query_modality: str, modalities: tuple[str, ...] = MODALITIES) -> str:
+    """Text and speech queries look for images (or, in a model without an image tower, for
+    each other); image queries look for captions."""
+    if query_modality == "image":
+        return "text"
+    if "image" in modalities:
+        return "image"
+    return "audio" if query_modality == "text" else "text"
+
+
+def check_towers(modalities: tuple[str, ...], *wanted: str) -> None:
+    """One sentence when the model lacks a tower the request needs."""
+    for modality in wanted:
+        if modality not in modalities:
+            raise NlmmError(f"this model has no {modality} tower: it was trained on "
+                            f"{' and '.join(modalities)} only, so it neither takes {modality} "
+                            f"queries nor searches {modality}; use --in "
+                            f"{' or --in '.join(modalities)}.")
 
 
 # ---------------------------------------------------------------------------------- files
@@ -381,8 +396,11 @@ class Searcher:
         """The k best `target` items of `split` for one text, image-file or audio-file query;
         `ttt` as for `encode_query` (None: as the checkpoint's config says)."""
         check_options(target, k, split)
+        towers = self.loaded.model.modalities
+        modality = checked_query(text, image, audio)[0]
+        target = target or default_target(modality, towers)
+        check_towers(towers, modality, target)
         modality, q = self.encode_query(text, image, audio, ttt)
-        target = target or default_target(modality)
         index = self.gallery(split, target)
         scores, idx = index.search(q, k)
         return [self._hit(rank + 1, float(s), target, int(index.rows[int(i)]))
@@ -408,7 +426,7 @@ class Searcher:
         """The results of a request whose model, device, data and backend are this searcher's
         (run_search and `nlmm serve` build the searcher from them)."""
         query_modality = check_request(req)
-        target = req.target or default_target(query_modality)
+        target = req.target or default_target(query_modality, self.loaded.model.modalities)
         hits = self.query(text=req.text, image=req.image, audio=req.audio, target=target,
                           k=req.k, split=req.split, ttt=req.ttt)
         step = self.loaded.payload.get("progress", {}).get("global_step")

@@ -196,3 +196,44 @@ def test_strict_speech_figures_take_only_the_own_reading_as_positive():
     assert abs(got["a2t_own_r1"] - 100.0 / 3) < 1e-9 and got["a2t_own_r5"] == 100.0
     r1 = [got[f"{d}_r1"] for d in ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t")]
     assert got["mean_r1"] == sum(r1) / 6  # the strict figures stay out of the mean
+
+
+def clip_benchmark_recall(images: torch.Tensor, texts: torch.Tensor, texts_image_index: list[int],
+                          k: int) -> tuple[float, float]:
+    """LAION CLIP_benchmark's formula (clip_benchmark/metrics/zeroshot_retrieval.py), written
+    out as it is there: scores = texts @ images.T, a (texts, images) positive_pairs matrix,
+    recall_at_k = (positive_pairs gathered at each query's top-k indices).sum > 0; image
+    retrieval from text queries, text retrieval from image queries (any caption in the top k)."""
+    scores = texts @ images.t()
+    positive_pairs = torch.zeros_like(scores, dtype=torch.bool)
+    positive_pairs[torch.arange(len(scores)), torch.tensor(texts_image_index)] = True
+
+    def recall_at_k(scores: torch.Tensor, positive_pairs: torch.Tensor, k: int) -> torch.Tensor:
+        nb_texts, nb_images = scores.shape
+        topk_indices = torch.topk(scores, k, dim=1)[1]
+        nb_positive = positive_pairs.sum(dim=1)
+        topk_indices_onehot = torch.nn.functional.one_hot(topk_indices, num_classes=nb_images)
+        positive_pairs_reshaped = positive_pairs.view(nb_texts, 1, nb_images)
+        nb_true_positive = (topk_indices_onehot * positive_pairs_reshaped).sum(dim=(1, 2))
+        return (nb_true_positive / nb_positive) > 0
+
+    text_to_image = recall_at_k(scores, positive_pairs, k).float().mean().item()
+    image_to_text = recall_at_k(scores.T, positive_pairs.T, k).float().mean().item()
+    return 100 * image_to_text, 100 * text_to_image
+
+
+@pytest.mark.parametrize("k", [1, 5, 10])
+def test_recall_equals_clip_benchmark_on_embeddings_without_ties(k: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    n_images, per_image = 40, 5
+    images = torch.nn.functional.normalize(torch.randn(n_images, 16, generator=g), dim=1)
+    owners = torch.arange(n_images).repeat_interleave(per_image)
+    # captions near their image, noisy enough that recall is neither 0 nor 100
+    texts = torch.nn.functional.normalize(images[owners] + 0.9 * torch.randn(len(owners), 16,
+                                                                             generator=g), dim=1)
+    ours = retrieval_metrics({"image": images, "text": texts},
+                             {"image": torch.arange(n_images), "text": owners}, ks=(k,))
+    i2t, t2i = clip_benchmark_recall(images, texts, owners.tolist(), k)
+    assert 0 < ours[f"i2t_r{k}"] < 100 and 0 < ours[f"t2i_r{k}"] < 100
+    assert ours[f"i2t_r{k}"] == pytest.approx(i2t)
+    assert ours[f"t2i_r{k}"] == pytest.approx(t2i)

@@ -90,6 +90,19 @@ class CheckReport:
             present |= {"text", "audio"}
         return tuple(m for m in ("image", "text", "audio") if m in present)
 
+    def shown_counts(self) -> tuple[str, ...]:
+        """COUNT_KEYS less the columns of modalities the corpus lacks (an image-text corpus
+        shows no audio columns; a corpus of clips no image ones), so no zero reads as a count."""
+        total = self.counts.get("total", {})
+        hidden = set()
+        if not total.get("images", 0) and not total.get("pairs", 0):
+            hidden |= {"images", "pairs", "triples"}
+        if not total.get("wavs", 0):
+            hidden |= {"wavs", "triples"}
+        if not total.get("clips", 0):
+            hidden.add("clips")
+        return tuple(k for k in COUNT_KEYS if k not in hidden) if total else COUNT_KEYS
+
     def defect_kinds(self) -> dict[str, int]:
         return dict(Counter(d.kind for d in self.defects))
 
@@ -98,10 +111,11 @@ class CheckReport:
         title = f"corpus {self.root} ({self.format}: {', '.join(self.modalities()) or 'nothing'})"
         counts = Table(title=title + ("" if self.decoded else " (not decoded)"))
         counts.add_column("split")
-        for key in COUNT_KEYS:
+        keys = self.shown_counts()
+        for key in keys:
             counts.add_column(COUNT_HEADERS[key], justify="right")
         for split, row in self.counts.items():
-            counts.add_row(split, *(str(row.get(k, 0)) for k in COUNT_KEYS),
+            counts.add_row(split, *(str(row.get(k, 0)) for k in keys),
                            style="bold" if split == "total" else None)
         parts: list[Table | Text] = [counts]
         parts.extend(Text(note) for note in self.notes)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from nlmm import store
 from nlmm.config import Config, config_from_dict, resolve_config, save_config, with_legacy_defaults
+from nlmm.data.cache import PreparedCache
 from nlmm.data.corpus_location import Notify, prepare_corpus
 from nlmm.devices import resolve_device
 from nlmm.errors import NlmmError
@@ -61,6 +62,17 @@ def _requested_config(req: TrainRequest) -> Config:
                           req.overrides)
 
 
+def check_splits(cache: PreparedCache, cfg: Config) -> None:
+    """Refuse a corpus whose train, evaluation or test split is empty, before a worker starts:
+    the run would otherwise fail at its first evaluation or at the final test."""
+    for split in dict.fromkeys(("train", cfg.train.eval_split, "test")):
+        if len(cache.split_captions(split)) == 0:
+            where = ", ".join(str(s["path"]) for s in cache.sources)
+            raise NlmmError(f"the {split} split of {where} has no rows; give some rows that "
+                            f"split (a manifest's split column: train, dev or test), or leave "
+                            f"the split column out and nlmm splits the groups 90/5/5.")
+
+
 def fit_modalities(cfg: Config, available: tuple[str, ...], notify: Notify | None) -> Config:
     """`cfg` with only the towers the corpus can train: an image-text corpus builds no audio
     tower, a text-audio one no image tower."""
@@ -83,6 +95,7 @@ def _register(req: TrainRequest, device: str, notify: Notify | None) -> store.Ru
     cfg = _requested_config(req)
     check_batch_size(cfg.train.batch_size, DistContext(world_size=req.world_size))
     cache = prepare_corpus(req.data, req.synthetic, cfg, notify)
+    check_splits(cache, cfg)
     cfg = fit_modalities(cfg, cache.modalities(), notify)
     formats = "+".join(dict.fromkeys(cache.manifest.get("formats", ["flickr8k"])))
     name = req.name or store.unique_run_name("synth" if req.synthetic else formats)

@@ -117,6 +117,8 @@ def tf32_scope(device: torch.device, amp: str, enabled: bool) -> Iterator[None]:
 def use_channels_last(model: nn.Module, device: torch.device) -> bool:
     """Store the image stem's convolution weights NHWC on CUDA; True when it did. Inputs
     should then be NHWC too (`channels_last_images`)."""
+    if "image" not in model.encoders:
+        return False
     stem = model.encoders["image"].stem
     if device.type != "cuda" or not any(isinstance(m, nn.Conv2d) for m in stem.modules()):
         return False

@@ -21,8 +21,8 @@ from nlmm.data.corpora.table import SUFFIXES, read_table
 from nlmm.errors import NlmmError
 
 NAME = "manifest"
-LOOKS_FOR = ("a CSV / TSV / TXT / JSONL / Parquet manifest (the file, or manifest.csv / "
-             "metadata.csv in the folder)")
+LOOKS_FOR = ("a CSV / TSV / TXT / JSONL / Parquet manifest (the file, the folder's only such "
+             "file, or manifest.csv / metadata.csv in the folder)")
 STEMS = ("manifest", "metadata")
 ROLES = ("image", "text", "audio", "split", "group")
 GUESSES = {"image": ("filepath", "image", "image_path", "img", "file_name", "filename", "path"),
@@ -40,7 +40,13 @@ def _candidates(root: Path) -> list[Path]:
     root = Path(root)
     if root.is_file():
         return [root] if root.suffix.lower() in SUFFIXES else []
-    return [root / f"{s}{x}" for s in STEMS for x in SUFFIXES if (root / f"{s}{x}").is_file()]
+    named = [root / f"{s}{x}" for s in STEMS for x in SUFFIXES if (root / f"{s}{x}").is_file()]
+    if named:
+        return named
+    # a folder holding one table and the media it names (open_clip's train_data.csv): that one
+    tables = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
+              and not p.name.startswith(".")] if root.is_dir() else []
+    return tables if len(tables) == 1 else []
 
 
 def detect(root: Path) -> bool:
