@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
-from nlmm.config import MODALITIES, PAIRS, Config
+from nlmm.config import MODALITIES, Config
 from nlmm.model.encoders import image_stem_widths, stem_strides
+from nlmm.model.losses import PAIR_MODALITIES
 from nlmm.model.nlmm import NLMM
 from nlmm.optim.levels import level_settings
 
@@ -68,7 +69,7 @@ def parameter_counts(cfg: Config) -> dict[str, Any]:
     """Trainable parameters per part and per CMS level, and the (untrained) TTT adapters."""
     with torch.device("meta"):
         model = NLMM(cfg)
-    parts = {m: 0 for m in MODALITIES} | {"memory": 0, "heads": 0}
+    parts = {m: 0 for m in MODALITIES if m in cfg.modalities} | {"memory": 0, "heads": 0}
     adapters = 0
     for name, p in model.named_parameters():
         pieces = name.split(".")
@@ -236,10 +237,12 @@ def model_info(cfg: Config, batch_size: int = 32, audio_seconds: float | None = 
     tokens = tokens_per_triple(cfg, audio_seconds, text_len)
     frames = math.ceil(audio_seconds * MEL_FRAMES_PER_SECOND)
     flops: dict[str, float] = {}
-    for modality in MODALITIES:
+    towers = [m for m in MODALITIES if m in cfg.modalities]
+    for modality in towers:
         input_layer, rest = _forward_flops(cfg, modality, tokens[modality], frames, batch_size)
         flops[modality] = 2 * input_layer + 3 * rest
-    flops["loss"] = 3 * len(PAIRS) * 2 * batch_size * cfg.embed_dim
+    pairs = sum(1 for a, b in PAIR_MODALITIES.values() if a in towers and b in towers)
+    flops["loss"] = 3 * pairs * 2 * batch_size * cfg.embed_dim
     flops["total"] = sum(flops.values())
 
     level_optimizer = {lvl.name: cfg.train.optimizer or lvl.optimizer for lvl in cfg.cms_levels}
