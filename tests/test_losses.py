@@ -127,3 +127,48 @@ def test_a_batch_without_a_weighted_pair_is_refused_before_any_gather():
         with pytest.raises(NlmmError, match="no modality pair with a positive loss weight"):
             ContrastiveLoss({"i2t": 1.0}, gather=gather)(
                 ForwardOutput({"image": out.embeddings["image"]}, out.image_ids, None, out.scale))
+
+
+def mixed_output(log_scale):
+    """A batch of a mixture: rows 0-3 have an image (a Flickr-like corpus), rows 2-5 a clip
+    (an AudioCaps-like one), every row a caption; rows 2-3 have all three."""
+    image_rows = torch.tensor([True, True, True, True, False, False])
+    audio_rows = torch.tensor([False, False, True, True, True, True])
+    embeddings = {"image": unit(4, 8, 11).float().requires_grad_(),
+                  "text": unit(6, 8, 12).float().requires_grad_(),
+                  "audio": unit(4, 8, 13).float().requires_grad_()}
+    return ForwardOutput(embeddings, torch.tensor([0, 1, 2, 3, 4, 5]), audio_rows,
+                         logit_scale_value(log_scale), image_rows=image_rows)
+
+
+def test_each_pair_is_scored_over_the_rows_that_have_both_sides(tmp_path):
+    import torch.distributed as dist
+
+    log_scale = torch.tensor(math.log(10.0))
+    out = mixed_output(log_scale)
+    e, ids, scale = out.embeddings, out.image_ids, float(out.scale)
+    local = ContrastiveLoss({"i2t": 1.0, "i2a": 1.0, "t2a": 1.0})(out)
+    # image rows 2-3 are the image embeddings 2-3; audio rows 2-3 are audio embeddings 0-1
+    expected = {"loss_i2t": reference_loss(e["image"], e["text"][:4], ids[:4], ids[:4], scale),
+                "loss_i2a": reference_loss(e["image"][2:], e["audio"][:2], ids[2:4], ids[2:4],
+                                           scale),
+                "loss_t2a": reference_loss(e["text"][2:], e["audio"], ids[2:], ids[2:], scale)}
+    for key, value in expected.items():
+        assert float(local[key]) == pytest.approx(value, rel=1e-5), key
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        gathered = ContrastiveLoss({"i2t": 1.0, "i2a": 1.0, "t2a": 1.0}, gather=True)(
+            mixed_output(log_scale))
+    finally:
+        dist.destroy_process_group()
+    for key in expected:
+        torch.testing.assert_close(gathered[key], local[key])
+
+
+def test_a_pair_on_fewer_than_two_rows_is_skipped_for_the_step():
+    out = mixed_output(torch.tensor(math.log(10.0)))
+    out.image_rows = torch.tensor([False, False, True, False, False, False])
+    out.embeddings["image"] = out.embeddings["image"][:1]
+    losses = ContrastiveLoss({"i2t": 1.0, "i2a": 1.0, "t2a": 1.0})(out)
+    assert "loss_i2t" not in losses and "loss_i2a" not in losses and "loss_t2a" in losses
