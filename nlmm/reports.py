@@ -65,7 +65,7 @@ def device_text(run: store.Run) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    return "n/a" if value is None else f"{value:.1f}"
 
 
 def recall_table(metrics: dict[str, float], title: str = "Recall@K (%)",
