@@ -502,7 +502,12 @@ def export(
     from nlmm.export import export_bundle
 
     path = export_bundle(target, out, force=force)
-    console.print(f"[green]exported[/] {path}")
+    meta = json.loads((path / "bundle.json").read_text())
+    mean = (meta.get("metrics") or {}).get("mean_r1")
+    source = Path(meta["source"])
+    console.print(f"[green]exported[/] {path} from {source.name} ({source}), step "
+                  f"{meta.get('step')}" + (f", dev mean R@1 {mean:.1f}" if mean is not None
+                                           else ", not yet evaluated"))
 
 
 @app.command("plot")

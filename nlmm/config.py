@@ -478,6 +478,9 @@ def resolve_config(name_or_path: str | Path, overrides: list[str] | None = None)
                 break
         else:
             names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            if path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+                raise ConfigError(f"config file {path} does not exist; check the path, or name "
+                                  f"one of the shipped configs: {', '.join(names)}.")
             raise ConfigError(f"no config named {str(name_or_path)!r}; pass a YAML path or one of: "
                               f"{', '.join(names)}.")
     return load_config(path, overrides)

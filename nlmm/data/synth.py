@@ -428,7 +428,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     present = [p for p in owned if p.exists()]
     if present and not overwrite:
         raise NlmmError(f"{out} already holds a corpus ({present[0].name}); choose an empty "
-                        "folder or pass overwrite to replace it.")
+                        "folder or pass --overwrite to replace it.")
     for path in present:
         shutil.rmtree(path)
     (out / "Flickr8k_Dataset").mkdir(parents=True)
