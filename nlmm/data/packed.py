@@ -517,7 +517,7 @@ class PackReport:
     defects: list[Defect]
     shards: int
     bytes: int
-    blocks_done_before: int  # blocks a previous, interrupted run had finished
+    blocks_done_before: int  # shards a previous run had finished (resumed, not rewritten)
     seconds: float
     modalities: list[str] = field(default_factory=list)
 
@@ -567,8 +567,7 @@ def _prepare_out(store: Store, fp: str, force: bool) -> int:
         existing = {}
     if not existing:
         store.write_json(PLAN, {"fingerprint": fp, "version": PACK_VERSION})
-    return sum(1 for n in existing if n.startswith(f"{STATE}/") and n.endswith(".json")
-               and n != PLAN)
+    return sum(1 for n in existing if n.startswith(f"{STATE}/write/") and n.endswith(".json"))
 
 
 def _repair_list(store: Store, manifest: dict) -> list[str]:
@@ -689,6 +688,9 @@ def _offsets(blocks: list[Block], verdicts: dict[str, list[dict]]) -> dict[str, 
 def _write(store: Store, blocks: list[Block], verdicts: dict[str, list[dict]], workers: int,
            bar: Progress) -> dict[str, dict]:
     """Pass 2: every block's shard, skipping blocks whose marker says the shard is stored."""
+    # imported here, before the pool forks: each worker importing litdata costs about a second
+    from litdata.streaming.writer import BinaryWriter  # noqa: F401
+
     task = bar.add_task("writing shards", total=sum(len(b.items) for b in blocks))
     offsets = _offsets(blocks, verdicts)
     staging = str(store.staging())

@@ -326,10 +326,15 @@ class _Pack:
         _quiet_litdata()
         _allow_plain_http(self.storage_options)
         cls = _make_dataset_class()
+        # litdata's default shuffles a chunk in fixed aligned blocks of 256 items: a batch would
+        # draw its in-batch negatives from the same 256 groups every epoch. A full permutation
+        # of the chunk per epoch instead, read one item at a time (batch_decode=0: a sample is
+        # a few byte strings, nothing to amortise).
+        window = {"item_shuffle_window": 0, "batch_decode": 0} if shuffle else {}
         with rank_env(rank, world_size):
             ds = cls(f"{self.url}/{self.split}", shuffle=shuffle, seed=seed, drop_last=drop_last,
                      storage_options=self.storage_options, cache_dir=cache_dir,
-                     max_cache_size=max_cache_size,
+                     max_cache_size=max_cache_size, **window,
                      shard_hashes={k: v["sha256"] for k, v in self.shards.items()},
                      label=self.url, verify=verify)
         ds._split = self.split
@@ -475,15 +480,26 @@ class StreamTrainLoader:
         if state.get("version") != STATE_VERSION:
             raise NlmmError(f"the saved loader state has version {state.get('version')}, this "
                             f"nlmm reads {STATE_VERSION}; resume from the epoch's start instead.")
+        if state["input_dir"] != self.pack.url:
+            raise NlmmError(f"the saved loader state is for the pack in {state['input_dir']}, this "
+                            f"loader reads {self.pack.url}; resume from the same pack.")
         for key in ("split", "epoch", "seed", "batch_size", "samples_per_epoch"):
             if state[key] != getattr(self, key):
                 raise NlmmError(f"the saved loader state is for {key}={state[key]!r}, this loader "
                                 f"has {getattr(self, key)!r}; resume with the run's own settings.")
-        done = int(state["batches_done"])
-        if state["world_size"] != self.world_size:
-            # the rest of the epoch is re-dealt by litdata; count what is done in this topology
-            done = done * state["world_size"] // self.world_size
-        self._done, self._resume = done, state["litdata"]
+        done, resume = int(state["batches_done"]), state["litdata"]
+        if state["world_size"] != self.world_size and resume is not None:
+            # litdata re-deals the rest of the epoch, starting at the samples taken so far
+            # rounded DOWN to whole global batches of the new world size: up to one global
+            # batch would be served twice. Rounding up instead skips those few samples for
+            # this epoch, so no sample is ever seen twice in an epoch.
+            stride = self.world_size * self.batch_size
+            taken = int(resume["dataset"].get("sample_in_epoch",
+                                              done * state["world_size"] * self.batch_size))
+            taken = -(-taken // stride) * stride
+            resume = {**resume, "dataset": {**resume["dataset"], "sample_in_epoch": taken}}
+            done = taken // stride
+        self._done, self._resume = done, resume
 
 
 # --------------------------------------------------------------------------- evaluation
