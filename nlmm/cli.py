@@ -219,6 +219,39 @@ def data_prepare(
     console.print(f"[green]cache ready[/] {cache.path}")
 
 
+@data_app.command("pack")
+def data_pack(
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="Corpus folder or manifest file, in "
+                                        "any layout nlmm reads.")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="Folder or s3://bucket/prefix to "
+                                       "write the shards into.")],
+    config: Annotated[str, typer.Option("--config", "-c", metavar="NAME|FILE", help="Config "
+                                        "whose vocab_size the tokenizer is trained to.")] = "flickr8k",
+    format_: Annotated[Optional[str], typer.Option("--format", help=FORMAT_HELP)] = None,
+    columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding processes (default: "
+                                                   "every core).")] = None,
+    chunk: Annotated[str, typer.Option(help="Media bytes per shard, e.g. 64MB.")] = "64MB",
+    force: Annotated[bool, typer.Option("--force", help="Replace whatever OUT holds.")] = False,
+) -> None:
+    """Write a corpus into compressed litdata shards (original image and audio bytes, captions,
+    a tokenizer) that `nlmm train --data OUT` streams from a folder or a bucket; a pack killed
+    part-way resumes where it stopped."""
+    from nlmm.config import resolve_config
+    from nlmm.data.corpora import read_corpus
+    from nlmm.data.packed import pack
+
+    spec = _corpus_specs([src], [format_] if format_ else None, columns)[0]
+    report = pack(read_corpus(spec), out, vocab_size=resolve_config(config).vocab_size,
+                  workers=workers, force=force, progress=True, chunk_bytes=chunk)
+    if report.defects:
+        from nlmm.data.check import CheckReport
+
+        console.print(CheckReport(Path(str(src)), report.counts, report.defects, 0, True,
+                                  spec.format or "", []).to_table(max_defects=50))
+    console.print(f"[green]{report.summary()}[/]")
+
+
 # ----------------------------------------------------------------------------------- train
 
 @app.command("train")
