@@ -117,9 +117,10 @@ def _parse_columns(columns: str | None) -> dict[str, str]:
     return out
 
 
-def _corpus_specs(data: list[Path] | None, formats: list[str] | None,
+def _corpus_specs(data: list[Path] | list[str] | None, formats: list[str] | None,
                   columns: str | None, dataset: str | None = None) -> list | None:
-    """The corpora named on the command line as CorpusSpecs (None: none named)."""
+    """The corpora named on the command line as CorpusSpecs (None: none named); an
+    s3:// URL (a pack) stays a string, since a Path would fold its //."""
     from nlmm.data.corpora import FORMATS
     from nlmm.data.corpora.base import CorpusSpec
 
@@ -135,8 +136,10 @@ def _corpus_specs(data: list[Path] | None, formats: list[str] | None,
         if f not in FORMATS:
             raise NlmmError(f"unknown corpus format {f!r}; use one of {', '.join(FORMATS)}.")
     cols = _parse_columns(columns)
-    return [CorpusSpec(path, formats[i] if len(formats) > 1 else (formats[0] if formats else None),
-                       cols) for i, path in enumerate(data)]
+    return [str(path) if "://" in str(path) else
+            CorpusSpec(Path(path), formats[i] if len(formats) > 1 else
+                       (formats[0] if formats else None), cols)
+            for i, path in enumerate(data)]
 
 
 @data_app.command("synth")
@@ -259,12 +262,15 @@ def train(
     dataset: Annotated[str, typer.Argument(help="Dataset to train on: flickr8k (downloaded into "
                                             "./data/flickr8k when no --data is given), or the "
                                             "format of the --data corpus (coco, karpathy, ...).")] = "flickr8k",
-    data: Annotated[Optional[list[Path]], typer.Option("--data", "--data_dir", "--data-dir",
-                                                       metavar="PATH",
-                                                       help="Corpus folder or manifest file, in "
-                                                            "any layout nlmm reads (default "
-                                                            "./data/flickr8k); repeat to train on "
-                                                            "several corpora at once.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "--data_dir", "--data-dir",
+                                                      metavar="PATH",
+                                                      help="Corpus folder or manifest file, in "
+                                                           "any layout nlmm reads (default "
+                                                           "./data/flickr8k), repeated to train "
+                                                           "on several corpora at once; or a "
+                                                           "pack (`nlmm data pack`) in a folder "
+                                                           "or at s3://bucket/prefix to stream "
+                                                           "from.")] = None,
     format_: Annotated[Optional[list[str]], typer.Option("--format", help=FORMAT_HELP)] = None,
     columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Use (and create) the offline "

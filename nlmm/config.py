@@ -129,7 +129,12 @@ class TrainConfig:
                                                        "of training since the last one (0: only at "
                                                        "epoch ends and stops)")
     seed: int = _f(0)
-    num_workers: int = _f(0, min=0, help="batches the loader thread prepares ahead (0: 2)")
+    num_workers: int = _f(0, min=0, help="batches the loader thread prepares ahead (0: 2); "
+                                         "for a pack, decoding worker processes (0: 2)")
+    samples_per_epoch: int | None = _f(None, min=1, help="a pack's epoch as a sample budget, so "
+                                                          "a 3M-sample corpus reports and "
+                                                          "checkpoints every N samples (null: "
+                                                          "the whole train split)")
     grad_checkpointing: bool = _f(False)
     compile: bool = _f(False, help="torch.compile each encoder's stem and NL blocks for training "
                                    "(the first steps compile, on a GPU for minutes); where it "
@@ -197,7 +202,16 @@ class Config:
     cms_lr_scaling: str = _f("none", choices=("none", "sqrt", "chunk"),
                              help="multiply a level's lr by 1, sqrt(chunk_size) or chunk_size when "
                                   "its optimizer normalises the step (adamw, muon, "
-                                  "universal_anderson)")
+                                  "universal_anderson); meant for cms_chunk_rule gradients")
+    cms_chunk_rule: str = _f("updates", choices=("updates", "gradients"),
+                             help="how a level with chunk_size C > 1 moves (Nested Learning Eq. 31): "
+                                  "updates = by the sum of its optimizer's C per-step updates, "
+                                  "each on the step's clipped gradient at the chunk-start weights; "
+                                  "gradients = one optimizer step on the chunk's summed gradient "
+                                  "(the rule before, for ablations)")
+    cms_gains: str = _f("level", choices=("level", "fast"),
+                        help="which optimizer steps the LayerScale gain of every CMS level: its "
+                             "own level's (level) or the fastest level's, every step (fast)")
     layer_scale_init: float | None = _f(0.0, min=0.0, help="initial LayerScale gain of every "
                                         "residual branch of the NL blocks; null: no gains")
     conv_stems: bool = _f(True, help="true: BatchNorm conv stems (image: stride-2 3x3 stages; "
@@ -415,7 +429,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 # Model options added after runs were stored: a stored config (a full `Config.to_dict()` dump)
 # that lacks one was written before it existed, and its weights were trained with these values.
 LEGACY_MODEL_DEFAULTS = {"conv_stems": False, "layer_scale_init": None,
-                         "image_stem": "stride"}
+                         "image_stem": "stride", "cms_chunk_rule": "gradients"}
 
 
 def with_legacy_defaults(stored: dict[str, Any]) -> dict[str, Any]:

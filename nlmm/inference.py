@@ -170,17 +170,34 @@ def load_for_inference(target: str | Path | None, device: str = "auto",
         cache = prepare(data, cfg.data, cfg.vocab_size, progress=True,
                         encoders=cfg.encoders, device=dev, tokenizer=tokenizer)
     else:
-        cache_path = Path(payload.get("data", {}).get("cache", ""))
-        if cache_path.is_dir():
+        from nlmm.data.pack_source import is_pack
+
+        source = str(payload.get("data", {}).get("cache", ""))
+        cache_path = Path(source)
+        if source and is_pack(source):
+            pass  # a streamed run: evaluation reads its pack (evaluate_target), search needs --data
+        elif cache_path.is_dir():
             from nlmm.data.backbone_features import ensure_features
 
             cache = ensure_features(PreparedCache.open(cache_path), cfg.encoders, dev)
     return LoadedModel(model, cfg, tokenizer, cache, dev, path, payload, key)
 
 
+def training_pack(loaded: LoadedModel) -> str | None:
+    """The pack a model was trained from when it streamed its data, else None."""
+    from nlmm.data.pack_source import is_pack
+
+    source = str(loaded.payload.get("data", {}).get("cache", ""))
+    return source if source and is_pack(source) else None
+
+
 def require_cache(loaded: LoadedModel) -> PreparedCache:
     if loaded.cache is None:
         where = loaded.payload.get("data", {}).get("cache", "?")
+        if training_pack(loaded):
+            raise NlmmError(f"this model streamed its data from the pack {where}, which has no "
+                            f"gallery to search; pass --data with a corpus folder (the pack's "
+                            f"source, say) to search it.")
         raise NlmmError(f"the data cache this model was trained on ({where}) is gone; pass --data "
                         "with the corpus folder to rebuild it.")
     return loaded.cache

@@ -198,6 +198,8 @@ def test_resumed_epoch_serves_exactly_the_rest(packed, workers: int) -> None:
     # from the batch count alone (same topology)
     counted = list(loader(out, num_workers=workers, crop=True, epoch=1, start_batch=3))
     assert ids(counted) == ids(straight[3:])
+    # the loader that stopped early goes on where it stopped when iterated again
+    assert ids(head) + ids(first) == ids(straight)
 
 
 def test_two_ranks_resume_exactly_and_never_share_a_group(packed) -> None:
@@ -208,12 +210,18 @@ def test_two_ranks_resume_exactly_and_never_share_a_group(packed) -> None:
     g0 = {c for b in straight[0] for c in b}
     assert straight[0] and not g0 & {c for b in straight[1] for c in b}
     assert len(straight[0]) == len(straight[1]) == 3  # 24 groups // 4 // 2 ranks
+    states = []
     for r in (0, 1):
         first = rank(r)
         head = [next(iter(first))]
+        states.append(first.state_dict())
         again = rank(r)
-        again.load_state_dict(first.state_dict())
+        again.load_state_dict(states[r])
         assert ids(head) + ids(again) == straight[r]
+    # ranks stay in lockstep, so rank 0's state (the one last.pt keeps) resumes rank 1 too
+    again = rank(1)
+    again.load_state_dict(states[0])
+    assert ids(again) == straight[1][1:]
 
 
 def test_resume_with_another_worker_count_keeps_the_order(packed) -> None:
@@ -249,6 +257,7 @@ def test_resume_on_another_number_of_ranks_never_repeats_a_sample(packed, new_wo
     assert len(seen) == 24 if new_world == 1 else len(seen) >= 24 - 2 * new_world * 2
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 def test_samples_per_epoch_is_a_budget_and_too_few_groups_is_one_sentence(packed) -> None:
     _, out = packed
     assert len(list(loader(out, samples_per_epoch=9))) == 2

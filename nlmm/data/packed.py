@@ -5,7 +5,7 @@ encoded bytes (JPEG/PNG, WAV/FLAC/MP3): decoding and augmentation happen in the 
 loader's workers, so a pack is about as large as the corpus and nothing grows with it in RAM.
 Layout of `out` (a folder or s3://bucket/prefix):
 
-    nlmm_pack.json          what is in the pack: counts, defects, every shard's sha256 (last written)
+    nlmm_pack.json          counts, defects, every shard's sha256 (written last)
     tokenizer.json          BPE trained on the train split's captions only
     train/ dev/ test/       litdata folders: index.json + chunk-NNNNN.bin
     .pack/                  progress: the plan's fingerprint and one marker per finished block
@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import numpy as np
 from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from nlmm.data.check import caption_audio, tally
+from nlmm.data.check import tally
 from nlmm.data.corpora.base import SPLITS, Caption, Corpus, Defect, Group
 from nlmm.data.features import BadInput, load_image, read_audio
 from nlmm.data.parallel import default_workers
@@ -53,7 +54,7 @@ MANIFEST = "nlmm_pack.json"
 TOKENIZER = "tokenizer.json"
 STATE = ".pack"
 PLAN = f"{STATE}/plan.json"
-VERIFY_IMAGE_SIZE = 32  # a full decode at a small size reads every byte: finds corrupt files cheaply
+VERIFY_IMAGE_SIZE = 32  # a full decode at a small size reads every byte, cheaply
 MAX_BLOCK_GROUPS = 4096  # keeps a block's verify job short even for tiny samples
 INDEX = "index.json"
 
@@ -168,8 +169,9 @@ def s3_client(storage_options: dict[str, Any] | None = None) -> Any:
     import botocore.config
 
     opts = dict(storage_options or {})
-    opts.setdefault("config", botocore.config.Config(retries={"max_attempts": 3, "mode": "standard"},
-                                                     connect_timeout=10, read_timeout=120))
+    retries = {"max_attempts": 3, "mode": "standard"}
+    opts.setdefault("config", botocore.config.Config(retries=retries, connect_timeout=10,
+                                                     read_timeout=120))
     return boto3.client("s3", **opts)
 
 
@@ -209,7 +211,8 @@ class S3Store(Store):
 
         try:
             with self._errors():
-                return self._client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+                obj = self._client.get_object(Bucket=self.bucket, Key=self._key(name))
+                return obj["Body"].read()
         except bx.ClientError:
             return None
 
@@ -270,9 +273,6 @@ class Item:
     captions: list[str]
     readings: list[str | None]  # each caption's own spoken reading
 
-    def paths(self) -> list[str]:
-        return [p for p in (self.image, self.clip, *self.readings) if p is not None]
-
 
 @dataclass
 class Block:
@@ -314,7 +314,7 @@ def plan_blocks(corpus: Corpus, chunk_bytes: int) -> tuple[list[Block], list[tup
         groups = sorted((g for g in corpus.groups if g.split == split and g.id in by_group),
                         key=lambda g: _hash_order(g.id))
         current: list[Item] = []
-        size = 0
+        size, number = 0, 0
         for g in groups:
             caps = sorted(by_group[g.id], key=lambda c: c.index)
             item = Item(g.id, split, str(g.image) if g.image else None,
@@ -324,12 +324,12 @@ def plan_blocks(corpus: Corpus, chunk_bytes: int) -> tuple[list[Block], list[tup
             facts.append((g.id, split, item.image, item.clip, item.captions, item.readings, stats))
             item_bytes = sum(s for s, _ in stats) + sum(len(t) for t in item.captions)
             if current and (size + item_bytes > chunk_bytes or len(current) >= MAX_BLOCK_GROUPS):
-                blocks.append(Block(split, len([b for b in blocks if b.split == split]), current))
-                current, size = [], 0
+                blocks.append(Block(split, number, current))
+                current, size, number = [], 0, number + 1
             current.append(item)
             size += item_bytes
         if current:
-            blocks.append(Block(split, len([b for b in blocks if b.split == split]), current))
+            blocks.append(Block(split, number, current))
     return blocks, facts
 
 
@@ -450,7 +450,10 @@ def make_sample(item: Item, verdict: Verdict, group: int, caption_base: int) -> 
         "audio_ext": _ext(item.clip, verdict.clip),
         "captions": json.dumps(item.captions, ensure_ascii=False),
         "caption_audio": b"".join(readings),
-        "caption_audio_sizes": json.dumps([len(r) for r in readings]),
+        # A numpy leaf, not JSON, on purpose: with only str/int/bytes leaves litdata 0.2.76
+        # stores a chunk as an Arrow IPC table read 256 rows at a time, and a shuffled read
+        # of one row decodes its 256 neighbours too (~70x slower, STREAM_NOTES.md).
+        "caption_audio_sizes": np.array([len(r) for r in readings], dtype=np.int64),
         "caption_audio_exts": json.dumps([_ext(p, ok) for p, ok in
                                           zip(item.readings, verdict.readings, strict=True)]),
         "modalities": ",".join(modalities),
@@ -460,7 +463,7 @@ def make_sample(item: Item, verdict: Verdict, group: int, caption_base: int) -> 
 def caption_readings(sample: dict[str, Any]) -> list[bytes]:
     """The captions' own readings of a stored sample, b'' where a caption has none."""
     blob, out, pos = sample["caption_audio"], [], 0
-    for size in json.loads(sample["caption_audio_sizes"]):
+    for size in np.asarray(sample["caption_audio_sizes"]).tolist():
         out.append(blob[pos:pos + size])
         pos += size
     return out
@@ -618,7 +621,9 @@ def pack(corpus: Corpus, out: str | Path, *, vocab_size: int, workers: int | Non
         store.write_json(MANIFEST, manifest)  # last: a pack without it is unfinished
     if isinstance(store, LocalStore):
         shutil.rmtree(store.root / STATE / "tmp", ignore_errors=True)
-    return PackReport(store.url, manifest["counts"], defects, len(manifest["shards"]),
+    # the reader's defects (files listed but missing, malformed lines) come first, as in check
+    return PackReport(store.url, manifest["counts"], list(corpus.defects) + defects,
+                      len(manifest["shards"]),
                       sum(m["bytes"] for m in manifest["shards"].values()), done_before,
                       time.perf_counter() - start, manifest["modalities"])
 

@@ -14,11 +14,12 @@ finished batches in the batch contract of nlmm.data.loader.TrainLoader:
 
 A training epoch serves every group once (or `samples_per_epoch` of them); which caption of a
 group a row carries is fixed by (seed, epoch, group). The order is litdata's: chunks shuffled
-by (seed, epoch), items shuffled inside windows of a chunk, batches dealt to ranks and workers.
+by (seed, epoch), each chunk fully permuted, batches dealt to ranks and workers.
 `state_dict()` after any batch, `load_state_dict()` on a fresh loader of the same epoch, and the
-resumed loader serves exactly the batches the first would have served next; with another
-number of workers or ranks litdata re-deals the rest of the epoch without repeating a sample
-(bench/STREAM_NOTES.md lists what was measured).
+resumed loader serves exactly the batches the first would have served next. With another number
+of workers it serves them in the same order, less the epoch's last few batches when they no
+longer fill a round of the workers. With another number of ranks litdata re-deals the rest of
+the epoch: no sample is served twice, at most one global batch is skipped (STREAM_NOTES.md).
 
 Ranks are passed in, never guessed: litdata would read WORLD_SIZE and GLOBAL_RANK (torchrun
 sets RANK, not GLOBAL_RANK), so they are set around the calls that read them.
@@ -40,6 +41,9 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
+from litdata import StreamingDataLoader, StreamingDataset
+from litdata.streaming.sampler import ChunkedIndex
+from litdata.utilities.env import _DistributedEnv
 
 from nlmm.config import DataConfig
 from nlmm.data.features import (MIN_AUDIO_SECONDS, BadInput, load_image, log_mel,
@@ -175,14 +179,16 @@ class Collate:
                 "caption_ids": torch.tensor(caption_ids, dtype=torch.int64)}
 
     def _eval(self, samples: list[dict]) -> dict[str, Any]:
-        texts, mels, caption_ids, caption_group = [], [], [], []
+        texts, mels, caption_ids, caption_group, own = [], [], [], [], []
         for s in samples:
             readings = caption_readings(s)
             for k, text in enumerate(json.loads(s["captions"])):
                 texts.append(text)
                 caption_ids.append(s["caption_base"] + k)
                 caption_group.append(s["group"])
-                mels.append(self._mel(readings[k] or s["clip"]))
+                own.append(bool(readings[k]))
+                # a group's clip is one gallery item, carried by its first caption's row only
+                mels.append(self._mel(readings[k] or (s["clip"] if k == 0 else b"")))
         text, text_mask = _tokens(self.tokenizer, texts, self.cfg.text_max_len)
         images, has_image = _images(samples, self.cfg.image_size)
         images = normalize_images(images)
@@ -193,6 +199,7 @@ class Collate:
                 "image_ids": torch.tensor([s["group"] for s in samples], dtype=torch.int64),
                 "caption_ids": torch.tensor(caption_ids, dtype=torch.int64),
                 "caption_group": torch.tensor(caption_group, dtype=torch.int64),
+                "own_audio": torch.tensor(own, dtype=torch.bool),
                 "group_id": [s["group_id"] for s in samples]}
 
 
@@ -239,54 +246,48 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # one process per core is the parallelism (nlmm.data.parallel)
 
 
-def _make_dataset_class() -> type:
-    from litdata import StreamingDataset
-    from litdata.streaming.sampler import ChunkedIndex
+class PackDataset(StreamingDataset):
+    """A StreamingDataset that checks each chunk's sha256 against the pack's manifest the first
+    time a process reads from it; a mismatch becomes an error item that the training process
+    raises as one sentence (raised in a worker, torch would wrap it in a traceback)."""
 
-    class PackDataset(StreamingDataset):
-        """A StreamingDataset that checks each chunk's sha256 against the pack's manifest the
-        first time a process reads from it; a mismatch becomes an error item that the main
-        process raises as one sentence (raised in a worker, torch would wrap it in a traceback)."""
+    def __init__(self, *args: Any, shard_hashes: dict[str, str], label: str, split: str,
+                 verify: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._hashes, self._label, self._split, self._verify = shard_hashes, label, split, verify
+        self._checked: dict[int, str | None] = {}
 
-        def __init__(self, *args: Any, shard_hashes: dict[str, str], label: str,
-                     verify: bool, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self._hashes, self._label, self._verify = shard_hashes, label, verify
-            self._checked: dict[int, str | None] = {}
+    def _check(self, index: ChunkedIndex) -> str | None:
+        """The error sentence when the chunk is corrupted; hashes it once per process, as soon
+        as it is on local disk (at once for a local pack, after the first read for a remote
+        one)."""
+        if index.chunk_index not in self._checked:
+            path, _, _ = self.cache._reader.config[index]
+            if not os.path.exists(path):
+                return None
+            name = os.path.basename(path)
+            want = self._hashes.get(name)
+            bad = want is not None and sha256_file(Path(path)) != want
+            self._checked[index.chunk_index] = (
+                str(corrupted_shard_error(self._label, f"{self._split}/{name}",
+                                          "its sha256 differs from nlmm_pack.json"))
+                if bad else None)
+        return self._checked[index.chunk_index]
 
-        def _check(self, index: ChunkedIndex) -> str | None:
-            """The error sentence when the chunk is corrupted; hashes it once per process,
-            as soon as it is on local disk (at once for a local pack, after the first read
-            for a remote one)."""
-            if index.chunk_index not in self._checked:
-                path, _, _ = self.cache._reader.config[index]
-                if not os.path.exists(path):
-                    return None
-                name = os.path.basename(path)
-                want = self._hashes.get(name)
-                bad = want is not None and sha256_file(Path(path)) != want
-                self._checked[index.chunk_index] = (
-                    str(corrupted_shard_error(self._label, f"{self._split}/{name}",
-                                              "its sha256 differs from nlmm_pack.json"))
-                    if bad else None)
-            return self._checked[index.chunk_index]
-
-        def __getitem__(self, index: Any) -> Any:
-            if not (self._verify and isinstance(index, ChunkedIndex)):
-                return super().__getitem__(index)
-            if error := self._check(index):
+    def __getitem__(self, index: Any) -> Any:
+        if not (self._verify and isinstance(index, ChunkedIndex)):
+            return super().__getitem__(index)
+        if error := self._check(index):
+            return {_ERROR: error}
+        try:
+            item = super().__getitem__(index)
+        except Exception:
+            if error := self._check(index):  # garbage read from a corrupted chunk
                 return {_ERROR: error}
-            try:
-                item = super().__getitem__(index)
-            except Exception:
-                if error := self._check(index):  # garbage read from a corrupted chunk
-                    return {_ERROR: error}
-                raise
-            if error := self._check(index):
-                return {_ERROR: error}
-            return item
-
-    return PackDataset
+            raise
+        if error := self._check(index):
+            return {_ERROR: error}
+        return item
 
 
 class _Pack:
@@ -321,23 +322,19 @@ class _Pack:
 
     def dataset(self, *, shuffle: bool, seed: int, drop_last: bool, rank: int, world_size: int,
                 verify: bool, cache_dir: str | None, max_cache_size: int | str | None) -> Any:
-        from litdata.utilities.env import _DistributedEnv
-
         _quiet_litdata()
         _allow_plain_http(self.storage_options)
-        cls = _make_dataset_class()
         # litdata's default shuffles a chunk in fixed aligned blocks of 256 items: a batch would
         # draw its in-batch negatives from the same 256 groups every epoch. A full permutation
-        # of the chunk per epoch instead, read one item at a time (batch_decode=0: a sample is
-        # a few byte strings, nothing to amortise).
+        # of the chunk per epoch instead, read one item at a time (batch_decode=0); fast because
+        # packs keep litdata's per-item chunk layout (see packed.make_sample).
         window = {"item_shuffle_window": 0, "batch_decode": 0} if shuffle else {}
         with rank_env(rank, world_size):
-            ds = cls(f"{self.url}/{self.split}", shuffle=shuffle, seed=seed, drop_last=drop_last,
-                     storage_options=self.storage_options, cache_dir=cache_dir,
-                     max_cache_size=max_cache_size, **window,
-                     shard_hashes={k: v["sha256"] for k, v in self.shards.items()},
-                     label=self.url, verify=verify)
-        ds._split = self.split
+            ds = PackDataset(f"{self.url}/{self.split}", shuffle=shuffle, seed=seed,
+                             drop_last=drop_last, storage_options=self.storage_options,
+                             cache_dir=cache_dir, max_cache_size=max_cache_size, **window,
+                             shard_hashes={k: v["sha256"] for k, v in self.shards.items()},
+                             label=self.url, split=self.split, verify=verify)
         ds.distributed_env = _DistributedEnv(world_size, rank, 1)
         return ds
 
@@ -421,8 +418,6 @@ class StreamTrainLoader:
         return self._done
 
     def _new_loader(self) -> Any:
-        from litdata import StreamingDataLoader
-
         ds = self.pack.dataset(shuffle=True, seed=self.seed, drop_last=True, rank=self.rank,
                                world_size=self.world_size, **self._opts)
         collate = Collate(self.cfg, self.tokenizer, mode="train", seed=self.seed,
@@ -448,6 +443,8 @@ class StreamTrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self._done >= self._length:
             return
+        if self._loader is not None:  # iterated before and stopped early: go on from there
+            self._resume = self._loader.state_dict()
         self._loader = loader = self._new_loader()
         if self._resume is not None and self._done > 0:
             with rank_env(self.rank, self.world_size):
@@ -513,10 +510,9 @@ def iter_split(input_dir: str | Path, split: str, *, batch_size: int, data_cfg: 
 
     Each batch: image, has_image, image_ids (and group_id, the corpus's names) with one row per
     group; text, text_mask, audio, audio_mask, has_audio, caption_ids and caption_group (its
-    group's index) with one row per caption of those groups. Memory holds one batch per worker, whatever the split's size.
+    group's index) with one row per caption of those groups. Memory holds one batch per worker,
+    whatever the split's size.
     """
-    from litdata import StreamingDataLoader
-
     pack = _Pack(input_dir, split, storage_options)
     tokenizer = tokenizer or read_tokenizer(pack.url, storage_options)
     ds = pack.dataset(shuffle=False, seed=0, drop_last=False, rank=rank, world_size=world_size,

@@ -89,6 +89,55 @@ def evaluate_split(model: NLMM, cache: PreparedCache, split: str, device: torch.
     return score_split(cache, split, emb, owner, source)
 
 
+def evaluate_packed(model: NLMM, url: str, split: str, device: torch.device, data_cfg: Any,
+                    tokenizer: Any, batch_size: int = 32) -> dict[str, float]:
+    """`evaluate_split` of a packed split, streamed: embeddings are computed chunk by chunk
+    (memory holds embeddings, never the split's pixels or audio), then scored exactly as a
+    prepared cache's. A group's clip is one audio item; spoken captions keep the strict
+    caption-level directions."""
+    from nlmm.data.stream import iter_split
+
+    model.eval()
+    towers = getattr(model, "modalities", MODALITIES)
+    emb: dict[str, list[torch.Tensor]] = {m: [] for m in towers}
+    owner: dict[str, list[torch.Tensor]] = {m: [] for m in towers}
+    audio_caption, text_caption, all_own = [], [], True
+
+    def encode(modality: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            return model.encode(modality, x.to(device), None if mask is None else mask.to(device))
+
+    for batch in iter_split(url, split, batch_size=batch_size, data_cfg=data_cfg,
+                            tokenizer=tokenizer):
+        if "image" in towers and bool(batch["has_image"].any()):
+            rows = batch["has_image"]
+            emb["image"].append(encode("image", batch["image"][rows], None))
+            owner["image"].append(batch["image_ids"][rows])
+        if "text" in towers:
+            emb["text"].append(encode("text", batch["text"], batch["text_mask"]))
+            owner["text"].append(batch["caption_group"])
+            text_caption.append(batch["caption_ids"])
+        if "audio" in towers and bool(batch["has_audio"].any()):
+            rows = batch["has_audio"]
+            mask = batch["audio_mask"][rows]
+            width = int(mask.any(dim=0).nonzero().max()) + 1  # trim the batch's padding
+            emb["audio"].append(encode("audio", batch["audio"][rows][..., :width],
+                                       mask[:, :width]))
+            owner["audio"].append(batch["caption_group"][rows])
+            audio_caption.append(batch["caption_ids"][rows])
+            all_own = all_own and bool(batch["own_audio"][rows].all())
+    emb_t = {m: torch.cat(v).float() for m, v in emb.items() if v}
+    owner_t = {m: torch.cat(v).to(device) for m, v in owner.items() if v}
+    caption_rows = None
+    if "audio" in emb_t and all_own and text_caption:
+        caption_rows = {"text": torch.cat(text_caption).to(device),
+                        "audio": torch.cat(audio_caption).to(device)}
+    metrics = retrieval_metrics(emb_t, owner_t, caption_rows=caption_rows)
+    for modality, key in COVERAGE_KEYS.items():
+        metrics[key] = float(len(emb_t[modality])) if modality in emb_t else 0.0
+    return metrics
+
+
 # The test protocols of the retrieval literature: (folds of N groups, or None for the whole
 # split, the split's expected number of images). Karpathy's Flickr8k/30k test has 1000
 # images, COCO's 5000 (scored whole, "5K", or as 5 folds of 1000 averaged, "1K").
@@ -145,9 +194,20 @@ def evaluate_target(target: str, split: str = "test", ttt: bool | None = None,
     "ttt" says whether it was used, and "ttt_settings" with which eta / max_steps / rank. A
     cache of several corpora adds "sources": each corpus's own figures on the same split.
     """
-    from nlmm.inference import load_for_inference, require_cache
+    from nlmm.inference import load_for_inference, require_cache, training_pack
 
     loaded = load_for_inference(target, device=device, data=data)
+    pack = training_pack(loaded) if data is None else None
+    if pack is not None:
+        if protocol is not None or ttt:
+            raise NlmmError("a model trained from a pack is scored on the pack's split as it "
+                            "is; pass --data with the corpus for --protocol or --ttt.")
+        metrics = evaluate_packed(loaded.model, pack, split, loaded.device, loaded.cfg.data,
+                                  loaded.tokenizer)
+        coverage = {key: int(metrics.pop(key)) for key in COVERAGE_KEYS.values()}
+        return {"checkpoint": str(loaded.checkpoint_path), "split": split, "coverage": coverage,
+                "metrics": metrics, "modalities": list(loaded.model.modalities), "ttt": False,
+                "pack": pack}
     cache = require_cache(loaded)
     use_ttt = loaded.cfg.ttt.enable if ttt is None else bool(ttt)
 

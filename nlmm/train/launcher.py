@@ -30,6 +30,7 @@ from nlmm import store
 from nlmm.config import Config, config_from_dict, resolve_config, save_config, with_legacy_defaults
 from nlmm.data.cache import PreparedCache
 from nlmm.data.corpus_location import Notify, prepare_corpus
+from nlmm.data.pack_source import PackedSource, is_pack
 from nlmm.devices import resolve_device
 from nlmm.errors import NlmmError
 from nlmm.train.checkpoint import load_checkpoint
@@ -60,6 +61,32 @@ def launch(req: TrainRequest, notify: Notify | None = None) -> store.Run:
 def _requested_config(req: TrainRequest) -> Config:
     return resolve_config(req.config or ("tiny_cpu" if req.synthetic else "flickr8k"),
                           req.overrides)
+
+
+def open_training_data(req: TrainRequest, cfg: Config,
+                       notify: Notify | None) -> PreparedCache | PackedSource:
+    """A pack named by --data (a folder or an s3:// URL) as it is, to stream from; any other
+    corpus prepared into its feature cache. Either way with every split it needs."""
+    packs = [d for d in (req.data if isinstance(req.data, list) else [req.data])
+             if is_pack(getattr(d, "path", d))]
+    if packs:
+        if len(packs) > 1 or isinstance(req.data, list) and len(req.data) > 1:
+            raise NlmmError("a pack trains on its own; pack the corpora together (nlmm data "
+                            "pack takes one corpus) or prepare them as one mixed cache.")
+        if cfg.encoders.backbone("image") or cfg.encoders.backbone("audio"):
+            raise NlmmError("pretrained backbone features need a prepared cache; train from the "
+                            "corpus folder instead of its pack, or use a config without "
+                            "encoders.")
+        where = str(getattr(packs[0], "path", packs[0]))
+        # a folder by its absolute path: the run's eval and resume may start anywhere
+        source = PackedSource(where if "://" in where else str(Path(where).resolve()))
+        source.check_splits(tuple(dict.fromkeys(("train", cfg.train.eval_split, "test"))))
+        if notify:
+            notify(f"streaming from the pack in {source.path}")
+        return source
+    cache = prepare_corpus(req.data, req.synthetic, cfg, notify)
+    check_splits(cache, cfg)
+    return cache
 
 
 def check_splits(cache: PreparedCache, cfg: Config) -> None:
@@ -94,8 +121,7 @@ def _register(req: TrainRequest, device: str, notify: Notify | None) -> store.Ru
     """A new queued run: its corpus prepared, its folder holding config.yaml, its row stored."""
     cfg = _requested_config(req)
     check_batch_size(cfg.train.batch_size, DistContext(world_size=req.world_size))
-    cache = prepare_corpus(req.data, req.synthetic, cfg, notify)
-    check_splits(cache, cfg)
+    cache = open_training_data(req, cfg, notify)
     cfg = fit_modalities(cfg, cache.modalities(), notify)
     formats = "+".join(dict.fromkeys(cache.manifest.get("formats", ["flickr8k"])))
     name = req.name or store.unique_run_name("synth" if req.synthetic else formats)
@@ -129,7 +155,7 @@ def join(req: TrainRequest, notify: Notify | None = None,
                                req.overrides)
     else:
         cfg = _requested_config(req)
-    cache = prepare_corpus(req.data, req.synthetic, cfg, notify)
+    cache = open_training_data(req, cfg, notify)
     fit_modalities(cfg, cache.modalities(), notify)
     command = worker_command(req, None, cache.path, device)
     if log_path is None:

@@ -21,6 +21,7 @@ from torch import nn
 from nlmm.config import MODALITIES, Config
 from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import PREFETCH_DEPTH, TrainLoader
+from nlmm.data.pack_source import PackedSource
 from nlmm.errors import NlmmError
 from nlmm.metric_names import LOSS_KEYS
 from nlmm.model import NLMM
@@ -36,7 +37,7 @@ from nlmm.train.distributed import (
     sync_context,
     wrap_model,
 )
-from nlmm.train.evaluate import evaluate_split
+from nlmm.train.evaluate import evaluate_packed, evaluate_split
 from nlmm.units import hms
 from nlmm.train.speed import (
     NOT_COMPILE_FAILURES,
@@ -93,6 +94,24 @@ class CheckpointEvent:
     nbytes: int
 
 
+class StreamedBatches:
+    """A pack's per-rank loader with its CPU batches moved to the training device."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        for batch in self.loader:
+            yield {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                   for k, v in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to 0 at `total` (or constant)."""
     if warmup and step <= warmup:
@@ -122,6 +141,10 @@ class Trainer:
         every step) and loads their pretrained weights afterwards
         (`trainer.model.load_pretrained_backbones()`, before any checkpoint is loaded)."""
         self.cfg, self.cache, self.device, self.run_dir = cfg, cache, device, Path(run_dir)
+        # a pack streams each rank its own batches; a prepared cache serves the global batch
+        self.streamed = isinstance(cache, PackedSource)
+        self.active_loader: Any = None
+        self.saved_loader_state: dict[str, Any] | None = None
         self.sink, self.on_checkpoint, self.log = sink, on_checkpoint, log
         self.stop_event = stop_event or threading.Event()
         self.dist = dist
@@ -161,9 +184,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def loader(self, epoch: int, start_batch: int = 0) -> TrainLoader:
-        """The shuffled training batches of `epoch` (0-based), from batch `start_batch` on."""
+    def loader(self, epoch: int, start_batch: int = 0) -> Any:
+        """The shuffled training batches of `epoch` (0-based), from batch `start_batch` on (a
+        pack's loader resumes from the state saved in last.pt when there is one)."""
         cfg = self.cfg
+        if self.streamed:
+            return self._stream_loader(epoch, start_batch)
         max_frames = int(cfg.data.max_audio_seconds * cfg.data.sample_rate / cfg.data.hop_length) + 1
         return TrainLoader(self.cache, "train", cfg.train.batch_size, seed=cfg.train.seed,
                            epoch=epoch, shuffle=True, drop_last=True, device=self.device,
@@ -172,6 +198,23 @@ class Trainer:
                            start_batch=start_batch,
                            prefetch_depth=cfg.train.num_workers or PREFETCH_DEPTH,
                            modalities=tuple(cfg.modalities))
+
+    def _stream_loader(self, epoch: int, start_batch: int) -> StreamedBatches:
+        from nlmm.data.stream import StreamTrainLoader
+
+        cfg, state = self.cfg, self.saved_loader_state
+        resume = state is not None and state.get("epoch") == epoch and start_batch > 0
+        loader = StreamTrainLoader(
+            self.cache.path, "train", batch_size=cfg.train.batch_size // self.dist.world_size,
+            seed=cfg.train.seed, epoch=epoch, data_cfg=cfg.data, tokenizer=self.cache.tokenizer,
+            rank=self.dist.rank, world_size=self.dist.world_size,
+            num_workers=cfg.train.num_workers or 2, samples_per_epoch=cfg.train.samples_per_epoch,
+            crop=cfg.data.augment.crop, flip=cfg.data.augment.flip,
+            start_batch=0 if resume else start_batch)
+        if resume:
+            loader.load_state_dict(state)
+            self.saved_loader_state = None
+        return StreamedBatches(loader, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         p = self.progress
@@ -183,13 +226,17 @@ class Trainer:
                 "config": self.cfg.to_dict(), "tokenizer": self.cache.tokenizer.to_json(),
                 "data": {"cache": str(self.cache.path), "key": self.cache.key,
                          "params": self.cache.manifest.get("params", {})},
-                "rng": torch.get_rng_state()}
+                "rng": torch.get_rng_state(),
+                # where a streaming loader is in its epoch: a resume serves the same samples
+                **({"loader": self.active_loader.state_dict()}
+                   if self.streamed and self.active_loader is not None else {})}
 
     def load_state_dict(self, payload: dict[str, Any]) -> None:
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["scheduler"])
         self.progress = Progress(**payload["progress"])
         torch.set_rng_state(payload["rng"])
+        self.saved_loader_state = payload.get("loader")
 
     def checkpoint(self, kind: str, metrics: dict[str, float] | None = None) -> CheckpointEvent | None:
         """Save the state as `kind` (rank 0 only; other ranks return None): the full training
@@ -227,7 +274,7 @@ class Trainer:
         if self.ddp is None:
             outputs, _ = self.model(batch)
         else:
-            outputs, _ = self.ddp(shard_batch(batch, self.dist))
+            outputs, _ = self.ddp(batch if self.streamed else shard_batch(batch, self.dist))
         losses = self.loss(outputs)
         with torch.no_grad():
             for modality in MODALITIES:
@@ -309,6 +356,9 @@ class Trainer:
         # Plain embeddings even with ttt.enable: TTT costs max_steps forward+backward passes per
         # item, too much for every epoch; `nlmm eval` reports the TTT figures beside these.
         with self._autocast():
+            if self.streamed:  # every rank scores the whole split: the same figures on each
+                return evaluate_packed(self.model, self.cache.path, split, self.device,
+                                       self.cfg.data, self.cache.tokenizer)
             if self.dist.enabled:
                 return evaluate_split_sharded(self.model, self.cache, split, self.device, self.dist)
             return evaluate_split(self.model, self.cache, split, self.device)
@@ -351,7 +401,7 @@ class Trainer:
         # throughput counts training time only: evaluation and checkpoints reset the tick
         window_steps, window_skipped, window_time, tick = 0, 0, 0.0, time.perf_counter()
         while p.global_step < self.total_steps and p.epoch < cfg.train.epochs:
-            loader = self.loader(p.epoch, start_batch=p.batch_in_epoch)
+            loader = self.active_loader = self.loader(p.epoch, start_batch=p.batch_in_epoch)
             pending: list[dict[str, torch.Tensor]] = []
             for batch in loader:
                 pending.append(batch)

@@ -26,6 +26,7 @@ from nlmm import store
 from nlmm.config import config_from_dict, with_legacy_defaults
 from nlmm.data.backbone_features import ensure_features
 from nlmm.data.cache import PreparedCache
+from nlmm.data.pack_source import PackedSource, is_pack
 from nlmm.devices import resolve_device
 from nlmm.errors import NlmmError
 from nlmm.train import distributed
@@ -67,15 +68,22 @@ def _set_threads(ctx: DistContext) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.local_world_size))
 
 
-def _open_cache(path: Path, key: str | None) -> PreparedCache:
-    cache = PreparedCache.open(path)
+def _open_cache(path: Path | str, key: str | None) -> PreparedCache | PackedSource:
+    """The run's prepared cache, or the pack it streams from (a folder or an s3:// URL)."""
+    if is_pack(path):
+        cache = PackedSource(path)
+        if key is not None and cache.key != key:
+            raise NlmmError(f"the pack {path} (key {cache.key}) differs from rank 0's (key "
+                            f"{key}); give every node the same pack.")
+        return cache
+    cache = PreparedCache.open(Path(path))
     if key is not None and cache.key != key:
         raise NlmmError(f"the feature cache {path} (key {cache.key}) differs from rank 0's (key "
                         f"{key}); start every node with the same corpus, --config and --set.")
     return cache
 
 
-def run_worker(run_id: int | None, data: Path | None = None, device_name: str | None = None) -> int:
+def run_worker(run_id: int | None, data: str | None = None, device_name: str | None = None) -> int:
     """Train one run (rank 0) or one rank's share of it; returns the process exit code."""
     ctx = distributed.context_from_env()
     if ctx.is_main and run_id is None:
@@ -105,13 +113,14 @@ def _record_failure(run_id: int, exc: BaseException) -> None:
     store.set_status(run_id, "failed", error=f"{reason}\n\n{tb}")
 
 
-def _run_follower(ctx: DistContext, device: torch.device, data: Path | None) -> int:
+def _run_follower(ctx: DistContext, device: torch.device, data: str | None) -> int:
     try:
         spec, payload = distributed.broadcast_from_main(None, ctx, device)
         _set_threads(ctx)
         cfg = config_from_dict(with_legacy_defaults(spec["config"]), f"run {spec['name']}")
-        cache = ensure_features(_open_cache(data or Path(spec["cache"]), spec["cache_key"]),
-                                cfg.encoders, device, progress=False)
+        cache = _open_cache(data or spec["cache"], spec["cache_key"])
+        if isinstance(cache, PreparedCache):
+            cache = ensure_features(cache, cfg.encoders, device, progress=False)
         trainer = Trainer(cfg, cache, device, Path(spec["run_dir"]), NullSink(),
                           log=lambda _msg: None, dist=ctx)
         trainer.model.load_pretrained_backbones()
@@ -151,7 +160,7 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
         _set_threads(ctx)
         if not ctx.enabled:
             device = resolve_device(run.device)
-        cache = _open_cache(Path(run.data), None)
+        cache = _open_cache(run.data, None)
         # the run's own folder in the runs folder this worker was started for: a copied runs
         # folder trains its own copy of the run and never writes into the original
         run_dir = store.run_dir(run.name)
@@ -182,7 +191,8 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
                                     str(ev.path), ev.kind, ev.metrics, ev.kind == "best", ev.nbytes)
 
         # frozen pretrained backbones: their cached features replace pixels / waveforms
-        cache = ensure_features(cache, cfg.encoders, device, progress=False)
+        if isinstance(cache, PreparedCache):
+            cache = ensure_features(cache, cfg.encoders, device, progress=False)
         trainer = Trainer(cfg, cache, device, run_dir, sink, on_checkpoint, stop_event, _log,
                           dist=ctx)
         # before the checkpoint, which replaces them on a resume
@@ -222,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m nlmm.train.worker")
     parser.add_argument("run_id", type=int, nargs="?",
                         help="the run to train (rank 0; other ranks get it from rank 0)")
-    parser.add_argument("--data", type=Path, help="this node's feature cache (ranks other than 0)")
+    parser.add_argument("--data", help="this node's feature cache or pack (ranks other than 0)")
     parser.add_argument("--device", help="auto, cpu or cuda (default: the run's device)")
     args = parser.parse_args(argv)
     sys.exit(run_worker(args.run_id, args.data, args.device))

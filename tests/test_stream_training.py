@@ -1,0 +1,103 @@
+"""Training streamed from a pack: pack -> stream -> train -> eval, and a run stopped mid-epoch
+then resumed from last.pt sees exactly the samples, in the same order, that an uninterrupted
+run sees (one process here; tests/test_packed.py checks the loader across ranks and workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import corpus_layouts as layouts
+from nlmm.config import resolve_config
+from nlmm.data.corpora import read_corpus
+from nlmm.data.pack_source import PackedSource
+from nlmm.data.packed import pack
+from nlmm.train.checkpoint import load_checkpoint
+from nlmm.train.launcher import fit_modalities
+from nlmm.train.loop import Trainer
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stream")
+    written = layouts.write_karpathy(root / "corpus", (48, 6, 6))
+    pack(read_corpus(written.path), root / "pack", vocab_size=400, workers=1, progress=False,
+         chunk_bytes="8KB")  # several shards, so the shuffle has chunks to permute
+    return root / "pack"
+
+
+def config(source: PackedSource, *extra: str):
+    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
+                                      "depth={text: 1, image: 1, audio: 1}", "data.image_size=32",
+                                      "train.batch_size=8", "train.epochs=3",
+                                      "train.warmup_steps=2", "train.log_every=1",
+                                      "train.num_workers=1", "data.augment=true", *extra])
+    return fit_modalities(cfg, source.modalities(), None)
+
+
+class Sink:
+    def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
+        pass
+
+
+def recorded_run(source: PackedSource, run_dir: Path, stop_after: int | None = None,
+                 resume: bool = False) -> tuple[list[list[int]], str]:
+    """The caption ids of every training batch of one Trainer.fit, in order."""
+    seen: list[list[int]] = []
+    trainer = Trainer(config(source, f"train_steps={STEPS}"), source, torch.device("cpu"),
+                      run_dir, Sink(), log=lambda m: None)
+    if resume:
+        trainer.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt"))
+    step = trainer.train_step
+
+    def recording(batches):
+        seen.extend(b["caption_ids"].tolist() for b in batches)
+        out = step(batches)
+        if stop_after is not None and len(seen) == stop_after:
+            trainer.stop_event.set()  # checked right after this step: last.pt, then "stopped"
+        return out
+
+    trainer.train_step = recording
+    return seen, trainer.fit()
+
+
+def test_a_run_stopped_mid_epoch_resumes_with_exactly_the_samples_it_missed(
+        packed: Path, tmp_path: Path) -> None:
+    source = PackedSource(packed)
+    straight, status = recorded_run(source, tmp_path / "straight")
+    assert status == "finished" and len(straight) == STEPS
+    # 48 groups / batch 8 = 6 steps an epoch: step 8 is two batches into the second epoch
+    first, status = recorded_run(source, tmp_path / "resumed", stop_after=STEPS // 2 + 3)
+    assert status == "stopped"
+    rest, status = recorded_run(source, tmp_path / "resumed", resume=True)
+    assert status == "finished"
+    assert first + rest == straight
+    assert len({tuple(b) for b in straight[:6]}) == 6  # an epoch serves every batch once
+
+
+def test_pack_stream_train_eval_from_the_command_line(packed: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, NLMM_RUNS_DIR=str(tmp_path / "runs"), COLUMNS="200")
+
+    def nlmm(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nlmm.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    out = nlmm("train", "--data", str(packed), "--config", "tiny_cpu", "--device", "cpu",
+               "--epochs", "1", "--set", "train.batch_size=8", "--set", "data.image_size=32",
+               "--name", "streamed")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"streaming from the pack in {packed}" in out.stdout
+    evaluated = nlmm("eval", "streamed", "--json", "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr
+    results = json.loads(evaluated.stdout)
+    assert results["pack"] == str(packed) and results["coverage"]["n_images"] == 6
+    assert {k[:3] for k in results["metrics"] if k.endswith("_r1") and k != "mean_r1"} == \
+        {"i2t", "t2i"}
