@@ -133,3 +133,24 @@ def test_missing_bucket_and_corrupted_object_are_one_sentence(s3_pack) -> None:
     with pytest.raises(NlmmError) as err:
         list(loader("s3://bucket/broken", opts, cache / "c"))
     assert "train/chunk-00001.bin" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_nlmm_train_streams_from_the_bucket(s3_pack, s3_endpoint, tmp_path):
+    """The README's bucket command: `nlmm train --data s3://...` with AWS_ENDPOINT_URL, a real
+    worker process reading the shards over HTTP, then `nlmm eval` on the same pack."""
+    import os
+
+    env = dict(os.environ, **CREDS, AWS_ENDPOINT_URL=s3_endpoint, COLUMNS="200",
+               NLMM_RUNS_DIR=str(tmp_path / "runs"))
+    train = subprocess.run(
+        [sys.executable, "-m", "nlmm.cli", "train", "--data", "s3://bucket/packed", "--config",
+         "tiny_cpu", "--device", "cpu", "--epochs", "1", "--set", "train.batch_size=4", "--set",
+         f"data.image_size={CFG.image_size}", "--set", "vocab_size=64", "--name", "bucket"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stdout + train.stderr
+    assert "streaming from the pack in s3://bucket/packed" in train.stdout
+    evaluated = subprocess.run([sys.executable, "-m", "nlmm.cli", "eval", "bucket", "--json",
+                                "--device", "cpu"], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["pack"] == "s3://bucket/packed"

@@ -83,21 +83,33 @@ def test_a_run_stopped_mid_epoch_resumes_with_exactly_the_samples_it_missed(
     assert len({tuple(b) for b in straight[:6]}) == 6  # an epoch serves every batch once
 
 
-def test_pack_stream_train_eval_from_the_command_line(packed: Path, tmp_path: Path) -> None:
+def test_pack_stream_train_eval_from_the_command_line(tmp_path: Path) -> None:
     env = dict(os.environ, NLMM_RUNS_DIR=str(tmp_path / "runs"), COLUMNS="200")
 
     def nlmm(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "nlmm.cli", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
 
-    out = nlmm("train", "--data", str(packed), "--config", "tiny_cpu", "--device", "cpu",
-               "--epochs", "1", "--set", "train.batch_size=8", "--set", "data.image_size=32",
-               "--name", "streamed")
+    written = layouts.write_coco(tmp_path / "coco", (16, 6, 6))
+    packed = tmp_path / "coco-packed"
+    out = nlmm("data", "pack", str(written.path), str(packed), "--config", "tiny_cpu")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "missing_image" in out.stdout  # the reader's defects, as data check lists them
+    again = nlmm("data", "pack", str(written.path), str(tmp_path / "coco"), "--config", "tiny_cpu")
+    assert again.returncode == 1 and "--force" in again.stderr  # a non-empty folder is refused
+    run = ("--config", "tiny_cpu", "--device", "cpu", "--epochs", "1", "--set",
+           "train.batch_size=8", "--set", "data.image_size=32")
+    out = nlmm("train", "--data", str(packed), *run, "--name", "streamed")
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"streaming from the pack in {packed}" in out.stdout
     evaluated = nlmm("eval", "streamed", "--json", "--device", "cpu")
     assert evaluated.returncode == 0, evaluated.stderr
     results = json.loads(evaluated.stdout)
-    assert results["pack"] == str(packed) and results["coverage"]["n_images"] == 6
+    assert results["pack"] == str(packed)
+    assert results["coverage"]["n_images"] == written.count("test")
     assert {k[:3] for k in results["metrics"] if k.endswith("_r1") and k != "mean_r1"} == \
         {"i2t", "t2i"}
+    # two gloo ranks, each reading its own share of the shards
+    out = nlmm("train", "--data", str(packed), *run, "--nproc", "2", "--name", "two")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "run two finished" in out.stdout
