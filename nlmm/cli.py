@@ -298,9 +298,11 @@ def train(
                                                        help="Batches prepared ahead by the "
                                                             "loader thread (the cache makes "
                                                             "worker processes unnecessary).")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Stop after at most this many "
-                                                 "optimizer steps (the epochs still bound the "
-                                                 "run; a cap above them is reported).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="A short run of at most this many "
+                                                 "optimizer steps: the lr warmup (cut to a tenth "
+                                                 "of the run) and the cosine fit it; the epochs "
+                                                 "still bound the run (a cap above them is "
+                                                 "reported).")] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard "
                                               "scalars to runs/<run>/tensorboard.")] = False,
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (offline "

@@ -9,7 +9,7 @@ import torch
 
 from nlmm.config import resolve_config
 from nlmm.train.checkpoint import load_checkpoint
-from nlmm.train.loop import Trainer, lr_factor
+from nlmm.train.loop import Trainer, lr_factor, short_run_warmup
 
 
 class ListSink:
@@ -35,6 +35,17 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(55, 100, 10, "cosine") == pytest.approx(0.5)
     assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0)
     assert lr_factor(70, 100, 10, "constant") == 1.0
+
+
+def test_steps_make_a_short_run_whose_warmup_fits_it(synth_cache, tmp_path, device):
+    assert short_run_warmup(500, 30, 900) == 3   # the flickr8k recipe under --steps 30
+    assert short_run_warmup(500, 900, 900) == 500  # uncapped: the configured warmup
+    assert short_run_warmup(2, 30, 900) == 2
+    trainer = Trainer(small_cfg("train_steps=12", "train.warmup_steps=500"), synth_cache, device,
+                      tmp_path, ListSink(), log=lambda m: None)
+    assert trainer.total_steps == 12 and trainer.warmup_steps == 1
+    # past the first step the lr is the peak and decays over the 12 steps, never a sliver of it
+    assert lr_factor(2, 12, trainer.warmup_steps, "cosine") > 0.9
 
 
 def test_training_learns_retrieval_well_above_chance(synth_cache, tmp_path, device):

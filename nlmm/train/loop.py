@@ -112,6 +112,20 @@ class StreamedBatches:
         return self.loader.state_dict()
 
 
+# A run cut short by --steps keeps its warmup within this share of its steps.
+SHORT_RUN_WARMUP = 0.1
+
+
+def short_run_warmup(warmup: int, total: int, planned: int) -> int:
+    """The warmup of a run of `total` steps out of `planned`: `--steps` makes a short run whose
+    warmup and cosine both fit it (a cap that ended inside the warmup would train at a sliver of
+    the lr and look as if the recipe did not learn), so a cap shortens the warmup to at most
+    SHORT_RUN_WARMUP of the run; an uncapped run keeps its configured warmup."""
+    if total >= planned:
+        return warmup
+    return min(warmup, max(1, int(SHORT_RUN_WARMUP * total)))
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to 0 at `total` (or constant)."""
     if warmup and step <= warmup:
@@ -181,6 +195,7 @@ class Trainer:
                              "--batch-size or --accumulate")
         planned = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(planned, cfg.train_steps) if cfg.train_steps else planned
+        self.warmup_steps = short_run_warmup(cfg.train.warmup_steps, self.total_steps, planned)
 
     # ------------------------------------------------------------------ state
 
@@ -305,7 +320,7 @@ class Trainer:
             totals = self._gradients(batches)
         step = self.progress.global_step + 1
         self.optimizer.set_lr_factor(lr_factor(step, self.total_steps,
-                                               self.cfg.train.warmup_steps, self.cfg.train.schedule))
+                                               self.warmup_steps, self.cfg.train.schedule))
         self.optimizer.step_all(step)
         if self.optimizer.last_step_skipped:
             if self.norm_stats:

@@ -208,6 +208,10 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
         note = store.steps_cap_note(cfg.train_steps, trainer.total_steps, cfg.train.epochs)
         if note:
             _log(f"note: {note}")
+        if trainer.warmup_steps < cfg.train.warmup_steps:
+            _log(f"note: --steps {trainer.total_steps} makes a short run: its warmup is "
+                 f"{trainer.warmup_steps} steps (of train.warmup_steps={cfg.train.warmup_steps}) "
+                 f"and its cosine decays over the {trainer.total_steps} steps")
         status = trainer.fit()
         sink.close()
         store.heartbeat(run.id, step=trainer.progress.global_step,
