@@ -2,13 +2,22 @@
 
 On a terminal a progress bar, else (CI, nohup, tee) the lines of its train.log as they are
 written. The launcher hands out the run's progress; this module only renders it.
+
+Ctrl-C (SIGINT), SIGTERM and a closed terminal (SIGHUP) all checkpoint and stop the run: the
+worker runs in a session of its own, so the signal reaches only this process, which forwards
+it. Under a pipe (`| tee`) Ctrl-C ends the reader too, so every write after it is guarded: a
+broken pipe silences the output, it never kills this process before the stop is forwarded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import sys
 import time
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -17,22 +26,73 @@ from nlmm import store
 from nlmm.train.launcher import log_lines, stop, wait, watch
 
 
+class _Hangup(KeyboardInterrupt):
+    """SIGTERM or SIGHUP while following: handled like Ctrl-C."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise _Hangup(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader is gone, so no later write raises."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _say(console: Console, text: str) -> None:
+    try:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    except (BrokenPipeError, OSError):
+        _silence_stdout()
+
+
 def follow(run_id: int, console: Console, poll_s: float = 0.5) -> int:
-    """Show the run until it ends; Ctrl-C stops it cleanly (checkpoint first).
+    """Show the run until it ends; Ctrl-C, SIGTERM or SIGHUP stop it cleanly (checkpoint first).
 
     Returns the exit code for the CLI: 0 finished, 1 failed or lost, 130 stopped.
     """
     run = store.get_run(run_id)
     try:
-        if console.is_terminal:
-            _show_bar(run_id, console, poll_s)
-        else:
-            for line in log_lines(run_id, poll_s):
-                console.print(line, markup=False, highlight=False, soft_wrap=True)
-    except KeyboardInterrupt:
-        console.print("stopping: the worker saves a checkpoint first …")
-        stop(run.name, timeout=300, signum=signal.SIGINT)
-    return _summary(run_id, console)
+        with _stop_signals():
+            try:
+                if console.is_terminal:
+                    _show_bar(run_id, console, poll_s)
+                else:
+                    for line in log_lines(run_id, poll_s):
+                        console.print(line, markup=False, highlight=False, soft_wrap=True)
+            except OSError:  # BrokenPipeError among them
+                # the reader went away without a signal (`| head`): the run goes on, unseen
+                _silence_stdout()
+                return _summary(run_id, console)
+    except KeyboardInterrupt as exc:
+        why = str(exc) or "Ctrl-C"
+        # forwarded first: under a pipe the next write may find the reader gone
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop_error = None
+        try:
+            stop(run.name, timeout=300, signum=signal.SIGINT)
+        except Exception as err:  # said after the note, then the summary shows the state
+            stop_error = err
+        _say(console, f"{why}: stopping {run.name}; the worker saved a checkpoint first")
+        if stop_error is not None:
+            _say(console, f"error: {stop_error}")
+    try:
+        return _summary(run_id, console)
+    except (BrokenPipeError, OSError):
+        _silence_stdout()
+        return 130
 
 
 def _show_bar(run_id: int, console: Console, poll_s: float) -> None:

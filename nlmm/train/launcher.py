@@ -204,7 +204,7 @@ def _reopen(req: TrainRequest, device: str, notify: Notify | None) -> store.Run:
 def _spawn(run: store.Run, req: TrainRequest) -> subprocess.Popen:
     log_path = store.run_dir(run.name) / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = worker_command(req, run.id, Path(run.data), run.device)
+    command = worker_command(req, run.id, run.data, run.device)
     with open(log_path, "ab") as log:
         _log_starts[run.id] = log.tell()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

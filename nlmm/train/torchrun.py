@@ -15,7 +15,8 @@ from nlmm import store
 from nlmm.train.request import TrainRequest
 
 
-def worker_command(req: TrainRequest, run_id: int | None, cache: Path, device: str) -> list[str]:
+def worker_command(req: TrainRequest, run_id: int | None, cache: Path | str,
+                   device: str) -> list[str]:
     """The command that starts this node's share of the run. `run_id` None: a node other than
     node 0, whose ranks take the run from rank 0 and read the feature cache at `cache`."""
     if not req.distributed:
