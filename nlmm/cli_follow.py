@@ -58,6 +58,20 @@ def _say(console: Console, text: str) -> None:
         _silence_stdout()
 
 
+def without_tracebacks(lines: Iterator[str]) -> Iterator[str]:
+    """train.log's lines less a failure's traceback and its `error:` line: the terminal gets
+    the failure as one sentence in the summary; the traceback stays in train.log."""
+    in_traceback = False
+    for line in lines:
+        if line.startswith("Traceback (most recent call last):"):
+            in_traceback = True
+        elif in_traceback and line.startswith("error: "):
+            in_traceback = False
+            continue
+        if not in_traceback:
+            yield line
+
+
 def follow(run_id: int, console: Console, poll_s: float = 0.5) -> int:
     """Show the run until it ends; Ctrl-C, SIGTERM or SIGHUP stop it cleanly (checkpoint first).
 
@@ -70,7 +84,7 @@ def follow(run_id: int, console: Console, poll_s: float = 0.5) -> int:
                 if console.is_terminal:
                     _show_bar(run_id, console, poll_s)
                 else:
-                    for line in log_lines(run_id, poll_s):
+                    for line in without_tracebacks(log_lines(run_id, poll_s)):
                         console.print(line, markup=False, highlight=False, soft_wrap=True)
             except OSError:  # BrokenPipeError among them
                 # the reader went away without a signal (`| head`): the run goes on, unseen

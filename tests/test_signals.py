@@ -59,3 +59,13 @@ def test_a_piped_run_stops_with_a_checkpoint_on_a_signal(synth_root: Path, tmp_p
     finally:
         if shell.poll() is None:
             os.killpg(shell.pid, signal.SIGKILL)
+
+
+def test_a_failure_reaches_a_piped_terminal_as_one_sentence() -> None:
+    from nlmm.cli_follow import without_tracebacks
+
+    log = ["training boom on cpu: 34 steps", "Traceback (most recent call last):",
+           '  File "loop.py", line 1, in fit', "nlmm.errors.NlmmError: training diverged", "",
+           "error: training diverged", "a later line"]
+    assert list(without_tracebacks(iter(log))) == ["training boom on cpu: 34 steps",
+                                                   "a later line"]
