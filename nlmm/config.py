@@ -209,9 +209,10 @@ class Config:
                                   "each on the step's clipped gradient at the chunk-start weights; "
                                   "gradients = one optimizer step on the chunk's summed gradient "
                                   "(the rule before, for ablations)")
-    cms_gains: str = _f("level", choices=("level", "fast"),
-                        help="which optimizer steps the LayerScale gain of every CMS level: its "
-                             "own level's (level) or the fastest level's, every step (fast)")
+    cms_gains: str = _f("fast", choices=("fast", "level"),
+                        help="which optimizer steps the LayerScale gain of every CMS level: the "
+                             "fastest level's, every step (fast: a slow level's branch opens "
+                             "from the start) or its own level's, once per chunk (level)")
     layer_scale_init: float | None = _f(0.0, min=0.0, help="initial LayerScale gain of every "
                                         "residual branch of the NL blocks; null: no gains")
     conv_stems: bool = _f(True, help="true: BatchNorm conv stems (image: stride-2 3x3 stages; "
@@ -429,7 +430,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 # Model options added after runs were stored: a stored config (a full `Config.to_dict()` dump)
 # that lacks one was written before it existed, and its weights were trained with these values.
 LEGACY_MODEL_DEFAULTS = {"conv_stems": False, "layer_scale_init": None,
-                         "image_stem": "stride", "cms_chunk_rule": "gradients"}
+                         "image_stem": "stride", "cms_chunk_rule": "gradients",
+                         "cms_gains": "level"}
 
 
 def with_legacy_defaults(stored: dict[str, Any]) -> dict[str, Any]:

@@ -224,9 +224,11 @@ def test_bf16_and_fp32_use_no_loss_scale() -> None:
         assert optimizer.scale_loss(loss) is loss and optimizer.loss_scale == 1.0
 
 
-def test_each_level_clips_its_own_unscaled_chunk_sum() -> None:
-    """Clip 1e-3 is active on both levels; the fast level's factor uses only its own gradient
-    norm, the slow level's only the norm of its 4-step sum, both after unscaling (scale 1024).
+def test_each_level_clips_its_own_unscaled_gradient_at_every_step() -> None:
+    """Clip 1e-3 is active on both levels; each level's factor uses only its own gradient norm,
+    after unscaling (scale 1024). The slow level clips every step's gradient and moves by the sum
+    of the 4 clipped steps (Eq. 31). Until issue 24 it clipped the 4-step gradient SUM once, so a
+    chunk of C large gradients moved one clipped step instead of C: this test checked that.
     The factor is clip / (norm + 1e-6), the epsilon torch's clip_grad_norm_ adds."""
     lr, clip = 0.1, 1e-3
     model = Chain().double()   # clipped updates are ~1e-5: float64 resolves them to 1e-7 relative
@@ -239,8 +241,10 @@ def test_each_level_clips_its_own_unscaled_chunk_sum() -> None:
         loss = batch_loss(model, step)
         grads = torch.autograd.grad(loss, fast + slow, retain_graph=True)
         fast_g, slow_g = grads[:len(fast)], grads[len(fast):]
+        slow_norm = torch.sqrt(sum(g.pow(2).sum() for g in slow_g))
+        assert slow_norm > clip
         for acc, g in zip(total, slow_g):
-            acc += g
+            acc += g * clip / (slow_norm + 1e-6)
         fast_start = [p.detach().clone() for p in fast]
         optimizer.scale_loss(loss).backward()
         optimizer.step_all(step)
@@ -248,11 +252,9 @@ def test_each_level_clips_its_own_unscaled_chunk_sum() -> None:
         assert norm > clip
         for p, s, g in zip(fast, fast_start, fast_g):
             torch.testing.assert_close(p.detach() - s, -lr * g * clip / (norm + 1e-6), rtol=1e-7, atol=1e-12)
-    norm = torch.sqrt(sum(g.pow(2).sum() for g in total))
-    assert norm > clip
+        torch.testing.assert_close(optimizer.grad_norms["slow"], slow_norm, rtol=1e-5, atol=0.0)
     for p, s, g in zip(slow, slow_start, total):
-        torch.testing.assert_close(p.detach() - s, -lr * g * clip / (norm + 1e-6), rtol=1e-7, atol=1e-12)
-    torch.testing.assert_close(optimizer.grad_norms["slow"], norm, rtol=1e-5, atol=0.0)
+        torch.testing.assert_close(p.detach() - s, -lr * g, rtol=1e-7, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- config

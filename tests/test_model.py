@@ -222,7 +222,10 @@ def test_grad_checkpointing_gives_the_same_gradients(device):
 
 
 def test_level_params_partition_parameters_by_cms_level():
-    cfg = tiny_config(cms_levels=[{"name": "mid", "chunk_size": 4}, {"name": "fast", "chunk_size": 1},
+    # cms_gains: level puts each level's LayerScale gain in its own group (the default, fast,
+    # steps every gain with the fastest level: test_gains_step_with_the_fast_level_by_default)
+    cfg = tiny_config(cms_gains="level",
+                      cms_levels=[{"name": "mid", "chunk_size": 4}, {"name": "fast", "chunk_size": 1},
                                   {"name": "slow", "chunk_size": 16}])
     model = NLMM(cfg)
     groups = model.level_params()
@@ -242,6 +245,17 @@ def test_level_params_partition_parameters_by_cms_level():
     # every level holds parameters of every encoder block:
     # 3 encoders x 1 block x (norm 2 + mlp 4 + LayerScale gain 1)
     assert len(groups["slow"]) == len(groups["mid"]) == 21
+
+
+def test_gains_step_with_the_fast_level_by_default():
+    cfg = tiny_config(cms_levels=[{"name": "fast", "chunk_size": 1},
+                                  {"name": "slow", "chunk_size": 16}])
+    model = NLMM(cfg)
+    groups = model.level_params()
+    gains = {id(p) for n, p in model.named_parameters() if ".cms." in n and n.endswith("gain")}
+    assert gains and gains <= {id(p) for p in groups["fast"]}
+    assert not gains & {id(p) for p in groups["slow"]}
+    assert len(groups["slow"]) == 3 * 6  # norm 2 + mlp 4 per encoder, the gains gone to fast
 
 
 def test_forward_losses_and_weighting():

@@ -140,3 +140,21 @@ def test_epoch_numbers_are_one_based_and_name_the_epoch_a_step_belongs_to():
     assert Progress(epoch=0, batch_in_epoch=3).epoch_number == 1  # inside the first epoch
     assert Progress(epoch=1, batch_in_epoch=0).epoch_number == 1  # the first epoch just ended
     assert Progress(epoch=1, batch_in_epoch=1).epoch_number == 2
+
+
+def test_level_metrics_are_logged_and_a_still_level_is_warned_about(synth_cache, tmp_path,
+                                                                    device):
+    levels = ("cms_levels=[{name: fast, chunk_size: 1, lr: 2.0e-3}, "
+              "{name: slow, chunk_size: 2, lr: 0.0}]")  # a slow level forced to stay still
+    said: list[str] = []
+    sink = ListSink()
+    trainer = Trainer(small_cfg(levels, "train_steps=24", "train.schedule=constant",
+                                "train.warmup_steps=1", "train.epochs=1"), synth_cache, device,
+                      tmp_path, sink,
+                      log=said.append)
+    assert trainer.fit() == "finished"
+    for key in ("level/fast/update_ratio", "level/fast/gain", "level/slow/gain"):
+        assert any(key in v for _, _, v in sink.rows), key
+    assert sink.last("level/fast/update_ratio") > 0
+    assert any("CMS level slow barely moves" in line for line in said)
+    assert sink.last("level/slow/still") == 1.0

@@ -25,7 +25,8 @@ cost). FLOPs and activation memory are analytic estimates for one training step:
 - Checkpoints: best.pt (and every epoch_NNN.pt) is a model snapshot: the state dict, the
   tokenizer and a little metadata. last.pt adds what a resume needs once every level has
   stepped: each level's optimizer state (`OPTIMIZER_STATE_COPIES`) and, for levels updated
-  every C > 1 steps, the gradient sum of the chunk in progress (one more copy). Checked against
+  every C > 1 steps, the update sum of the chunk in progress and, in the last.pt written when a
+  run ends (its open chunks applied), their chunk-start weights (two more copies). Checked against
   the files a run writes (tests/test_checkpoint_size.py).
 """
 
@@ -111,7 +112,9 @@ def checkpoint_bytes(cfg: Config) -> dict[str, int]:
     settings = {s.name: s for s in level_settings(cfg, model.backbone_levels(cfg))}
     resume, tensors = torch.get_rng_state().numel(), 0
     for level, params in model.level_params().items():
-        chunk_sum = 1 if settings[level].chunk_size > 1 else 0
+        # the open chunk's update sum, and once the run's end has applied it (Eq. 31) the
+        # chunk-start weights that an exact resume puts back
+        chunk_sum = 2 if settings[level].chunk_size > 1 else 0
         for p in params:
             copies, count = _optimizer_state(settings[level].optimizer, id(p) in orthogonalised)
             resume += (copies + chunk_sum) * p.numel() * p.element_size()

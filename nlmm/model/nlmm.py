@@ -290,7 +290,8 @@ class NLMM(nn.Module):
         """Trainable parameters by CMS level name; everything outside the CMS chains (stems,
         mixers, memory, norms, heads, temperature) goes to the fastest level, and an unfrozen
         backbone to its own level `backbone_<modality>` (see `backbone_levels`). Adapters and
-        frozen backbones are not trainable and are left out."""
+        frozen backbones are not trainable and are left out. With `cms_gains: fast` the
+        LayerScale gain of every CMS level goes to the fastest level too (stepped every step)."""
         levels = self.cfg.cms_levels
         fastest = min(levels, key=lambda level: level.chunk_size).name
         owner: dict[int, str] = {}
@@ -300,11 +301,14 @@ class NLMM(nn.Module):
                 groups[f"backbone_{modality}"] = []
                 for p in backbone.parameters():
                     owner[id(p)] = f"backbone_{modality}"
+        gains_fast = self.cfg.cms_gains == "fast"
         for encoder in self.encoders.values():
             for block in encoder.blocks:
                 for name, level in zip(block.cms.names, block.cms.levels):
                     for p in level.parameters():
                         owner[id(p)] = name
+                    if gains_fast and level.scale.gain is not None:
+                        owner[id(level.scale.gain)] = fastest
         for p in self.parameters():
             if p.requires_grad:
                 groups[owner.get(id(p), fastest)].append(p)

@@ -22,6 +22,7 @@ from nlmm.config import MODALITIES, Config
 from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import PREFETCH_DEPTH, TrainLoader
 from nlmm.data.pack_source import PackedSource
+from nlmm.model.cms import level_gain_means
 from nlmm.errors import NlmmError
 from nlmm.metric_names import LOSS_KEYS
 from nlmm.model import NLMM
@@ -112,6 +113,25 @@ class StreamedBatches:
         return self.loader.state_dict()
 
 
+# A CMS level whose update per step stays under this share of the fastest level's, after
+# STILL_AFTER of its own updates, is reported as barely moving.
+STILL_LEVEL = 0.01
+STILL_AFTER = 8
+
+
+def still_levels(ratios: dict[str, float], chunks: dict[str, int],
+                 updates: dict[str, int]) -> list[str]:
+    """The levels whose relative update per step (ratio / chunk_size: a chunk's update covers
+    C steps) stays under STILL_LEVEL of the fastest level's, once they have had STILL_AFTER
+    updates."""
+    fastest = min(chunks, key=chunks.get)
+    if fastest not in ratios or ratios[fastest] <= 0:
+        return []
+    base = ratios[fastest] / chunks[fastest]
+    return [name for name, ratio in ratios.items() if name != fastest and name in chunks
+            and updates.get(name, 0) >= STILL_AFTER and ratio / chunks[name] < STILL_LEVEL * base]
+
+
 # A run cut short by --steps keeps its warmup within this share of its steps.
 SHORT_RUN_WARMUP = 0.1
 
@@ -159,6 +179,7 @@ class Trainer:
         self.streamed = isinstance(cache, PackedSource)
         self.active_loader: Any = None
         self.saved_loader_state: dict[str, Any] | None = None
+        self.still_warned: set[str] = set()
         self.sink, self.on_checkpoint, self.log = sink, on_checkpoint, log
         self.stop_event = stop_event or threading.Event()
         self.dist = dist
@@ -378,6 +399,26 @@ class Trainer:
                 return evaluate_split_sharded(self.model, self.cache, split, self.device, self.dist)
             return evaluate_split(self.model, self.cache, split, self.device)
 
+    def _level_metrics(self) -> dict[str, float]:
+        """`level/<name>/update_ratio` (‖Δθ‖/‖θ‖ of the level's last applied update) and
+        `level/<name>/gain` (mean |LayerScale gain|) of every CMS level; a level whose per-step
+        update stays under STILL_LEVEL of the fastest level's is warned about once."""
+        ratios = self.optimizer.update_ratios()
+        values = {f"level/{k}/update_ratio": v for k, v in ratios.items()}
+        values.update({f"level/{k}/gain": v for k, v in level_gain_means(self.model).items()})
+        chunks = {lvl.name: lvl.chunk_size for lvl in self.cfg.cms_levels}
+        # a level is due when global_step ≡ 0 (mod C): this many updates so far
+        updates = {name: self.progress.global_step // c for name, c in chunks.items()}
+        for name in still_levels(ratios, chunks, updates):
+            if name not in self.still_warned:
+                self.still_warned.add(name)
+                values[f"level/{name}/still"] = 1.0
+                self.log(f"warning: CMS level {name} barely moves: after "
+                         f"{updates[name]} updates its per-step "
+                         f"update is under {STILL_LEVEL:g} of the fastest level's, so it adds "
+                         f"next to nothing; raise its lr or lower its chunk_size.")
+        return values
+
     def _watch_spread(self, values: dict[str, float]) -> None:
         """Track each modality's lowest window spread of the epoch (see _warn_collapse)."""
         for modality in MODALITIES:
@@ -441,6 +482,7 @@ class Trainer:
                         values["triples_per_s"] = ((window_steps + window_skipped) * acc
                                                    * cfg.train.batch_size / max(window_time, 1e-9))
                         values.update({f"lr/{k}": v for k, v in self.optimizer.lrs().items()})
+                        values.update(self._level_metrics())
                         self.sink.log(p.global_step, p.epoch_number, values)
                         self.log(self._progress_line(
                             values, window_time / (window_steps + window_skipped)))
@@ -456,6 +498,10 @@ class Trainer:
                     tick = time.perf_counter()
                 if p.global_step >= self.total_steps:
                     break
+            if p.global_step >= self.total_steps:
+                # Eq. 31: a level's open chunk is part of what the run learned; applied before
+                # the final evaluation, last.pt (which still resumes exactly) and the test
+                self.optimizer.flush()
             epoch_done = p.batch_in_epoch >= self.steps_per_epoch * acc
             if epoch_done:
                 self._warn_collapse()
