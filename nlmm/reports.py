@@ -143,6 +143,27 @@ def _levels(run: store.Run) -> str:
                      for lv in level_settings(cfg))
 
 
+def _level_motion(run: store.Run) -> list[tuple[str, str]]:
+    """A line per CMS level: its latest relative update ‖Δθ‖/‖θ‖ and mean |gain| (Eq. 31 made
+    visible: a slow level whose update stays near 0 adds nothing)."""
+    from nlmm import store
+
+    names = [lv.get("name") for lv in json.loads(run.config).get("cms_levels", [])]
+    keys = [f"level/{n}/{k}" for n in names for k in ("update_ratio", "gain", "still")]
+    latest = store.latest_metrics(run.id, keys=keys)
+    rows = []
+    for name in names:
+        ratio, gain = latest.get(f"level/{name}/update_ratio"), latest.get(f"level/{name}/gain")
+        if ratio is None and gain is None:
+            continue
+        text = (f"update/weights {'n/a' if ratio is None else f'{ratio:.2e}'}, mean |gain| "
+                f"{'n/a' if gain is None else f'{gain:.4f}'}")
+        if latest.get(f"level/{name}/still"):
+            text += " (barely moves)"
+        rows.append((f"  {name}", text))
+    return rows
+
+
 def run_details(ref: str) -> Group:
     from nlmm import store
 
@@ -170,6 +191,7 @@ def run_details(ref: str) -> Group:
                       f"{ {m: d for m, d in (cfg.get('depth') or {}).items() if m in towers} }, "
                       f"mixer {cfg.get('mixer')}"),
             ("levels", _levels(run))]
+    rows += _level_motion(run)
     for key, value in rows:
         info.add_row(key, value if isinstance(value, Text) else str(value))
     parts: list[Any] = [info]
