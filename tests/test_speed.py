@@ -274,8 +274,9 @@ def sites_in(sites: list[str], suffix: str) -> list[str]:
 def test_training_reads_the_device_once_per_step_and_once_per_log_window(tiny_cache, tmp_path,
                                                                          device):
     """Over 4 steps logged every 2: the level optimizer's non-finite check reads the device once a
-    step and the loop once per log window (not once per logged key). The model's own reads
-    are not counted here; bench/gpu_check.sh reports every sync of a step."""
+    step, its per-level update ratios once per log window, and the loop once per log window (not
+    once per logged key). The model's own reads are not counted here; bench/gpu_check.sh reports
+    every sync of a step."""
     trainer = Trainer(tiny_cfg("train.log_every=2", "train_steps=4", "train.epochs=5"),
                       tiny_cache, device, tmp_path, ListSink(), log=lambda m: None)
     trainer._evaluate_and_keep = lambda: None  # evaluation reads its scores: not a step's cost
@@ -283,7 +284,7 @@ def test_training_reads_the_device_once_per_step_and_once_per_log_window(tiny_ca
     trainer.checkpoint = lambda *args, **kwargs: None
     sites = count_syncs(trainer.fit, device)
     assert trainer.progress.global_step == 4
-    assert len(sites_in(sites, LEVELS)) == 4, sites
+    assert len(sites_in(sites, LEVELS)) == 4 + 2, sites
     assert len(sites_in(sites, LOOP)) == 2, sites
 
 
