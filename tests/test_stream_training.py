@@ -113,3 +113,47 @@ def test_pack_stream_train_eval_from_the_command_line(tmp_path: Path) -> None:
     out = nlmm("train", "--data", str(packed), *run, "--nproc", "2", "--name", "two")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "run two finished" in out.stdout
+
+
+def test_a_streamed_run_killed_with_sigkill_resumes_with_the_same_samples(packed: Path,
+                                                                          tmp_path: Path) -> None:
+    """`nlmm train --data PACK`, kill -9 of its worker mid-epoch, `nlmm train --resume`: step
+    by step the samples equal an uninterrupted run's (steps redone after the kill see the same
+    samples again; each step's last record is what the model learned from)."""
+    import signal
+    import time
+
+    from nlmm import store
+
+    def run(trace: Path, *extra: str) -> subprocess.Popen:
+        env = dict(os.environ, NLMM_RUNS_DIR=str(tmp_path / "runs"), COLUMNS="200",
+                   NLMM_SAMPLE_TRACE=str(trace))
+        return subprocess.Popen([sys.executable, "-m", "nlmm.cli", "train", *extra, "--device",
+                                 "cpu"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    args = ("--data", str(packed), "--config", "tiny_cpu", "--steps", "10", "--set",
+            "train.batch_size=8", "--set", "data.image_size=32", "--set",
+            "train.checkpoint_minutes=0.0001", "--set", "train.eval_every=5")
+
+    def steps(trace: Path) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for line in trace.read_text().splitlines():
+            step, _rank, *ids = line.split()
+            out[int(step)] = [int(i) for i in ids]  # a redone step: its last record counts
+        return out
+
+    straight = run(tmp_path / "straight.txt", *args, "--name", "straight")
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    killed = run(tmp_path / "killed.txt", *args, "--name", "killed")
+    os.environ["NLMM_RUNS_DIR"] = str(tmp_path / "runs")
+    deadline = time.monotonic() + 180
+    while (r := store.find_run("killed")) is None or (r.step or 0) < 4:
+        assert time.monotonic() < deadline and killed.poll() is None, killed.stdout.read()
+        time.sleep(0.1)
+    os.kill(store.find_run("killed").pid, signal.SIGKILL)
+    killed.wait(timeout=120)
+    resumed = run(tmp_path / "killed.txt", "--resume", "killed")
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
+    assert steps(tmp_path / "killed.txt") == steps(tmp_path / "straight.txt")
+    assert len(steps(tmp_path / "straight.txt")) == 10

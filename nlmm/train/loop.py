@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -111,6 +112,17 @@ class StreamedBatches:
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
+
+
+# Test hook: with this variable set to a file, every training step appends "step rank ids" (the
+# caption ids of its batches), so a test can check that a resumed run saw the same samples.
+SAMPLE_TRACE = "NLMM_SAMPLE_TRACE"
+
+
+def trace_samples(path: str, step: int, rank: int, batches: list[dict[str, torch.Tensor]]) -> None:
+    ids = [int(i) for b in batches for i in b["caption_ids"].tolist()]
+    with open(path, "a") as fh:
+        fh.write(f"{step} {rank} {' '.join(map(str, ids))}\n")
 
 
 # A CMS level whose update per step stays under this share of the fastest level's, after
@@ -321,6 +333,9 @@ class Trainer:
 
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One optimizer step over `accumulate` micro-batches; returns detached losses."""
+        if SAMPLE_TRACE in os.environ:
+            trace_samples(os.environ[SAMPLE_TRACE], self.progress.global_step + 1, self.dist.rank,
+                          batches)
         self.model.train()
         # a batch that turns the loss non-finite also writes NaN into BatchNorm's running
         # statistics, which would poison every later evaluation: kept to put back on a skip
