@@ -115,8 +115,9 @@ def test_pack_stream_train_eval_from_the_command_line(tmp_path: Path) -> None:
     assert "run two finished" in out.stdout
 
 
-def test_a_streamed_run_killed_with_sigkill_resumes_with_the_same_samples(packed: Path,
-                                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("nproc", ["1", "2"], ids=["one process", "two gloo ranks"])
+def test_a_streamed_run_killed_with_sigkill_resumes_with_the_same_samples(
+        packed: Path, tmp_path: Path, nproc: str) -> None:
     """`nlmm train --data PACK`, kill -9 of its worker mid-epoch, `nlmm train --resume`: step
     by step the samples equal an uninterrupted run's (steps redone after the kill see the same
     samples again; each step's last record is what the model learned from)."""
@@ -132,15 +133,16 @@ def test_a_streamed_run_killed_with_sigkill_resumes_with_the_same_samples(packed
                                  "cpu"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
 
-    args = ("--data", str(packed), "--config", "tiny_cpu", "--steps", "10", "--set",
+    args = ("--data", str(packed), "--nproc", nproc, "--config", "tiny_cpu", "--steps", "10",
+            "--set",
             "train.batch_size=8", "--set", "data.image_size=32", "--set",
             "train.checkpoint_minutes=0.0001", "--set", "train.eval_every=5")
 
-    def steps(trace: Path) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
+    def steps(trace: Path) -> dict[tuple[int, int], list[int]]:
+        out: dict[tuple[int, int], list[int]] = {}
         for line in trace.read_text().splitlines():
-            step, _rank, *ids = line.split()
-            out[int(step)] = [int(i) for i in ids]  # a redone step: its last record counts
+            step, rank, *ids = line.split()
+            out[int(step), int(rank)] = [int(i) for i in ids]  # a redone step: its last record
         return out
 
     straight = run(tmp_path / "straight.txt", *args, "--name", "straight")
@@ -153,7 +155,7 @@ def test_a_streamed_run_killed_with_sigkill_resumes_with_the_same_samples(packed
         time.sleep(0.1)
     os.kill(store.find_run("killed").pid, signal.SIGKILL)
     killed.wait(timeout=120)
-    resumed = run(tmp_path / "killed.txt", "--resume", "killed")
+    resumed = run(tmp_path / "killed.txt", "--resume", "killed", "--nproc", nproc)
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
     assert steps(tmp_path / "killed.txt") == steps(tmp_path / "straight.txt")
-    assert len(steps(tmp_path / "straight.txt")) == 10
+    assert len(steps(tmp_path / "straight.txt")) == 10 * int(nproc)
