@@ -24,6 +24,7 @@ and the resumed pack duplicates samples (bench/STREAM_NOTES.md has the measureme
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import json
@@ -65,35 +66,40 @@ def _is_s3(url: str) -> bool:
     return str(url).startswith("s3://")
 
 
-class Store:
+class Store(abc.ABC):
     """A pack's home, a local folder or an s3:// prefix, seen as a flat set of named files."""
 
     url: str
 
+    @abc.abstractmethod
     def read(self, name: str) -> bytes | None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def write(self, name: str, data: bytes) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def put_file(self, local: Path, name: str) -> None:
         """Move a finished local file into the store under `name` (the local copy goes away)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """Size of every file whose name starts with `prefix`."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def delete(self, names: list[str]) -> None:
-        raise NotImplementedError
+        ...
 
     def local_path(self, name: str) -> Path | None:
         """The file's path when the store is a local folder (hashing reads it in place)."""
         return None
 
+    @abc.abstractmethod
     def staging(self) -> Path:
         """A local folder for files on their way into the store, on the same disk when local."""
-        raise NotImplementedError
 
     def join(self, name: str) -> str:
         return f"{self.url.rstrip('/')}/{name}"
