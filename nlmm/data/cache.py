@@ -140,10 +140,12 @@ def corpus_fingerprint(corpus: Corpus) -> str:
     return digest.hexdigest()
 
 
-def source_fingerprint(data: Specs) -> str:
-    """Fingerprint of every corpus in `data` (re-read: the files decide, not a stored listing)."""
-    return hashlib.sha256("".join(corpus_fingerprint(read_corpus(s)) for s in as_specs(data))
-                          .encode()).hexdigest()
+def source_fingerprint(data: Specs, corpora: list[Corpus] | None = None) -> str:
+    """Fingerprint of every corpus in `data` (re-read: the files decide, not a stored listing),
+    or of `corpora` when the caller has just read them."""
+    if corpora is None:
+        corpora = [read_corpus(s) for s in as_specs(data)]
+    return hashlib.sha256("".join(corpus_fingerprint(c) for c in corpora).encode()).hexdigest()
 
 
 def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
@@ -293,32 +295,29 @@ def _compute_mels(paths: list[Path], cfg: DataConfig, out: Path, workers: int | 
     return offsets, lengths, failed
 
 
-def _read_sources(specs: list[CorpusSpec]) -> tuple[list[Group], list[Caption], list[int],
-                                                     list[Defect], list[Corpus]]:
+def _merge_sources(corpora: list[Corpus]) -> tuple[list[Group], list[Caption], list[int],
+                                                   list[Defect]]:
     """Every corpus's groups and captions in one list; group ids carry a source prefix when
     there are several corpora, so ids of different corpora never meet."""
     groups: list[Group] = []
     captions: list[Caption] = []
     source_of: list[int] = []
     defects: list[Defect] = []
-    corpora = []
-    for i, spec in enumerate(specs):
-        corpus = read_corpus(spec)
-        corpora.append(corpus)
-        prefix = f"{i}:" if len(specs) > 1 else ""
+    for i, corpus in enumerate(corpora):
+        prefix = f"{i}:" if len(corpora) > 1 else ""
         for g in corpus.groups:
             groups.append(Group(prefix + g.id, g.split, g.image, g.audio))
             source_of.append(i)
         captions.extend(Caption(prefix + c.group, c.index, c.text, c.audio)
                         for c in corpus.captions)
         defects.extend(corpus.defects)
-    return groups, captions, source_of, defects, corpora
+    return groups, captions, source_of, defects
 
 
-def _build(specs: list[CorpusSpec], cfg: DataConfig, vocab_size: int, fingerprint: str,
-           out: Path, workers: int | None, progress: bool,
+def _build(specs: list[CorpusSpec], corpora: list[Corpus], cfg: DataConfig, vocab_size: int,
+           fingerprint: str, out: Path, workers: int | None, progress: bool,
            given: TextTokenizer | None = None) -> None:
-    groups_all, captions_all, source_all, defects, corpora = _read_sources(specs)
+    groups_all, captions_all, source_all, defects = _merge_sources(corpora)
     where = ", ".join(str(s.path) for s in specs)
     order = {s: i for i, s in enumerate(SPLITS)}
     source_of = {g.id: src for g, src in zip(groups_all, source_all, strict=True)}
@@ -484,7 +483,9 @@ def prepare(data: Specs, cfg: DataConfig, vocab_size: int, cache_dir: Path | Non
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     params = cache_params(cfg, vocab_size, tokenizer, specs)
     with locked(cache_dir):
-        fingerprint = source_fingerprint(specs)
+        # read once: the same listing is fingerprinted and, when stale, built
+        corpora = [read_corpus(spec) for spec in specs]
+        fingerprint = source_fingerprint(specs, corpora)
         fresh = not force and _manifest_matches(cache_dir, params, specs, fingerprint)
         if not fresh:
             # Under the lock, any sibling build folder is debris from a crashed prepare.
@@ -492,7 +493,8 @@ def prepare(data: Specs, cfg: DataConfig, vocab_size: int, cache_dir: Path | Non
                 shutil.rmtree(debris, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f"{cache_dir.name}.tmp-", dir=cache_dir.parent))
             try:
-                _build(specs, cfg, vocab_size, fingerprint, tmp, workers, progress, tokenizer)
+                _build(specs, corpora, cfg, vocab_size, fingerprint, tmp, workers, progress,
+                       tokenizer)
                 _install(tmp, cache_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
