@@ -42,26 +42,24 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_bench import run_nlmm, timed_training  # noqa: E402
-from reference_model import REFERENCE_LOSS, ReferenceEncoder  # noqa: E402
+import quality_bench  # noqa: E402
+from quality_bench import run_nlmm  # noqa: E402
+from reference_model import ReferenceEncoder  # noqa: E402
 
 from nlmm.config import Config, resolve_config  # noqa: E402
 from nlmm.data.cache import PreparedCache, prepare  # noqa: E402
 from nlmm.data.corpora import read_corpus  # noqa: E402
 from nlmm.data.corpora.base import Corpus, CorpusSpec  # noqa: E402
-from nlmm.data.loader import TrainLoader  # noqa: E402
 from nlmm.data.synth import synth_corpus  # noqa: E402
 from nlmm.devices import resolve_device  # noqa: E402
 from nlmm.metric_names import DIRECTIONS  # noqa: E402
 from nlmm.model.losses import ForwardOutput, logit_scale_value  # noqa: E402
-from nlmm.train.evaluate import evaluate_split  # noqa: E402
 from nlmm.train.launcher import fit_modalities  # noqa: E402
 
 RAW_SPLIT = {"train": "train", "dev": "val", "test": "test"}
@@ -264,28 +262,10 @@ class BiModalReference(ReferenceEncoder):
 def run_reference(cfg: Config, cache: PreparedCache, device: torch.device,
                   budgets_s: list[float], batch_size: int = 128) -> dict[float, dict[str, float]]:
     """quality_bench.run_reference with the reference cut to the corpus's two modalities."""
-    torch.manual_seed(cfg.train.seed)
-    model = BiModalReference(cache.tokenizer.vocab_size, cfg.data.n_mels,
-                             cache.modalities()).to(device)
-    opt = model.optimizer()
-    max_frames = int(cfg.data.max_audio_seconds * cfg.data.sample_rate / cfg.data.hop_length) + 1
-
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
-        epoch = 0
-        while True:
-            yield from TrainLoader(cache, "train", batch_size, seed=cfg.train.seed, epoch=epoch,
-                                   device=device, max_audio_frames=max_frames)
-            epoch += 1
-
-    def step(batch: dict[str, torch.Tensor]) -> None:
-        model.train()
-        loss = REFERENCE_LOSS(model(batch))["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return timed_training(batches(), step, budgets_s,
-                          lambda: evaluate_split(model, cache, "test", device))
+    return quality_bench.run_reference(
+        cfg, cache, device, budgets_s, batch_size,
+        build=lambda: BiModalReference(cache.tokenizer.vocab_size, cfg.data.n_mels,
+                                       cache.modalities()))
 
 
 def quality(caches: dict[str, PreparedCache], config: str, overrides: list[str],

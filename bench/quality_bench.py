@@ -123,9 +123,14 @@ def run_nlmm(cfg: Config, cache: PreparedCache, device: torch.device, budgets_s:
 
 
 def run_reference(cfg: Config, cache: PreparedCache, device: torch.device,
-                  budgets_s: list[float], batch_size: int = 128) -> dict[float, dict[str, float]]:
+                  budgets_s: list[float], batch_size: int = 128,
+                  build: Callable[[], torch.nn.Module] | None = None
+                  ) -> dict[float, dict[str, float]]:
+    """The reference trained for the budgets; `build` makes another reference model (e.g. one
+    cut to a corpus's two modalities), default the three-tower ReferenceEncoder."""
     torch.manual_seed(cfg.train.seed)
-    model = ReferenceEncoder(cache.tokenizer.vocab_size, cfg.data.n_mels).to(device)
+    model = (build() if build else
+             ReferenceEncoder(cache.tokenizer.vocab_size, cfg.data.n_mels)).to(device)
     opt = model.optimizer()
     max_frames = int(cfg.data.max_audio_seconds * cfg.data.sample_rate / cfg.data.hop_length) + 1
 
