@@ -15,6 +15,8 @@ user.
 - One thread per connection. A model answers one query at a time (its lock); models are loaded
   one at a time, after the ones beyond `max_models` are let go (one let go mid-query is freed
   when that query ends).
+- Connections not accepted yet wait in a listen backlog at the system's maximum (somaxconn), so
+  a burst of clients queues, even while the first query of a model waits for it to load.
 - SIGTERM or Ctrl-C stops accepting, removes the socket (or port) file and returns; a client
   whose request was in flight searches in its own process instead.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import socketserver
 import threading
 import time
@@ -48,6 +51,7 @@ from nlmm.weights_cache import checkpoint_key
 
 DEFAULT_MAX_MODELS = 2
 UNIX_PATH_MAX = 107  # bytes of a Unix socket path, sun_path less its terminating NUL
+SOMAXCONN_FILE = "/proc/sys/net/core/somaxconn"  # Linux's cap on a listen backlog
 
 Log = Callable[[str], None]
 
@@ -174,14 +178,26 @@ class _Handler(socketserver.StreamRequestHandler):
             self.wfile.flush()
 
 
+def listen_backlog() -> int:
+    """The system's largest listen backlog. A burst of clients connecting while every thread is
+    busy (a model loading, say) waits in it to be accepted: a Unix socket refuses a connection
+    its backlog cannot hold (EAGAIN), where socketserver's default of 5 refused some of eight
+    clients."""
+    with contextlib.suppress(OSError, ValueError):
+        return max(socket.SOMAXCONN, int(Path(SOMAXCONN_FILE).read_text()))
+    return socket.SOMAXCONN
+
+
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = listen_backlog()
     service: SearchService
 
 
 class _TCPServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = listen_backlog()
     service: SearchService
 
 

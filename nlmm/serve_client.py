@@ -7,6 +7,7 @@ the interpreter's start-up and one round trip.
 from __future__ import annotations
 
 import contextlib
+import errno
 import socket
 import time
 from dataclasses import dataclass, replace
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 CONNECT_TIMEOUT_S = 2.0
+RETRY_PAUSE_S = 0.005  # first pause before connecting again to a full backlog; it doubles
+MAX_RETRY_PAUSE_S = 0.1
 
 Address = str | tuple[str, int]  # a Unix socket path, or (host, port)
 
@@ -51,18 +54,30 @@ def server_address(runs: Path | None = None) -> Address | None:
     return None
 
 
-def connect(address: Address) -> socket.socket | None:
-    """A connection to the server, or None when nothing listens there (a stale socket file)."""
+def connect(address: Address, timeout_s: float = CONNECT_TIMEOUT_S) -> socket.socket | None:
+    """A connection to the server, or None when nothing listens there (a stale socket file) or
+    it accepted none within `timeout_s`.
+
+    A Unix socket whose listen backlog is full refuses at once (EAGAIN) instead of queueing the
+    connection as TCP does: the server is alive and accepting, so the connection is tried again
+    until `timeout_s` rather than sent to a seconds-slower in-process search."""
     family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
-    conn = socket.socket(family, socket.SOCK_STREAM)
-    conn.settimeout(CONNECT_TIMEOUT_S)
-    try:
-        conn.connect(address)
-    except OSError:
-        conn.close()
-        return None
-    conn.settimeout(None)  # building a gallery index for a first query may take minutes
-    return conn
+    deadline = time.monotonic() + timeout_s
+    pause = RETRY_PAUSE_S
+    while True:
+        conn = socket.socket(family, socket.SOCK_STREAM)
+        conn.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            conn.connect(address)
+        except OSError as exc:
+            conn.close()
+            if exc.errno != errno.EAGAIN or time.monotonic() + pause > deadline:
+                return None
+            time.sleep(pause)
+            pause = min(2 * pause, MAX_RETRY_PAUSE_S)
+            continue
+        conn.settimeout(None)  # building a gallery index for a first query may take minutes
+        return conn
 
 
 def exchange(conn: socket.socket, message: dict[str, Any]) -> dict[str, Any]:
