@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -26,6 +27,7 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from corpus_factory import write_public_corpus  # noqa: E402
+from harness import stamp  # noqa: E402
 
 from nlmm.config import DataConfig  # noqa: E402
 from nlmm.data.cache import PreparedCache, prepare  # noqa: E402
@@ -41,30 +43,23 @@ def baseline_batches(cache: PreparedCache, loader: TrainLoader, batches: range,
                          T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGE_MEAN, IMAGE_STD)])
     order = loader.order()
     served = 0
-    # Per-item work runs single-threaded, as in a DataLoader worker: these tensors are too
-    # small to split, and two threads contending on a shared machine only add noise.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for b in batches:
-            rows = order[b * loader.batch_size:(b + 1) * loader.batch_size]
-            images, mels, texts = [], [], []
-            for row in rows:
-                with Image.open(cache.image_path(int(cache.caption_image(row)))) as img:
-                    images.append(augment(img.convert("RGB")))
-                mels.append(torch.from_numpy(load_log_mel(cache.wav_path(row), cfg).astype(np.float32)))
-                texts.append(cache.caption_text(row))
-            ids, lengths = cache.tokenizer.encode_batch(texts, cfg.text_max_len)
-            text = torch.from_numpy(ids[:, :int(lengths.max())].astype(np.int64))
-            frames = max(m.shape[1] for m in mels)
-            audio = torch.zeros(len(rows), 1, cfg.n_mels, frames)
-            for i, m in enumerate(mels):
-                audio[i, 0, :, :m.shape[1]] = m
-            image = torch.stack(images)
-            assert text.shape[0] == audio.shape[0] == image.shape[0] == len(rows)
-            served += len(rows)
-    finally:
-        torch.set_num_threads(threads)
+    for b in batches:
+        rows = order[b * loader.batch_size:(b + 1) * loader.batch_size]
+        images, mels, texts = [], [], []
+        for row in rows:
+            with Image.open(cache.image_path(int(cache.caption_image(row)))) as img:
+                images.append(augment(img.convert("RGB")))
+            mels.append(torch.from_numpy(load_log_mel(cache.wav_path(row), cfg).astype(np.float32)))
+            texts.append(cache.caption_text(row))
+        ids, lengths = cache.tokenizer.encode_batch(texts, cfg.text_max_len)
+        text = torch.from_numpy(ids[:, :int(lengths.max())].astype(np.int64))
+        frames = max(m.shape[1] for m in mels)
+        audio = torch.zeros(len(rows), 1, cfg.n_mels, frames)
+        for i, m in enumerate(mels):
+            audio[i, 0, :, :m.shape[1]] = m
+        image = torch.stack(images)
+        assert text.shape[0] == audio.shape[0] == image.shape[0] == len(rows)
+        served += len(rows)
     return served
 
 
@@ -74,7 +69,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="spoken caption length")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=20, help="batches timed per loader")
-    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (best is kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (best and median shown)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of both loaders while timed (the same on both sides)")
     parser.add_argument("--workers", type=int, default=None, help="prepare workers (all cores)")
     parser.add_argument("--root", type=Path, default=None, help="keep the corpus here")
     args = parser.parse_args()
@@ -107,27 +104,31 @@ def main() -> None:
         print(f"second prepare (fresh cache, no-op): {time.perf_counter() - start:.3f} s")
 
         n_batches = min(args.batches, len(cache.split_captions("train")) // args.batch_size)
-        # Best of several rounds, measured in turn, so a neighbour's burst of CPU use on a
-        # shared machine does not decide the ratio.
-        rates: dict[str, float] = {"augment on": 0.0, "augment off": 0.0, "baseline": 0.0}
+        # The sides take turns round by round, so a neighbour's burst of CPU use on a shared
+        # machine hits them alike; both run at the same torch thread count.
+        torch.set_num_threads(args.threads)
+        rates: dict[str, list[float]] = {"augment on": [], "augment off": [], "baseline": []}
         for _ in range(args.rounds):
             for augment in (True, False):
                 loader = TrainLoader(cache, "train", args.batch_size, seed=0, crop=augment, flip=augment,
                                      device="cpu")
-                key = "augment on" if augment else "augment off"
-                rates[key] = max(rates[key], time_loader(loader, n_batches))
+                rates["augment on" if augment else "augment off"].append(time_loader(loader, n_batches))
+            baseline_batches(cache, loader, range(0, 1), cfg)  # warm-up, as time_loader's first batch
             start = time.perf_counter()
             served = baseline_batches(cache, loader, range(1, n_batches), cfg)
-            rates["baseline"] = max(rates["baseline"], served / (time.perf_counter() - start))
-        print(f"loaders: batch {args.batch_size}, CPU, {n_batches - 1} batches, best of "
-              f"{args.rounds} rounds")
+            rates["baseline"].append(served / (time.perf_counter() - start))
+        print(stamp())
+        print(f"loaders: batch {args.batch_size}, CPU, {args.threads} torch thread(s) on both sides, "
+              f"{n_batches - 1} batches after one warm-up batch, {args.rounds} rounds (best / median)")
+        best = {key: max(values) for key, values in rates.items()}
+        median = {key: statistics.median(values) for key, values in rates.items()}
         for key in ("augment on", "augment off"):
-            print(f"  cached loader, {key}: {rates[key]:8.1f} triples/s")
-        print(f"  per-sample baseline: {rates['baseline']:8.1f} triples/s (per item: decode JPEG, "
-              f"crop + flip, log-mel, tokenize)")
-        print(f"ratio cached / baseline: {rates['augment on'] / rates['baseline']:.1f}x with "
-              f"augmentation, {rates['augment off'] / rates['baseline']:.1f}x without")
-
+            print(f"  cached loader, {key}: {best[key]:8.1f} / {median[key]:8.1f} triples/s")
+        print(f"  per-sample baseline: {best['baseline']:8.1f} / {median['baseline']:8.1f} triples/s "
+              f"(per item: decode JPEG, the same crop + flip, log-mel, tokenize)")
+        print(f"ratio cached / baseline, same augmentation (medians): "
+              f"{median['augment on'] / median['baseline']:.1f}x; cached without augmentation: "
+              f"{median['augment off'] / median['baseline']:.1f}x")
 
 def time_loader(loader: TrainLoader, n_batches: int) -> float:
     """Triples per second over batches 2..n (thread start and first page-ins excluded)."""

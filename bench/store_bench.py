@@ -27,6 +27,8 @@ from pathlib import Path
 
 from sqlalchemy import make_url, text
 
+from harness import interleaved, stamp
+
 from nlmm.store import MetricWriter, create_run, get_engine, latest_metrics, metric_keys, metric_series
 
 WRITERS = 4
@@ -53,9 +55,17 @@ def _tensorboard(folder: str, steps: int, keys: list[str]) -> None:
     writer.close()
 
 
-def _timed(target: Callable[..., None], args: tuple, start: mp.Event, out: mp.Queue) -> None:
+def _warm(target: Callable[..., None], args: tuple) -> None:
+    """Everything a side needs before its clock starts: the store connects and migrates, the
+    TensorBoard side imports its writer (torch is the cost there)."""
     if target is _write:
-        get_engine(args[0])  # connect and migrate before the clock starts
+        get_engine(args[0])
+    else:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+
+def _timed(target: Callable[..., None], args: tuple, start: mp.Event, out: mp.Queue) -> None:
+    _warm(target, args)
     start.wait()
     began = time.perf_counter()
     target(*args)
@@ -69,7 +79,7 @@ def _seconds(target: Callable[..., None], jobs: list[tuple]) -> float:
     processes = [ctx.Process(target=_timed, args=(target, job, start, out)) for job in jobs]
     for process in processes:
         process.start()
-    time.sleep(1.0)  # every process imported and connected
+    time.sleep(2.0)  # every process imported and warmed
     start.set()
     spans = [out.get(timeout=600) for _ in processes]
     for process in processes:
@@ -77,11 +87,10 @@ def _seconds(target: Callable[..., None], jobs: list[tuple]) -> float:
     return max(end for _, end in spans) - min(began for began, _ in spans)
 
 
-def _rows_per_s(url: str, steps: int, keys: list[str], writers: int) -> float:
+def _store_jobs(url: str, steps: int, keys: list[str], writers: int) -> list[tuple]:
     engine = get_engine(url)
-    runs = [create_run(f"bench-{uuid.uuid4().hex[:8]}", {}, "", "cpu", 1, steps, engine=engine).id
-            for _ in range(writers)]
-    return writers * steps * len(keys) / _seconds(_write, [(url, run, steps, keys) for run in runs])
+    return [(url, create_run(f"bench-{uuid.uuid4().hex[:8]}", {}, "", "cpu", 1, steps,
+                             engine=engine).id, steps, keys) for _ in range(writers)]
 
 
 @contextmanager
@@ -101,19 +110,35 @@ def _postgres_database(server_url: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _throughput(backends: dict[str, str], tmp: Path, steps: int, keys: list[str]) -> None:
+def _throughput(backends: dict[str, str], tmp: Path, steps: int, keys: list[str],
+                repeats: int) -> None:
+    """Rows/s of each side with 1 and WRITERS processes, the sides taking turns `repeats` times
+    (every side warmed the same way before its clock starts)."""
     rows = steps * len(keys)
     print(f"metric rows/s, {steps} steps x {len(keys)} scalars = {rows} rows per writer "
-          f"(one process per writer)")
-    tb = {n: n * rows / _seconds(_tensorboard, [(str(tmp / f"tb{n}-{i}"), steps, keys)
-                                                for i in range(n)])
-          for n in (1, WRITERS)}
-    print(f"  {'':<12}{'1 writer':>14}{f'{WRITERS} writers':>16}   store / TensorBoard (1, {WRITERS})")
-    print(f"  {'TensorBoard':<12}{tb[1]:>14,.0f}{tb[WRITERS]:>16,.0f}")
-    for name, url in backends.items():
-        one, many = _rows_per_s(url, steps, keys, 1), _rows_per_s(url, steps, keys, WRITERS)
-        print(f"  {name:<12}{one:>14,.0f}{many:>16,.0f}   {one / tb[1]:.2f}x, "
-              f"{many / tb[WRITERS]:.2f}x   ({WRITERS} writers = {many / one:.2f}x one)")
+          f"(one process per writer; min and median of {repeats} turns)")
+    rates: dict[tuple[str, int], list[float]] = {}
+    for turn in range(repeats):
+        for n in (1, WRITERS):
+            sides = {"TensorBoard": (_tensorboard, [(str(tmp / f"tb{turn}-{n}-{i}"), steps, keys)
+                                                     for i in range(n)])}
+            sides.update({name: (_write, _store_jobs(url, steps, keys, n))
+                          for name, url in backends.items()})
+            for name, (target, jobs) in sides.items():
+                rates.setdefault((name, n), []).append(n * rows / _seconds(target, jobs))
+
+    def cell(name: str, n: int) -> str:
+        values = rates[(name, n)]
+        return f"{max(values):>10,.0f} / {statistics.median(values):>9,.0f}"
+
+    print(f"  {'':<12}{'1 writer best / median':>24}{f'{WRITERS} writers best / median':>26}"
+          f"   store / TensorBoard, medians (1, {WRITERS})")
+    print(f"  {'TensorBoard':<12}  {cell('TensorBoard', 1)}    {cell('TensorBoard', WRITERS)}")
+    for name in backends:
+        ratios = [statistics.median(rates[(name, n)]) / statistics.median(rates[("TensorBoard", n)])
+                  for n in (1, WRITERS)]
+        print(f"  {name:<12}  {cell(name, 1)}    {cell(name, WRITERS)}   "
+              f"{ratios[0]:.2f}x, {ratios[1]:.2f}x")
 
 
 def _log_call_cost(url: str, run_id: int, keys: list[str], calls: int = 20000) -> float:
@@ -127,21 +152,13 @@ def _log_call_cost(url: str, run_id: int, keys: list[str], calls: int = 20000) -
     return (time.perf_counter() - began) / calls
 
 
-def _median_ms(fn, repeat: int = 5) -> float:
-    times = []
-    for _ in range(repeat):
-        began = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - began)
-    return statistics.median(times) * 1000
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10000, help="logged steps per writer")
     parser.add_argument("--keys", type=int, default=8, help="scalars per step")
     parser.add_argument("--series-rows", type=int, default=1_000_000, help="rows of the long series")
     parser.add_argument("--max-points", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3, help="timed turns per side (>= 3)")
     parser.add_argument("--pg-url", default=os.environ.get("NLMM_TEST_PG_URL"),
                         help="a PostgreSQL server to measure too (default: $NLMM_TEST_PG_URL)")
     args = parser.parse_args()
@@ -156,7 +173,8 @@ def main() -> None:
                 backends["PostgreSQL"] = stack.enter_context(_postgres_database(args.pg_url))
             else:
                 print("(no --pg-url or NLMM_TEST_PG_URL: PostgreSQL not measured)")
-            _throughput(backends, Path(tmp), args.steps, keys)
+            print(stamp())
+            _throughput(backends, Path(tmp), args.steps, keys, args.repeats)
 
         run_id = create_run("log-cost", {}, "", "cpu", 1, args.steps, engine=engine).id
         per_call = _log_call_cost(url, run_id, keys)
@@ -178,16 +196,23 @@ def main() -> None:
                                   "GROUP BY step * :n / :range"),
                              {"r": series_run, "n": args.max_points, "range": args.series_rows}).all()
 
-            scan_ms, group_ms = _median_ms(full_scan), _median_ms(group_by)
-        series_ms = _median_ms(lambda: metric_series(series_run, "loss", args.max_points, engine=engine))
+            times = interleaved({
+                "series": lambda: metric_series(series_run, "loss", args.max_points, engine=engine),
+                "group_by": group_by, "scan": full_scan,
+                "keys": lambda: metric_keys(series_run, engine=engine),
+                "latest": lambda: latest_metrics(series_run, engine=engine)}, repeats=max(5, args.repeats))
         points = len(metric_series(series_run, "loss", args.max_points, engine=engine))
-        print(f"  metric_series ({points} points)  {series_ms:>8.1f} ms")
-        print(f"  naive GROUP BY bucket        {group_ms:>8.1f} ms  ({group_ms / series_ms:.2f}x metric_series)")
-        print(f"  plain avg() full scan        {scan_ms:>8.1f} ms  (floor for an exact mean of every row)")
-        print(f"  metric_keys                  {_median_ms(lambda: metric_keys(series_run, engine=engine)):>8.2f} ms")
-        print(f"  latest_metrics               "
-              f"{_median_ms(lambda: latest_metrics(series_run, engine=engine)):>8.2f} ms")
 
+        def ms(name: str) -> str:
+            return f"{times[name].min * 1000:>8.2f} / {times[name].median * 1000:>8.2f} ms"
+
+        print(f"  (min / median of {len(times['series'].seconds)} interleaved calls, after one warm-up each)")
+        print(f"  metric_series ({points} points)  {ms('series')}")
+        print(f"  naive GROUP BY bucket        {ms('group_by')}  "
+              f"({times['group_by'].median / times['series'].median:.2f}x metric_series, medians)")
+        print(f"  plain avg() full scan        {ms('scan')}  (floor for an exact mean of every row)")
+        print(f"  metric_keys                  {ms('keys')}")
+        print(f"  latest_metrics               {ms('latest')}")
 
 if __name__ == "__main__":
     main()
