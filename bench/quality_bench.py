@@ -1,37 +1,49 @@
-"""Learning quality at equal wall time: NL-MM (shipped config and ablations) against a plain encoder.
+"""Learning quality at equal compute: NL-MM against a plain dual encoder given the same tuning.
 
-Every arm trains on the same prepared corpus, on the same device, for the same training wall
-time (data loading included, evaluation excluded), and is scored on the test split with nlmm's
-own evaluation at each budget (default 3 and 8 minutes). The reference is the plain dual
-encoder of `bench/reference_model.py` (conv / BiGRU / conv towers, AdamW, batch 128, no
-augmentation). The table gives test R@1 per direction, the mean, and the ratio of the mean to
-the reference's at the same budget.
+Nothing is chosen on the test split:
+1. Grid: `--lrs` x `--beta2s` x `--schedules` at the first of `--batches`, then every other
+   batch size at the best of those. Both models, the plain reference of
+   `bench/reference_model.py` and the NL-MM of `--config`, get the same settings, and their
+   arms take turns (reference, nlmm, reference, ...) so that drift in the machine's speed falls
+   on both alike. Every arm is scored on dev and test; a model's pick is its setting with the
+   best dev mean R@1, and the test figures reported are the pick's.
+2. At NL-MM's pick: the ablations (`--ablations`) and the optimizer arms (`--optimizer-lrs
+   sgd=1e-2,3e-2`: every level on that optimizer, over its own lr grid, picked on dev).
+3. `--seeds 0,1`: the picks and the ablations again at every further seed (the grid runs at
+   the first); the tables give the mean and each seed's figure.
+`--picks-from FILE` (the `--json` of an earlier run) skips the grid and trains the picks
+recorded there, with the ablations: a corpus that took no part in choosing anything.
 
-Arms (`--arms`, comma-separated):
-  reference    the plain encoder
-  nlmm         the shipped config as written (`--config`, default tiny_cpu)
-  one_level    one CMS level (the fastest) instead of the config's chain
-  no_memory    no shared multimodal memory (L_mem 0)
-  plain        no NL parts: one level, no memory (a plain pre-norm transformer of the same widths)
-  adamw, sgd, dmgd, muon, universal_anderson   the shipped config with every level on that optimizer
+Budget: every arm trains for `--cpu-seconds` of this process's CPU time (`time.process_time`:
+data loading included, evaluation excluded) on `--threads` torch threads, default 1. Unlike wall
+time, CPU time does not stretch when other processes share the cores, so arms that ran under
+different load still got the same compute. The schedule is sized to the budget: linear warmup
+over the config's `train.warmup_steps`, then constant, or cosine to 0 at the step where the
+budget is expected to run out (re-estimated from the measured step time at steps 8, 16, 32, ...).
 
-NL-MM arms keep the config's schedule shape (warmup, cosine) stretched over the largest budget:
-after a few steps the step rate is measured and the run's total steps set to what fits.
+Arms: reference; nlmm (the config as written); one_level (its fastest CMS level alone);
+no_memory (L_mem 0); plain (one level, no memory: a plain pre-norm transformer of the same
+widths); adamw, sgd, dmgd, muon, universal_anderson (every level on that optimizer).
 
-    .venv/bin/python bench/quality_bench.py --minutes 3 8
-    .venv/bin/python bench/quality_bench.py --corpus data/heldout --arms reference,nlmm --minutes 3
+    .venv/bin/python bench/quality_bench.py --images 1000 --objects 4 --seed 7 --json B.json
+    .venv/bin/python bench/quality_bench.py --images 1600 --seed 3 --picks-from B.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import hashlib
 import itertools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_model import REFERENCE_LOSS, ReferenceEncoder  # noqa: E402
 
+import nlmm.optim.factory as optim_factory  # noqa: E402
 from nlmm.config import OPTIMIZERS, Config, resolve_config  # noqa: E402
 from nlmm.data.backbone_features import ensure_features  # noqa: E402
 from nlmm.data.cache import PreparedCache, prepare  # noqa: E402
@@ -48,7 +61,7 @@ from nlmm.data.synth import synth_corpus  # noqa: E402
 from nlmm.devices import resolve_device  # noqa: E402
 from nlmm.metric_names import DIRECTIONS  # noqa: E402
 from nlmm.train.evaluate import evaluate_split  # noqa: E402
-from nlmm.train.loop import Trainer  # noqa: E402
+from nlmm.train.loop import Trainer, lr_factor  # noqa: E402
 
 ABLATIONS: dict[str, Callable[[Config], list[str]]] = {
     "nlmm": lambda cfg: [],
@@ -59,6 +72,7 @@ ABLATIONS: dict[str, Callable[[Config], list[str]]] = {
 }
 ARMS = ("reference", *ABLATIONS)
 CALIBRATION_STEPS = 8
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fastest(cfg: Config) -> str:
@@ -67,26 +81,61 @@ def _fastest(cfg: Config) -> str:
             f"weight_decay: {level.weight_decay}}}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What the grid varies; `lr` is the fastest CMS level's for NL-MM (the others keep their
+    ratio to it, as `train.lr` does)."""
+
+    lr: float
+    beta2: float
+    schedule: str
+    batch: int
+
+    def __str__(self) -> str:
+        return f"lr {self.lr:g}, β2 {self.beta2:g}, {self.schedule}, batch {self.batch}"
+
+    def overrides(self) -> list[str]:
+        return [f"train.lr={self.lr}", f"train.schedule={self.schedule}",
+                f"train.batch_size={self.batch}"]
+
+
 class NullSink:
     def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
         pass
 
 
+@contextmanager
+def adam_beta2(beta2: float | None) -> Iterator[None]:
+    """NL-MM's Adam-family optimizers with another β2 while they are built. nlmm ships β2 as a
+    constant (`nlmm.optim.factory.ADAM_BETAS`), read when an optimizer is made, so the grid
+    swaps it for the construction only."""
+    saved = optim_factory.ADAM_BETAS
+    if beta2 is not None:
+        optim_factory.ADAM_BETAS = (saved[0], beta2)
+    try:
+        yield
+    finally:
+        optim_factory.ADAM_BETAS = saved
+
+
 def timed_training(batches: Iterator[Any], step: Callable[[Any], None], budgets_s: list[float],
                    score: Callable[[], dict[str, float]],
-                   on_calibrated: Callable[[float], None] | None = None
+                   on_calibrated: Callable[[float], None] | None = None,
+                   clock: Callable[[], float] = time.perf_counter
                    ) -> dict[float, dict[str, float]]:
-    """Run `step` over `batches` until the largest budget; score at each budget (untimed)."""
+    """Run `step` over `batches` until the largest budget of `clock` seconds; score at each
+    budget (untimed). `on_calibrated` gets the mean seconds per step so far at steps 8, 16,
+    32, ... (the first steps are slower, so later estimates are better)."""
     results: dict[float, dict[str, float]] = {}
     pending = sorted(budgets_s)
     elapsed, steps = 0.0, 0
-    tick = time.perf_counter()
+    tick = clock()
     for batch in batches:
         step(batch)
-        now = time.perf_counter()
+        now = clock()
         elapsed, tick = elapsed + now - tick, now
         steps += 1
-        if steps == CALIBRATION_STEPS and on_calibrated is not None:
+        if on_calibrated is not None and steps >= CALIBRATION_STEPS and steps & (steps - 1) == 0:
             on_calibrated(elapsed / steps)
         if elapsed >= pending[0]:
             metrics = score()
@@ -94,14 +143,30 @@ def timed_training(batches: Iterator[Any], step: Callable[[Any], None], budgets_
             results[pending.pop(0)] = metrics
             if not pending:
                 return results
-            tick = time.perf_counter()
+            tick = clock()
     raise RuntimeError("the batch stream ended before the budget")
 
 
+def splits_score(model: torch.nn.Module, cache: PreparedCache, device: torch.device,
+                 dev: bool) -> Callable[[], dict[str, float]]:
+    """Test metrics, and with `dev` the dev split's as `dev_<key>`."""
+    def score() -> dict[str, float]:
+        out = evaluate_split(model, cache, "test", device)
+        if dev:
+            out.update({f"dev_{k}": v for k, v in evaluate_split(model, cache, "dev",
+                                                                 device).items()})
+        return out
+    return score
+
+
 def run_nlmm(cfg: Config, cache: PreparedCache, device: torch.device, budgets_s: list[float],
-             folder: Path) -> dict[float, dict[str, float]]:
+             folder: Path, *, beta2: float | None = None, dev: bool = False,
+             clock: Callable[[], float] = time.perf_counter) -> dict[float, dict[str, float]]:
+    """NL-MM as `cfg` says, its schedule (warmup, then `train.schedule`) sized to the largest
+    budget; `beta2` replaces the Adam β2 nlmm ships."""
     cache = ensure_features(cache, cfg.encoders, device, progress=False)
-    trainer = Trainer(cfg, cache, device, folder, NullSink(), log=lambda m: None)
+    with adam_beta2(beta2):
+        trainer = Trainer(cfg, cache, device, folder, NullSink(), log=lambda m: None)
     trainer.model.load_pretrained_backbones(progress=False)
     acc = cfg.train.accumulate
 
@@ -115,24 +180,29 @@ def run_nlmm(cfg: Config, cache: PreparedCache, device: torch.device, budgets_s:
                     group = []
 
     def calibrated(step_s: float) -> None:
-        # the schedule (warmup + cosine) spans the largest budget, as a user sizing epochs would
         trainer.total_steps = max(int(max(budgets_s) / step_s), cfg.train.warmup_steps + 1)
 
     return timed_training(batches(), trainer.train_step, budgets_s,
-                          lambda: evaluate_split(trainer.model, cache, "test", device), calibrated)
+                          splits_score(trainer.model, cache, device, dev), calibrated, clock)
 
 
 def run_reference(cfg: Config, cache: PreparedCache, device: torch.device,
                   budgets_s: list[float], batch_size: int = 128,
-                  build: Callable[[], torch.nn.Module] | None = None
+                  build: Callable[[], torch.nn.Module] | None = None, *,
+                  lr: float = 1e-3, beta2: float = 0.999, schedule: str = "constant",
+                  warmup: int = 0, dev: bool = False,
+                  clock: Callable[[], float] = time.perf_counter
                   ) -> dict[float, dict[str, float]]:
-    """The reference trained for the budgets; `build` makes another reference model (e.g. one
-    cut to a corpus's two modalities), default the three-tower ReferenceEncoder."""
+    """The reference trained for the budgets with AdamW (`lr`, `beta2`), linear warmup over
+    `warmup` steps, then `schedule` sized to the largest budget as NL-MM's is. `build` makes
+    another reference model (e.g. one cut to a corpus's two modalities), default the
+    three-tower ReferenceEncoder. The defaults are the untuned setting of the first benches."""
     torch.manual_seed(cfg.train.seed)
     model = (build() if build else
              ReferenceEncoder(cache.tokenizer.vocab_size, cfg.data.n_mels)).to(device)
-    opt = model.optimizer()
+    opt = model.optimizer(lr=lr, betas=(0.9, beta2))
     max_frames = int(cfg.data.max_audio_seconds * cfg.data.sample_rate / cfg.data.hop_length) + 1
+    plan = {"done": 0, "total": warmup + 1}
 
     def batches() -> Iterator[dict[str, torch.Tensor]]:
         for epoch in itertools.count():
@@ -140,14 +210,66 @@ def run_reference(cfg: Config, cache: PreparedCache, device: torch.device,
                                    device=device, max_audio_frames=max_frames)
 
     def step(batch: dict[str, torch.Tensor]) -> None:
+        plan["done"] += 1
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_factor(plan["done"], plan["total"], warmup, schedule)
         model.train()
         loss = REFERENCE_LOSS(model(batch))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    return timed_training(batches(), step, budgets_s,
-                          lambda: evaluate_split(model, cache, "test", device))
+    def calibrated(step_s: float) -> None:
+        plan["total"] = max(int(max(budgets_s) / step_s), warmup + 1)
+
+    return timed_training(batches(), step, budgets_s, splits_score(model, cache, device, dev),
+                          calibrated, clock)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str  # "reference" or a key of ABLATIONS
+    setting: Setting
+    seed: int
+
+
+def train_arm(arm: Arm, base_name: str, base_sets: list[str], cache: PreparedCache,
+              device: torch.device, budget_s: float, folder: Path) -> dict[str, Any]:
+    """One arm for `budget_s` CPU seconds: test and dev metrics, steps, CPU and wall seconds."""
+    s, seed = arm.setting, arm.seed
+    sets = base_sets + [f"train.seed={seed}"]
+    base = resolve_config(base_name, sets)
+    wall, cpu = time.perf_counter(), time.process_time()
+    if arm.name == "reference":
+        metrics = run_reference(base, cache, device, [budget_s], s.batch, lr=s.lr, beta2=s.beta2,
+                                schedule=s.schedule, warmup=base.train.warmup_steps, dev=True,
+                                clock=time.process_time)[budget_s]
+    else:
+        cfg = resolve_config(base_name, sets + ABLATIONS[arm.name](base) + s.overrides())
+        metrics = run_nlmm(cfg, cache, device, [budget_s], folder / f"{arm.name}-{seed}",
+                           beta2=s.beta2, dev=True, clock=time.process_time)[budget_s]
+    metrics.update(cpu_s=time.process_time() - cpu, wall_s=time.perf_counter() - wall,
+                   load=os.getloadavg()[0])
+    return metrics
+
+
+def commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--",
+                                   "nlmm", "bench", "configs") else "")
+
+
+def stamp(args: argparse.Namespace, base: Config) -> str:
+    """Date, commit and a hash of everything that decides the figures (the resolved config and
+    this bench's arguments), for the head of each table."""
+    what = {"config": dataclasses.asdict(base),
+            "args": {k: v for k, v in sorted(vars(args).items()) if k != "json"}}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+    return (f"{datetime.date.today().isoformat()} · commit {commit()} · config hash "
+            f"{digest[:12]} ({args.config}{' ' + ' '.join(args.set) if args.set else ''})")
 
 
 def corpus(args: argparse.Namespace, folder: Path) -> Path:
@@ -157,25 +279,92 @@ def corpus(args: argparse.Namespace, folder: Path) -> Path:
     start = time.perf_counter()
     synth_corpus(root, n_images=args.images, seed=args.seed, engine="builtin", progress=False,
                  objects=args.objects)
-    print(f"corpus: {args.images} synthetic images with {args.objects} objects each, written in "
-          f"{time.perf_counter() - start:.0f} s")
+    print(f"corpus: {args.images} synthetic images, "
+          f"{f'{args.objects} objects each' if args.objects else '1-2 objects (free mode)'}, "
+          f"seed {args.seed}, written in {time.perf_counter() - start:.0f} s", flush=True)
     return root
 
 
-def table(results: dict[str, dict[float, dict[str, float]]], budgets_s: list[float]) -> str:
-    head = f"| arm | budget | steps | {' | '.join(DIRECTIONS)} | mean R@1 | × reference |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for budget in budgets_s:
-        ref = results.get("reference", {}).get(budget, {}).get("mean_r1")
-        for arm, by_budget in results.items():
-            m = by_budget.get(budget)
-            if m is None:
+# ------------------------------------------------------------------ tables
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def grid_table(runs: list[dict[str, Any]], picks: dict[str, Setting]) -> str:
+    """Dev mean R@1 (and steps) of every grid arm, both models side by side; picks in bold."""
+    models = ("reference", "nlmm")
+    cells: dict[Setting, dict[str, dict[str, Any]]] = {}
+    for run in runs:
+        if run["grid"] and run["arm"].name in models:
+            cells.setdefault(run["arm"].setting, {})[run["arm"].name] = run
+    lines = ["| lr | β2 | schedule | batch | " + " | ".join(
+        f"{m} steps | {m} dev mean R@1" for m in models) + " |", "|---" * 8 + "|"]
+    for s in sorted(cells, key=lambda s: (s.batch, s.lr, s.beta2, s.schedule)):
+        row = f"| {s.lr:g} | {s.beta2:g} | {s.schedule} | {s.batch} |"
+        for m in models:
+            run = cells[s].get(m)
+            if run is None:
+                row += " – | – |"
                 continue
-            ratio = f"{m['mean_r1'] / ref:.2f}" if ref else "–"
-            cells = " | ".join(f"{m.get(f'{d}_r1', float('nan')):.1f}" for d in DIRECTIONS)
-            lines.append(f"| {arm} | {budget / 60:g} min | {m['steps']} | {cells} | "
-                         f"{m['mean_r1']:.1f} | {ratio} |")
+            dev = f"{run['metrics']['dev_mean_r1']:.1f}"
+            row += f" {run['metrics']['steps']} | {f'**{dev}**' if picks.get(m) == s else dev} |"
+        lines.append(row)
     return "\n".join(lines)
+
+
+def result_table(runs: list[dict[str, Any]]) -> str:
+    """One row per arm: test R@1 per direction (mean over seeds), test and dev mean R@1 (each
+    seed's after the mean), and the ratio of the test mean to the reference's."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(run["arm"].name, []).append(run)
+    ref = groups.get("reference")
+    ref_mean = _mean([r["metrics"]["mean_r1"] for r in ref]) if ref else None
+    lines = [f"| arm | setting | seeds | steps | {' | '.join(DIRECTIONS)} | test mean R@1 | "
+             "dev mean R@1 | × reference |", "|---" * (7 + len(DIRECTIONS)) + "|"]
+    for name, group in groups.items():
+        ms = [r["metrics"] for r in group]
+        dirs = " | ".join(f"{_mean([m.get(f'{d}_r1', float('nan')) for m in ms]):.1f}"
+                          for d in DIRECTIONS)
+
+        def figure(key: str) -> str:
+            values = [m[key] for m in ms]
+            each = " / ".join(f"{v:.1f}" for v in values)
+            return f"{_mean(values):.1f}" + (f" ({each})" if len(values) > 1 else "")
+        ratio = f"{_mean([m['mean_r1'] for m in ms]) / ref_mean:.2f}" if ref_mean else "–"
+        steps = " / ".join(str(m["steps"]) for m in ms)
+        seeds = ",".join(str(r["arm"].seed) for r in group)
+        lines.append(f"| {name} | {group[0]['arm'].setting} | {seeds} | {steps} | {dirs} | "
+                     f"{figure('mean_r1')} | {figure('dev_mean_r1')} | {ratio} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the run
+
+def best(runs: list[dict[str, Any]], name: str) -> Setting:
+    """The setting of `name`'s arms with the best dev mean R@1."""
+    mine = [r for r in runs if r["arm"].name == name]
+    return max(mine, key=lambda r: r["metrics"]["dev_mean_r1"])["arm"].setting
+
+
+def parse_floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def parse_optimizer_lrs(items: list[str]) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for item in items:
+        name, _, lrs = item.partition("=")
+        if name not in OPTIMIZERS or not lrs:
+            sys.exit(f"--optimizer-lrs {item!r} must look like sgd=1e-2,3e-2 with one of "
+                     f"{', '.join(OPTIMIZERS)}")
+        out[name] = parse_floats(lrs)
+    return out
+
+
+def load_picks(path: Path) -> dict[str, Setting]:
+    return {name: Setting(**s) for name, s in json.loads(path.read_text())["picks"].items()}
 
 
 def main() -> None:
@@ -183,21 +372,37 @@ def main() -> None:
     parser.add_argument("--corpus", help="a prepared-or-not corpus in the Flickr8k layout "
                                          "(default: write a synthetic one)")
     parser.add_argument("--images", type=int, default=1200, help="synthetic corpus size")
-    parser.add_argument("--objects", type=int, default=3, help="objects per synthetic image")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--objects", type=int, default=None,
+                        help="objects per synthetic image on a 3x3 grid (default: 1-2, free)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
     parser.add_argument("--config", default="tiny_cpu", help="NL-MM config name or YAML path")
     parser.add_argument("--set", action="append", default=[], help="extra NL-MM config override")
-    parser.add_argument("--minutes", type=float, nargs="+", default=[3.0, 8.0])
-    parser.add_argument("--arms", default="reference,nlmm", help=f"subset of {','.join(ARMS)}")
+    parser.add_argument("--cpu-seconds", type=float, default=45.0, help="budget of every arm")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--lrs", default="3e-4,1e-3,3e-3")
+    parser.add_argument("--beta2s", default="0.98,0.999")
+    parser.add_argument("--schedules", default="constant,cosine")
+    parser.add_argument("--batches", default="32,128",
+                        help="the grid runs at the first; the others at each model's best")
+    parser.add_argument("--ablations", default="one_level,no_memory,plain")
+    parser.add_argument("--optimizer-lrs", action="append", default=[],
+                        help="an optimizer arm and its lr grid, e.g. sgd=1e-2,3e-2,1e-1")
+    parser.add_argument("--seeds", default="0", help="training seeds; the grid runs at the first")
+    parser.add_argument("--picks-from", type=Path, help="--json of an earlier run: train its "
+                                                        "picks, no grid")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(ARMS))
+    ablations = [a for a in args.ablations.split(",") if a]
+    unknown = sorted(set(ablations) - set(ABLATIONS))
     if unknown:
-        sys.exit(f"unknown arm {unknown[0]!r}; pick from {', '.join(ARMS)}")
-    budgets = [60.0 * m for m in args.minutes]
+        sys.exit(f"unknown ablation {unknown[0]!r}; pick from {', '.join(ABLATIONS)}")
+    optimizer_lrs = parse_optimizer_lrs(args.optimizer_lrs)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    batches = [int(b) for b in args.batches.split(",") if b]
     device = resolve_device(args.device)
+    torch.set_num_threads(args.threads)
+    began = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="nlmm-quality-") as tmp:
         folder = Path(tmp)
@@ -205,24 +410,71 @@ def main() -> None:
         root = corpus(args, folder)
         base = resolve_config(args.config, args.set)
         cache = prepare(root, base.data, base.vocab_size, progress=False)
-        print(f"device {device}, torch threads {torch.get_num_threads()}, config {args.config} "
-              f"{' '.join(args.set)}; {len(cache.split_captions('train'))} train captions, "
-              f"{len(cache.split_images('test'))} test images")
-        results: dict[str, dict[float, dict[str, float]]] = {}
-        for arm in arms:
-            start = time.perf_counter()
-            if arm == "reference":
-                results[arm] = run_reference(base, cache, device, budgets)
-            else:
-                cfg = resolve_config(args.config, args.set + ABLATIONS[arm](base))
-                results[arm] = run_nlmm(cfg, cache, device, budgets, folder / arm)
-            last = results[arm][max(budgets)]
-            print(f"{arm}: mean R@1 {last['mean_r1']:.1f} after {last['steps']} steps "
-                  f"({time.perf_counter() - start:.0f} s with evaluation)", flush=True)
-        print(table(results, budgets))
+        head = stamp(args, base)
+        print(f"{head}\ndevice {device}, torch threads {torch.get_num_threads()}, "
+              f"{args.cpu_seconds:g} CPU s per arm; {len(cache.split_captions('train'))} train "
+              f"captions, {len(cache.split_images('dev'))} dev / "
+              f"{len(cache.split_images('test'))} test images", flush=True)
+        runs: list[dict[str, Any]] = []
+
+        def run(arm: Arm, grid: bool) -> None:
+            metrics = train_arm(arm, args.config, args.set, cache, device, args.cpu_seconds,
+                                folder)
+            runs.append({"arm": arm, "grid": grid, "metrics": metrics})
+            print(f"{arm.name} [{arm.setting}] seed {arm.seed}: dev {metrics['dev_mean_r1']:.1f}"
+                  f", test {metrics['mean_r1']:.1f} after {metrics['steps']} steps "
+                  f"({metrics['cpu_s']:.0f} CPU s, {metrics['wall_s']:.0f} s, load "
+                  f"{metrics['load']:.1f})", flush=True)
+
+        if args.picks_from:
+            picks = load_picks(args.picks_from)
+        else:
+            grid = [Setting(lr, b2, sched, batches[0]) for lr, b2, sched in itertools.product(
+                parse_floats(args.lrs), parse_floats(args.beta2s),
+                [s for s in args.schedules.split(",") if s])]
+            for setting in grid:
+                for name in ("reference", "nlmm"):
+                    run(Arm(name, setting, seeds[0]), grid=True)
+            for batch in batches[1:]:
+                for name in ("reference", "nlmm"):
+                    run(Arm(name, dataclasses.replace(best(runs, name), batch=batch), seeds[0]),
+                        grid=True)
+            picks = {name: best(runs, name) for name in ("reference", "nlmm")}
+            for opt, lrs in optimizer_lrs.items():
+                for lr in lrs:
+                    run(Arm(opt, dataclasses.replace(picks["nlmm"], lr=lr), seeds[0]), grid=True)
+                picks[opt] = best(runs, opt)
+        print("picks (best dev mean R@1): " + "; ".join(f"{k}: {v}" for k, v in picks.items()),
+              flush=True)
+
+        headline = ["reference", "nlmm", *ablations, *(k for k in picks if k in OPTIMIZERS)]
+        for seed in seeds:
+            for name in headline:
+                setting = picks.get(name, picks["nlmm"])
+                arm = Arm(name, setting, seed)
+                if not any(r["arm"] == arm for r in runs):
+                    run(arm, grid=False)
+        final = [r for r in runs if r["arm"].name in headline
+                 and r["arm"].setting == picks.get(r["arm"].name, picks["nlmm"])]
+        final.sort(key=lambda r: (headline.index(r["arm"].name), r["arm"].seed))
+
+        print(f"\n{head}")
+        if not args.picks_from:
+            print(f"\ngrid, dev split (picks in bold):\n{grid_table(runs, picks)}")
+            for opt in optimizer_lrs:
+                print(f"\n{opt}, lr grid at NL-MM's pick, dev mean R@1: " + ", ".join(
+                    f"lr {r['arm'].setting.lr:g}: {r['metrics']['dev_mean_r1']:.1f}"
+                    for r in runs if r["arm"].name == opt and r["arm"].seed == seeds[0]))
+        print(f"\ntest split, each arm at its dev pick:\n"
+              f"{result_table(final)}")
+        print(f"\ntotal {time.perf_counter() - began:.0f} s")
         if args.json:
-            Path(args.json).write_text(json.dumps({a: {str(b): m for b, m in r.items()}
-                                                   for a, r in results.items()}, indent=1))
+            Path(args.json).write_text(json.dumps({
+                "stamp": head, "args": {k: str(v) for k, v in vars(args).items()},
+                "picks": {k: dataclasses.asdict(v) for k, v in picks.items()},
+                "runs": [{"arm": r["arm"].name, "setting": dataclasses.asdict(r["arm"].setting),
+                          "seed": r["arm"].seed, "grid": r["grid"], "metrics": r["metrics"]}
+                         for r in runs]}, indent=1))
 
 
 if __name__ == "__main__":

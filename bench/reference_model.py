@@ -7,7 +7,8 @@ The kind of model a practitioner would write first for this task, kept deliberat
 - audio: four 1-D conv stages over the log-mel frames (kernel 5, BatchNorm, ReLU, stride 2),
   mean-pooled over valid frames;
 - 128-d L2-normalised embeddings, the same multi-positive InfoNCE and learnable temperature
-  as NL-MM (`nlmm.model.losses`), AdamW without decay on norms and biases, no augmentation.
+  as NL-MM (`nlmm.model.losses`), AdamW without decay on norms and biases, no augmentation;
+  its lr, β2, batch and schedule are the bench's to tune (`bench/quality_bench.py`).
 
 It exposes `encode(modality, x, mask)` like `NLMM`, so nlmm's own evaluation scores it.
 """
@@ -106,9 +107,10 @@ class ReferenceEncoder(nn.Module):
                "audio": self.encode("audio", batch["audio"][rows], batch["audio_mask"][rows])}
         return ForwardOutput(emb, batch["image_ids"], rows, logit_scale_value(self.logit_scale))
 
-    def optimizer(self, lr: float = 1e-3, weight_decay: float = 0.01) -> torch.optim.Optimizer:
+    def optimizer(self, lr: float = 1e-3, weight_decay: float = 0.01,
+                  betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
         """AdamW; matrices and conv kernels decay, norms, biases and the temperature do not."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
         rest = [p for p in self.parameters() if p.dim() < 2]
         return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=lr)
+                                  {"params": rest, "weight_decay": 0.0}], lr=lr, betas=betas)

@@ -16,7 +16,10 @@ model is scored with the selected setting too (TTT without joint training, as it
 Scoring is `nlmm.train.evaluate`'s (`evaluate_split` = `embed_split` + `score_split`; the two
 halves are called here so each embedding pass is timed and reused). Two TTT protocols:
   all    every item adapted on its own loss, queries and gallery (what `nlmm eval` reports)
-  query  adapted queries against the plain gallery (what `nlmm search` does)
+  query  adapted queries against the plain gallery (what `nlmm search` does), each direction
+         scored by `nlmm.train.retrieval.retrieval_metrics`
+Every mean covers all six directions: a setting where one cannot be scored stops the bench
+instead of averaging fewer.
 Query-time cost, measured in this run for both: ms per item when a split is embedded in
 batches of 128, and ms per query when 16 queries of each modality are embedded one at a time.
 `1-cos` is the mean cosine distance between an item's plain and adapted embedding.
@@ -50,7 +53,7 @@ from nlmm.model import NLMM
 from nlmm.model.ttt import LowRankAdapter
 from nlmm.train.evaluate import embed_split, score_split
 from nlmm.train.loop import Trainer
-from nlmm.train.retrieval import recall_at_k
+from nlmm.train.retrieval import retrieval_metrics
 
 MODALITY = {"i": "image", "t": "text", "a": "audio"}
 SINGLE_QUERIES = 16  # per modality, for the one-at-a-time latency
@@ -160,18 +163,31 @@ def single_query_ms(model: NLMM, cache: PreparedCache, split: str, device: torch
     return 1000.0 * (time.perf_counter() - start) / len(queries)
 
 
+def all_six(metrics: dict[str, float], what: str) -> dict[str, float]:
+    """`metrics` when every direction was scored: a mean over fewer would not compare with
+    one over six, so a TTT figure covers all six or is not reported."""
+    missing = [d for d in DIRECTIONS if f"{d}_r1" not in metrics]
+    if missing:
+        raise RuntimeError(f"{what}: {', '.join(missing)} could not be scored; a TTT figure "
+                           "averages all six directions or is not reported.")
+    return metrics
+
+
 def query_protocol(query: dict[str, torch.Tensor], gallery: dict[str, torch.Tensor],
                    owner: dict[str, torch.Tensor]) -> dict[str, float]:
-    """R@1 per direction with `query` embeddings against `gallery` embeddings, and mean_r1."""
+    """R@1 per direction with `query` embeddings against `gallery` embeddings and their mean,
+    each direction scored by nlmm's `retrieval_metrics` (the query side from one, the gallery
+    side from the other)."""
     out: dict[str, float] = {}
     for d in DIRECTIONS:
         q, g = MODALITY[d[0]], MODALITY[d[2]]
         if q in query and g in gallery:
-            try:
-                out[f"{d}_r1"] = recall_at_k(query[q], gallery[g], owner[q], owner[g], (1,))[1]
-            except ValueError:
-                pass
-    out["mean_r1"] = sum(out.values()) / max(len(out), 1)
+            scored = retrieval_metrics({q: query[q], g: gallery[g]},
+                                       {q: owner[q], g: owner[g]}, ks=(1,))
+            if f"{d}_r1" in scored:
+                out[f"{d}_r1"] = scored[f"{d}_r1"]
+    all_six(out, "query-only protocol")
+    out["mean_r1"] = sum(out.values()) / len(DIRECTIONS)
     return out
 
 
@@ -190,7 +206,8 @@ def score(model: NLMM, cache: PreparedCache, split: str, device: torch.device,
     else:
         embed_split(model, cache, split, device)  # warm-up: first reads of the split, allocations
     emb, owner, ms_item = embed(model, cache, split, device, ttt=setting is not None)
-    result: dict[str, Any] = {"all": score_split(cache, split, emb, owner), "ms_item": ms_item,
+    result: dict[str, Any] = {"all": all_six(score_split(cache, split, emb, owner), split),
+                              "ms_item": ms_item,
                               "emb": emb, "owner": owner}
     if latency:
         result["ms_query"] = single_query_ms(model, cache, split, device, setting is not None)
