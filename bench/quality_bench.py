@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import hashlib
 import itertools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +48,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 from reference_model import REFERENCE_LOSS, ReferenceEncoder  # noqa: E402
 
 import nlmm.optim.factory as optim_factory  # noqa: E402
@@ -72,7 +71,6 @@ ABLATIONS: dict[str, Callable[[Config], list[str]]] = {
 }
 ARMS = ("reference", *ABLATIONS)
 CALIBRATION_STEPS = 8
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fastest(cfg: Config) -> str:
@@ -253,23 +251,14 @@ def train_arm(arm: Arm, base_name: str, base_sets: list[str], cache: PreparedCac
     return metrics
 
 
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True,
-                              text=True).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--",
-                                   "nlmm", "bench", "configs") else "")
-
-
 def stamp(args: argparse.Namespace, base: Config) -> str:
-    """Date, commit and a hash of everything that decides the figures (the resolved config and
-    this bench's arguments), for the head of each table."""
+    """The harness's stamp (date, commit, machine) and a hash of everything else that decides
+    the figures: the resolved config and this bench's arguments."""
     what = {"config": dataclasses.asdict(base),
             "args": {k: v for k, v in sorted(vars(args).items()) if k != "json"}}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
-    return (f"{datetime.date.today().isoformat()} · commit {commit()} · config hash "
-            f"{digest[:12]} ({args.config}{' ' + ' '.join(args.set) if args.set else ''})")
+    return (f"{harness.stamp()} · config hash {digest[:12]} "
+            f"({args.config}{' ' + ' '.join(args.set) if args.set else ''})")
 
 
 def corpus(args: argparse.Namespace, folder: Path) -> Path:
