@@ -112,6 +112,15 @@ class DataConfig:
     augment: AugmentConfig = _f(factory=AugmentConfig,
                                 help="image augmentation of training batches; true/false set both")
 
+    @property
+    def max_audio_samples(self) -> int:
+        return int(round(self.max_audio_seconds * self.sample_rate))
+
+    def mel_frames(self, n_samples: int) -> int:
+        """Log-mel frames of a clip of `n_samples` once cut to max_audio_seconds (the centred
+        STFT: one frame a hop, plus one)."""
+        return 1 + min(n_samples, self.max_audio_samples) // self.hop_length
+
 
 @dataclass
 class TrainConfig:

@@ -20,7 +20,7 @@ import nlmm.data.cache as cache_mod
 import nlmm.data.parallel
 from nlmm.config import AugmentConfig, DataConfig
 from nlmm.data.cache import PreparedCache, default_cache_dir, is_fresh, prepare
-from nlmm.data.features import (BadInput, load_image, load_log_mel, log_mel, mel_frames,
+from nlmm.data.features import (BadInput, load_image, load_log_mel, log_mel,
                                 normalize_images)
 from nlmm.data.loader import TrainLoader, augment_images, iter_modality, owner_images
 from nlmm.data.tokenizer import TextTokenizer
@@ -57,7 +57,7 @@ def test_log_mel_frame_count_is_one_plus_samples_over_hop(n_samples: int) -> Non
     cfg = DataConfig()
     mel = log_mel(tone(440.0, n_samples / 16000, 16000), cfg)
     assert mel.dtype == np.float16
-    assert mel.shape == (80, 1 + n_samples // 160) == (80, mel_frames(n_samples, cfg))
+    assert mel.shape == (80, 1 + n_samples // 160) == (80, cfg.mel_frames(n_samples))
 
 
 def test_one_second_clip_gives_101_frames_and_long_clips_are_cropped() -> None:

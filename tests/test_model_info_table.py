@@ -9,7 +9,7 @@ import math
 from rich.console import Console
 
 from nlmm.config import resolve_config
-from nlmm.model.info import MEL_FRAMES_PER_SECOND, TYPICAL_SPEECH_SECONDS, model_info
+from nlmm.model.info import TYPICAL_SPEECH_SECONDS, model_info
 from nlmm.reports import model_info_table
 
 
@@ -40,7 +40,7 @@ def test_the_triple_is_cut_to_the_configs_audio_limit():
     assert capped.data.max_audio_seconds < TYPICAL_SPEECH_SECONDS
     info = model_info(capped)
     assert info["audio_seconds"] == capped.data.max_audio_seconds
-    frames = math.ceil(capped.data.max_audio_seconds * MEL_FRAMES_PER_SECOND)
+    frames = 1 + round(capped.data.max_audio_seconds * 16000) // 160  # 10 ms hop at 16 kHz
     assert info["tokens_per_triple"]["audio"] == math.ceil(frames / capped.audio_stride)
     assert "audio 4 s, text 20 tokens; data.max_audio_seconds caps it)" in \
         " ".join(rendered(capped).split())

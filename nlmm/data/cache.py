@@ -40,7 +40,7 @@ import torch
 from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from nlmm.config import DataConfig, EncodersConfig
-from nlmm.data.features import BadInput, load_image, load_log_mel, mel_frames
+from nlmm.data.features import BadInput, load_image, load_log_mel
 from nlmm.data.check import CheckReport, caption_audio, tally
 from nlmm.data.corpora import read_corpus, resolve_spec
 from nlmm.data.corpora.base import SPLITS, Caption, Corpus, CorpusSpec, Defect, Group
@@ -427,7 +427,7 @@ def _build(specs: list[CorpusSpec], corpora: list[Corpus], cfg: DataConfig, voca
         "wavs_decoded": len(audio_paths),
         "build_seconds": seconds,
         "workers": default_workers(workers),
-        "max_mel_frames": mel_frames(10**12, cfg),
+        "max_mel_frames": cfg.mel_frames(10**12),
         "defects": [dataclasses.asdict(d) for d in defects],
         "notes": [n for c in corpora for n in c.notes],
     }

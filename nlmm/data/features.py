@@ -142,19 +142,10 @@ def load_wav(path: Path, sample_rate: int) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def max_audio_samples(cfg: DataConfig) -> int:
-    return int(round(cfg.max_audio_seconds * cfg.sample_rate))
-
-
 def load_clip(path: Path, cfg: DataConfig) -> np.ndarray:
     """float32 mono wave at cfg.sample_rate cut to max_audio_seconds: a speech backbone's input,
     the same span of the recording that the log-mel covers."""
-    return load_wav(path, cfg.sample_rate)[:max_audio_samples(cfg)]
-
-
-def mel_frames(n_samples: int, cfg: DataConfig) -> int:
-    """Frames of the centred STFT of a clip, after the clip is cropped to max_audio_seconds."""
-    return 1 + min(n_samples, max_audio_samples(cfg)) // cfg.hop_length
+    return load_wav(path, cfg.sample_rate)[:cfg.max_audio_samples]
 
 
 @functools.lru_cache(maxsize=8)
@@ -168,8 +159,8 @@ def _mel_transform(sample_rate: int, win_length: int, hop_length: int,
 
 
 def log_mel(wave: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """float32 mono wave at cfg.sample_rate -> float16 log-mel (n_mels, T), T = mel_frames(len)."""
-    wave = wave[:max_audio_samples(cfg)]
+    """float32 mono wave at cfg.sample_rate -> float16 log-mel (n_mels, T), T = cfg.mel_frames(len)."""
+    wave = wave[:cfg.max_audio_samples]
     transform = _mel_transform(cfg.sample_rate, cfg.win_length, cfg.hop_length, cfg.n_mels)
     with torch.no_grad():
         mel = transform(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))

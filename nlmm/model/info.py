@@ -50,7 +50,6 @@ OPTIMIZER_STATE_COPIES = {
     "muon": 1,                 # momentum (matrices; vectors use AdamW's 2, a small share)
     "universal_anderson": 13,  # Adam's 2 + previous residual + 2 x history of 5
 }
-MEL_FRAMES_PER_SECOND = 100  # 10 ms hop
 # The triple `model_info` assumes unless told otherwise: 5 s of speech, a caption of 20 tokens.
 TYPICAL_SPEECH_SECONDS = 5.0
 TYPICAL_CAPTION_TOKENS = 20
@@ -123,7 +122,7 @@ def checkpoint_bytes(cfg: Config) -> dict[str, int]:
 
 
 def tokens_per_triple(cfg: Config, audio_seconds: float, text_len: int) -> dict[str, int]:
-    frames = math.ceil(audio_seconds * MEL_FRAMES_PER_SECOND)
+    frames = cfg.data.mel_frames(round(audio_seconds * cfg.data.sample_rate))
     return {"text": text_len, "image": (cfg.data.image_size // cfg.patch_size) ** 2,
             "audio": math.ceil(frames / cfg.audio_stride)}
 
@@ -238,7 +237,7 @@ def model_info(cfg: Config, batch_size: int = 32, audio_seconds: float | None = 
         text_len = min(TYPICAL_CAPTION_TOKENS, cfg.data.text_max_len)
     counts = parameter_counts(cfg)
     tokens = tokens_per_triple(cfg, audio_seconds, text_len)
-    frames = math.ceil(audio_seconds * MEL_FRAMES_PER_SECOND)
+    frames = cfg.data.mel_frames(round(audio_seconds * cfg.data.sample_rate))
     flops: dict[str, float] = {}
     towers = [m for m in MODALITIES if m in cfg.modalities]
     for modality in towers:

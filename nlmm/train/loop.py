@@ -238,7 +238,7 @@ class Trainer:
         cfg = self.cfg
         if self.streamed:
             return self._stream_loader(epoch, start_batch)
-        max_frames = int(cfg.data.max_audio_seconds * cfg.data.sample_rate / cfg.data.hop_length) + 1
+        max_frames = cfg.data.mel_frames(cfg.data.max_audio_samples)
         return TrainLoader(self.cache, "train", cfg.train.batch_size, seed=cfg.train.seed,
                            epoch=epoch, shuffle=True, drop_last=True, device=self.device,
                            crop=cfg.data.augment.crop, flip=cfg.data.augment.flip,
