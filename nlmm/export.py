@@ -1,11 +1,11 @@
-"""Self-contained inference bundles: safetensors weights, config and tokenizer in one folder.
+"""Self-contained inference bundles: safetensors weights, config and tokenizer in one folder
+(`nlmm.bundle` reads them and embeds texts, images and speech with them).
 
 Loading a bundle needs only `nlmm` installed (no store, no run folder, no data cache):
 
-    from nlmm.export import load_bundle
-    bundle = load_bundle("bundle/")
-    ids, lens = bundle.tokenizer.encode_batch(["a dog runs"], bundle.cfg.data.text_max_len)
-    emb = bundle.model.encode("text", torch.as_tensor(ids).long(), torch.as_tensor(ids) != 0)
+    import nlmm
+    bundle = nlmm.load_bundle("bundle/")
+    emb = bundle.embed_text(["a dog runs"])
 """
 
 from __future__ import annotations
@@ -13,28 +13,14 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import nlmm
-from nlmm.config import Config, config_from_dict, save_config, with_legacy_defaults
-from nlmm.data.tokenizer import TextTokenizer
+from nlmm.bundle import CONFIG, META, TOKENIZER, WEIGHTS
+from nlmm.config import save_config
 from nlmm.errors import NlmmError
-from nlmm.model import NLMM
-
-WEIGHTS, CONFIG, TOKENIZER, META = "model.safetensors", "config.yaml", "tokenizer.json", "bundle.json"
-
-
-@dataclass
-class Bundle:
-    model: NLMM
-    cfg: Config
-    tokenizer: TextTokenizer
-    meta: dict
 
 
 def export_bundle(target: str, out: Path, force: bool = False) -> Path:
@@ -68,18 +54,3 @@ def export_bundle(target: str, out: Path, force: bool = False) -> Path:
     os.chmod(out / WEIGHTS, stat.S_IMODE((out / META).stat().st_mode))
     return out
 
-
-def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Model (eval mode), config and tokenizer from a folder written by `export_bundle`."""
-    path = Path(path)
-    missing = [n for n in (WEIGHTS, CONFIG, TOKENIZER) if not (path / n).is_file()]
-    if missing:
-        raise NlmmError(f"{path} is not a complete nlmm bundle (missing {', '.join(missing)}); "
-                        "write one with `nlmm export RUN --out DIR`.")
-    raw = yaml.safe_load((path / CONFIG).read_text()) or {}
-    cfg = config_from_dict(with_legacy_defaults(raw), str(path / CONFIG))
-    model = NLMM(cfg)
-    model.load_state_dict(load_file(str(path / WEIGHTS)))
-    model.to(device).eval()
-    meta = json.loads((path / META).read_text()) if (path / META).is_file() else {}
-    return Bundle(model, cfg, TextTokenizer.load(path / TOKENIZER), meta)

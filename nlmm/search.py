@@ -31,10 +31,9 @@ from rich.progress import Progress
 
 from nlmm.config import MODALITIES
 from nlmm.data.cache import PreparedCache
-from nlmm.data.features import (BadInput, load_clip, load_image, load_wav, log_mel,
-                                 normalize_images)
 from nlmm.data.corpora.base import SPLITS
 from nlmm.data.loader import iter_modality, modality_rows
+from nlmm.embed import autocast_for, embed_input, file_input, text_input
 from nlmm.errors import NlmmError
 from nlmm.inference import LoadedModel, checkpoint_for, load_for_inference, require_cache
 from nlmm.paths import checkpoint_home, run_folder_of
@@ -344,10 +343,7 @@ class Searcher:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         # Gallery and queries are embedded under the autocast the model was evaluated with.
-        amp = self.loaded.cfg.precision.amp
-        if self.loaded.device.type != "cuda" or amp == "none":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return autocast_for(self.loaded.cfg, self.loaded.device)
 
     # ------------------------------------------------------------------ queries
 
@@ -363,32 +359,11 @@ class Searcher:
         modality, value = checked_query(text, image, audio)
         cfg, device, tokenizer = self.loaded.cfg, self.loaded.device, self.loaded.tokenizer
         if modality == "text":
-            ids, lengths = tokenizer.encode_batch([str(value)], cfg.data.text_max_len)
-            x = torch.as_tensor(ids[:, :int(lengths[0])], dtype=torch.long, device=device)
-            mask = torch.ones_like(x, dtype=torch.bool)
+            x, mask = text_input([str(value)], cfg, tokenizer, device)
         else:
-            try:
-                if modality == "image":
-                    pixels = torch.as_tensor(load_image(Path(value), cfg.data.image_size))[None]
-                    x, mask = normalize_images(pixels.to(device)), None
-                elif cfg.encoders.backbone("audio") is not None:
-                    # a speech backbone hears the waveform, cut as in the feature cache
-                    x = torch.as_tensor(load_clip(Path(value), cfg.data), device=device)[None]
-                    mask = torch.ones_like(x, dtype=torch.bool)
-                else:
-                    mel = log_mel(load_wav(Path(value), cfg.data.sample_rate), cfg.data)
-                    x = torch.as_tensor(mel.astype(np.float32), device=device)[None, None]
-                    mask = torch.ones(1, x.shape[-1], dtype=torch.bool, device=device)
-            except BadInput as exc:
-                raise NlmmError(f"cannot read query file {value}: {exc}.") from None
-        model = self.loaded.model
-        with self._autocast():
-            if ttt:
-                emb = model.encode_ttt(modality, x, mask, mask_id=tokenizer.mask_id).detach()
-            else:
-                with torch.no_grad():
-                    emb = model.encode(modality, x, mask)
-        return modality, emb.float()
+            x, mask = file_input(modality, [Path(value)], cfg, device)
+        return modality, embed_input(self.loaded.model, modality, x, mask, ttt=ttt,
+                                     mask_id=tokenizer.mask_id)
 
     def query(self, text: str | None = None, image: Path | None = None, audio: Path | None = None,
               target: str | None = None, k: int = 5, split: str = "test",

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from nlmm.bundle import CONFIG, META, TOKENIZER, WEIGHTS, load_bundle
 from nlmm.config import resolve_config
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
-from nlmm.export import CONFIG, META, TOKENIZER, WEIGHTS, export_bundle, load_bundle
+from nlmm.export import export_bundle
 from nlmm.model import NLMM
 from nlmm.train.checkpoint import save_checkpoint
 

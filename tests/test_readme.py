@@ -1,5 +1,6 @@
 """The README's Python blocks run as written, in a fresh interpreter, next to a bundle made by
-`nlmm export` in `bundle/` (every Python block of the README needs at most that)."""
+`nlmm export` in `bundle/`, an image `photo.jpg` and a recording `speech.wav` (every Python
+block of the README needs at most that)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
+from PIL import Image
 
 from nlmm.config import resolve_config
 from nlmm.data.tokenizer import TextTokenizer
@@ -31,7 +35,8 @@ def python_blocks() -> list[str]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding `bundle/`, exported from an untrained tiny model's checkpoint."""
+    """A folder holding `bundle/`, exported from an untrained tiny model's checkpoint, and
+    `photo.jpg` (80x60) and `speech.wav` (1 s at 22.05 kHz) to embed with it."""
     cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
                                       "depth={text: 1, image: 1, audio: 1}"])
     tokenizer = TextTokenizer.train(["a dog runs on the grass", "a red circle on a blue "
@@ -42,6 +47,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                  "tokenizer": tokenizer.to_json(), "progress": {"global_step": 1},
                                  "data": {"cache": str(folder / "no-cache")}})
     export_bundle(str(checkpoint), folder / "bundle")
+    Image.new("RGB", (80, 60), (200, 30, 30)).save(folder / "photo.jpg")
+    t = np.arange(22050) / 22050
+    sf.write(folder / "speech.wav", 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(6 * t)), 22050)
     return folder
 
 

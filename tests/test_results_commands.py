@@ -73,7 +73,7 @@ def test_eval_json_export_snippet_plot_and_compare(trained_run, isolated_store, 
     assert shape == "(1, 32)"
     assert abs(float(norm) - 1.0) < 1e-4
     # the bundle gives the same embedding as the trained model
-    loaded = nlmm.export.load_bundle(bundle)
+    loaded = nlmm.load_bundle(bundle)
     ids = torch.tensor([[5, 6, 7, 0]])
     trainer.model.eval()
     torch.testing.assert_close(loaded.model.encode("text", ids, ids != 0),
