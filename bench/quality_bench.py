@@ -352,8 +352,56 @@ def parse_optimizer_lrs(items: list[str]) -> dict[str, list[float]]:
     return out
 
 
-def load_picks(path: Path) -> dict[str, Setting]:
-    return {name: Setting(**s) for name, s in json.loads(path.read_text())["picks"].items()}
+def shipped_setting(cfg: Config) -> Setting:
+    """The config's own lr, schedule and batch, with nlmm's β2."""
+    fastest = min(cfg.cms_levels, key=lambda lvl: lvl.chunk_size)
+    return Setting(cfg.train.lr or fastest.lr, optim_factory.ADAM_BETAS[1], cfg.train.schedule,
+                   cfg.train.batch_size)
+
+
+def to_json(run: dict[str, Any]) -> dict[str, Any]:
+    return {"arm": run["arm"].name, "setting": dataclasses.asdict(run["arm"].setting),
+            "seed": run["arm"].seed, "grid": run["grid"], "metrics": run["metrics"]}
+
+
+def from_json(item: dict[str, Any]) -> dict[str, Any]:
+    return {"arm": Arm(item["arm"], Setting(**item["setting"]), item["seed"]),
+            "grid": item["grid"], "metrics": item["metrics"]}
+
+
+def read_results(paths: list[Path]) -> tuple[list[str], list[dict[str, Any]],
+                                             dict[str, Setting]]:
+    """Stamps, runs and picks of earlier `--json` files (later files' picks win)."""
+    stamps, runs, picks = [], [], {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        stamps.append(data["stamp"])
+        runs += [from_json(item) for item in data["runs"]]
+        picks.update({k: Setting(**v) for k, v in data["picks"].items()})
+    return stamps, runs, picks
+
+
+def report(stamps: list[str], runs: list[dict[str, Any]], picks: dict[str, Setting],
+           ablations: list[str], tuned_here: bool) -> str:
+    """The tables: the grid on dev (when the picks were made on these runs), each optimizer's
+    lr grid, and the test figures of every arm at its pick."""
+    out = ["\n".join(dict.fromkeys(stamps))]
+    if tuned_here and any(r["grid"] and r["arm"].name in ("reference", "nlmm") for r in runs):
+        out.append(f"grid, dev split (picks in bold):\n{grid_table(runs, picks)}")
+    for opt in (k for k in picks if k in OPTIMIZERS):
+        grid = sorted((r for r in runs if r["arm"].name == opt and r["grid"]),
+                      key=lambda r: r["arm"].setting.lr)
+        if tuned_here and grid:
+            out.append(f"{opt}, its own lr grid ({grid[0]['arm'].setting.schedule}, batch "
+                       f"{grid[0]['arm'].setting.batch}), dev mean R@1: " + ", ".join(
+                           f"lr {r['arm'].setting.lr:g}: {r['metrics']['dev_mean_r1']:.1f}"
+                           for r in grid))
+    headline = ["reference", "nlmm", *ablations, *(k for k in picks if k in OPTIMIZERS)]
+    final = [r for r in runs if r["arm"].name in headline
+             and r["arm"].setting == picks.get(r["arm"].name, picks.get("nlmm"))]
+    final.sort(key=lambda r: (headline.index(r["arm"].name), r["arm"].seed))
+    out.append(f"test split, each arm at its dev pick:\n{result_table(final)}")
+    return "\n\n".join(out)
 
 
 def main() -> None:
@@ -368,6 +416,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="extra NL-MM config override")
     parser.add_argument("--cpu-seconds", type=float, default=45.0, help="budget of every arm")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--models", default="reference,nlmm", help="the models whose grid runs")
     parser.add_argument("--lrs", default="3e-4,1e-3,3e-3")
     parser.add_argument("--beta2s", default="0.98,0.999")
     parser.add_argument("--schedules", default="constant,cosine")
@@ -375,10 +424,13 @@ def main() -> None:
                         help="the grid runs at the first; the others at each model's best")
     parser.add_argument("--ablations", default="one_level,no_memory,plain")
     parser.add_argument("--optimizer-lrs", action="append", default=[],
-                        help="an optimizer arm and its lr grid, e.g. sgd=1e-2,3e-2,1e-1")
+                        help="an optimizer arm and its lr grid, e.g. sgd=1e-2,3e-2,1e-1, at "
+                             "NL-MM's pick (without an NL-MM grid: at the config's setting)")
     parser.add_argument("--seeds", default="0", help="training seeds; the grid runs at the first")
-    parser.add_argument("--picks-from", type=Path, help="--json of an earlier run: train its "
-                                                        "picks, no grid")
+    parser.add_argument("--picks-from", type=Path, nargs="+", default=[],
+                        help="--json files of earlier runs: train (or report) their picks")
+    parser.add_argument("--report", type=Path, nargs="+", default=[],
+                        help="train nothing: the tables of these --json files together")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -386,7 +438,16 @@ def main() -> None:
     unknown = sorted(set(ablations) - set(ABLATIONS))
     if unknown:
         sys.exit(f"unknown ablation {unknown[0]!r}; pick from {', '.join(ABLATIONS)}")
+    if args.report:
+        stamps, runs, picks = read_results(args.report)
+        if args.picks_from:
+            picks = read_results(args.picks_from)[2]
+        else:
+            picks.update({name: best(runs, name) for name in picks})
+        print(report(stamps, runs, picks, ablations, tuned_here=not args.picks_from))
+        return
     optimizer_lrs = parse_optimizer_lrs(args.optimizer_lrs)
+    models = [m for m in args.models.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     batches = [int(b) for b in args.batches.split(",") if b]
     device = resolve_device(args.device)
@@ -412,58 +473,47 @@ def main() -> None:
             runs.append({"arm": arm, "grid": grid, "metrics": metrics})
             print(f"{arm.name} [{arm.setting}] seed {arm.seed}: dev {metrics['dev_mean_r1']:.1f}"
                   f", test {metrics['mean_r1']:.1f} after {metrics['steps']} steps "
-                  f"({metrics['cpu_s']:.0f} CPU s, {metrics['wall_s']:.0f} s, load "
-                  f"{metrics['load']:.1f})", flush=True)
+                  f"({metrics['cpu_s']:.0f} CPU s and {metrics['wall_s']:.0f} s with "
+                  f"evaluation, load {metrics['load']:.1f})", flush=True)
+            save()
 
-        if args.picks_from:
-            picks = load_picks(args.picks_from)
-        else:
+        def save() -> None:
+            """After every arm, so a run cut short still leaves its figures."""
+            if args.json:
+                Path(args.json).write_text(json.dumps(
+                    {"stamp": head, "args": {k: str(v) for k, v in vars(args).items()},
+                     "picks": {k: dataclasses.asdict(v) for k, v in picks.items()},
+                     "runs": [to_json(r) for r in runs]}, indent=1))
+
+        picks: dict[str, Setting] = read_results(args.picks_from)[2] if args.picks_from else {}
+        if not args.picks_from:
             grid = [Setting(lr, b2, sched, batches[0]) for lr, b2, sched in itertools.product(
                 parse_floats(args.lrs), parse_floats(args.beta2s),
                 [s for s in args.schedules.split(",") if s])]
             for setting in grid:
-                for name in ("reference", "nlmm"):
+                for name in models:
                     run(Arm(name, setting, seeds[0]), grid=True)
             for batch in batches[1:]:
-                for name in ("reference", "nlmm"):
+                for name in models:
                     run(Arm(name, dataclasses.replace(best(runs, name), batch=batch), seeds[0]),
                         grid=True)
-            picks = {name: best(runs, name) for name in ("reference", "nlmm")}
+            picks.update({name: best(runs, name) for name in models})
+            at = picks.get("nlmm", shipped_setting(base))
             for opt, lrs in optimizer_lrs.items():
                 for lr in lrs:
-                    run(Arm(opt, dataclasses.replace(picks["nlmm"], lr=lr), seeds[0]), grid=True)
+                    run(Arm(opt, dataclasses.replace(at, lr=lr), seeds[0]), grid=True)
                 picks[opt] = best(runs, opt)
         print("picks (best dev mean R@1): " + "; ".join(f"{k}: {v}" for k, v in picks.items()),
               flush=True)
 
-        headline = ["reference", "nlmm", *ablations, *(k for k in picks if k in OPTIMIZERS)]
         for seed in seeds:
-            for name in headline:
-                setting = picks.get(name, picks["nlmm"])
-                arm = Arm(name, setting, seed)
+            for name in [*picks, *(ablations if "nlmm" in picks else [])]:
+                arm = Arm(name, picks[name] if name in picks else picks["nlmm"], seed)
                 if not any(r["arm"] == arm for r in runs):
                     run(arm, grid=False)
-        final = [r for r in runs if r["arm"].name in headline
-                 and r["arm"].setting == picks.get(r["arm"].name, picks["nlmm"])]
-        final.sort(key=lambda r: (headline.index(r["arm"].name), r["arm"].seed))
-
-        print(f"\n{head}")
-        if not args.picks_from:
-            print(f"\ngrid, dev split (picks in bold):\n{grid_table(runs, picks)}")
-            for opt in optimizer_lrs:
-                print(f"\n{opt}, lr grid at NL-MM's pick, dev mean R@1: " + ", ".join(
-                    f"lr {r['arm'].setting.lr:g}: {r['metrics']['dev_mean_r1']:.1f}"
-                    for r in runs if r["arm"].name == opt and r["arm"].seed == seeds[0]))
-        print(f"\ntest split, each arm at its dev pick:\n"
-              f"{result_table(final)}")
+        save()
+        print(f"\n{report([head], runs, picks, ablations, tuned_here=not args.picks_from)}")
         print(f"\ntotal {time.perf_counter() - began:.0f} s")
-        if args.json:
-            Path(args.json).write_text(json.dumps({
-                "stamp": head, "args": {k: str(v) for k, v in vars(args).items()},
-                "picks": {k: dataclasses.asdict(v) for k, v in picks.items()},
-                "runs": [{"arm": r["arm"].name, "setting": dataclasses.asdict(r["arm"].setting),
-                          "seed": r["arm"].seed, "grid": r["grid"], "metrics": r["metrics"]}
-                         for r in runs]}, indent=1))
 
 
 if __name__ == "__main__":
