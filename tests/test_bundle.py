@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,15 +54,22 @@ class Exported:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_cache: PreparedCache, tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """A tiny model trained for two steps on the hand-written corpus, exported and loaded."""
+def exported(tiny_cache: PreparedCache,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Exported]:
+    """A tiny model trained for two steps on the hand-written corpus, exported and loaded.
+
+    The module runs torch on one thread: its matrices are too small to split, and on a busy
+    2-core machine two threads wait on each other at every op (about 3x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("bundle_run")
     trainer = Trainer(resolve_config("tiny_cpu", TINY), tiny_cache, torch.device("cpu"), folder,
                       NullSink(), log=lambda m: None)
     assert trainer.fit() == "finished"
     checkpoint = folder / "checkpoints" / "best.pt"
     bundle = nlmm.load_bundle(export_bundle(str(checkpoint), folder / "bundle"))
-    return Exported(checkpoint, bundle, tiny_cache)
+    yield Exported(checkpoint, bundle, tiny_cache)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
