@@ -144,6 +144,16 @@ def test_masked_positions_pick_a_share_of_each_rows_valid_tokens():
     assert len({tuple(row.nonzero().flatten().tolist()) for row in chosen[[0, 3]]}) == 2
 
 
+def test_the_first_position_is_masked_no_more_often_than_the_ratio():
+    # frac(0 * golden) = 0 used to rank position 0 first: every row masked its first token
+    lengths = torch.arange(1, 65)
+    valid = torch.arange(64)[None, :] < lengths[:, None]
+    for ratio in (0.15, 0.25):
+        chosen = masked_positions(valid, ratio)
+        assert chosen[:, 0].float().mean() <= ratio
+        assert not chosen[:, 0][lengths >= 2].any()
+
+
 def test_inference_mode_is_refused_with_a_clear_error():
     model = tiny_model()
     x, mask = queries()["text"]
@@ -230,8 +240,8 @@ def test_joint_training_teaches_the_objective_ttt_adapts_on(device):
         return adapt_and_encode(model, "text", x, mask, steps=1, eta=0.1).losses[0]
 
     untrained = start_loss(tiny_model().to(device))
-    joint = start_loss(_train(tiny_model(enable=True).to(device), batch, 16))
-    contrastive_only = start_loss(_train(tiny_model(enable=False).to(device), batch, 16))
+    joint = start_loss(_train(tiny_model(enable=True).to(device), batch, 24))
+    contrastive_only = start_loss(_train(tiny_model(enable=False).to(device), batch, 24))
     assert joint < 0.8 * untrained, (joint, untrained)
     assert contrastive_only > 0.9 * untrained, (contrastive_only, untrained)
 

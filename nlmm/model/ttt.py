@@ -95,11 +95,13 @@ class AdaptationResult:
 def masked_positions(valid: Tensor, ratio: float) -> Tensor:
     """(N, L) bool: round(ratio * n_valid) (at least one) valid positions per row.
 
-    A position's score is frac(p * golden ratio), a well-spread sequence that does not depend
-    on the sequence length, so a row's choice depends on its own valid positions only.
+    A position's score is frac((p + 1) * golden ratio), a well-spread sequence that does not
+    depend on the sequence length, so a row's choice depends on its own valid positions only.
+    The sequence starts at p + 1 because frac(0) = 0 would put position 0 (a caption's first
+    word, nearly always "a"; the first audio frame, often silence) first in every row.
     """
     n, length = valid.shape
-    score = torch.frac(torch.arange(length, dtype=torch.float64) * _GOLDEN).to(valid.device)
+    score = torch.frac(torch.arange(1, length + 1, dtype=torch.float64) * _GOLDEN).to(valid.device)
     score = score.expand(n, length).masked_fill(~valid, 2.0)
     rank = score.argsort(dim=1).argsort(dim=1)
     count = (valid.sum(dim=1) * ratio).round().clamp(min=1)
