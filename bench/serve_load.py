@@ -98,14 +98,18 @@ def ping(runs: Path) -> dict | None:
 
 @contextlib.contextmanager
 def serve_process(runs: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]:
-    """A real `nlmm serve` for `runs`, once it answers a ping (it has loaded no model yet)."""
-    proc = subprocess.Popen([str(NLMM), "serve"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    """A real `nlmm serve` for `runs`, once it answers a ping (it has loaded no model yet). Its
+    output goes to `serve.log` beside `runs`: a pipe nobody reads would stall it once its
+    line per answered search filled the pipe."""
+    log = runs.parent / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(NLMM), "serve"], stdout=out, stderr=subprocess.STDOUT,
+                                env=env)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ping(runs):
             if proc.poll() is not None:
-                raise RuntimeError(f"nlmm serve stopped: {proc.communicate()[0]}")
+                raise RuntimeError(f"nlmm serve stopped: {log.read_text()}")
             if time.monotonic() > deadline:
                 raise RuntimeError("nlmm serve did not start")
             time.sleep(0.1)
@@ -113,7 +117,7 @@ def serve_process(runs: Path, env: dict[str, str]) -> Iterator[subprocess.Popen]
     finally:
         if proc.poll() is None:
             proc.terminate()
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)
 
 
 def report(label: str, result: Burst) -> None:
