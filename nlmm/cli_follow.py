@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from nlmm import store
+from nlmm.reports import epoch_text
 from nlmm.train.launcher import log_lines, stop, wait, watch
 
 
@@ -125,24 +126,29 @@ def _show_bar(run_id: int, console: Console, poll_s: float) -> None:
                 if note:
                     console.print(f"[yellow]note:[/] {note}")
             now = time.time()
+            latest = store.latest_points(run.id, keys=["loss", "triples_per_s", "mean_r1"])
+            rate = latest["triples_per_s"][1] if "triples_per_s" in latest else None
             clock = (f"{store.hms(store.elapsed_seconds(run, now))} elapsed, ETA "
-                     f"{store.hms(store.eta_seconds(run, now))}")
+                     f"{store.hms(store.eta_seconds(run, now, rate))}")
             bar.update(task, total=run.steps_total or None, completed=run.step or 0,
-                       info=_progress_info(run), clock=clock)
+                       info=progress_info(run, latest), clock=clock)
 
 
-def _progress_info(run: store.Run) -> str:
-    """Epoch, phase and the latest loss, throughput and dev recall, as the bar shows them."""
-    latest = store.latest_metrics(run.id, keys=["loss", "triples_per_s", "mean_r1"])
-    info = f"epoch {run.epoch or 0}/{run.epochs_total or '?'}"
+def progress_info(run: store.Run, latest: dict[str, tuple[int, float]]) -> str:
+    """Epoch, phase and the latest loss, throughput and dev recall, as the bar shows them.
+
+    `latest`: (step, value) per key. The bar counts steps from the heartbeat, which runs ahead
+    of the metrics the worker writes in batches, so a loss from an earlier step says which."""
+    info = f"epoch {epoch_text(run)}"
     if run.phase and run.phase != "training":
         info += f"  {run.phase} …"
     if "loss" in latest:
-        info += f"  loss {latest['loss']:.3f}"
+        step, loss = latest["loss"]
+        info += f"  loss {loss:.3f}" + ("" if step == (run.step or 0) else f" (step {step})")
     if "triples_per_s" in latest:
-        info += f"  {latest['triples_per_s']:.3g} triples/s"
+        info += f"  {latest['triples_per_s'][1]:.3g} triples/s"
     if "mean_r1" in latest:
-        info += f"  dev mean R@1 {latest['mean_r1']:.1f}"
+        info += f"  dev mean R@1 {latest['mean_r1'][1]:.1f}"
     return info
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rich.console import Group
 from rich.table import Table
@@ -13,7 +13,7 @@ from rich.text import Text
 from nlmm.metric_names import DIRECTIONS, KS, LOSS_KEYS
 from nlmm.store.progress import elapsed_seconds
 from nlmm.store.sqlite_reader import read_runs
-from nlmm.units import hms
+from nlmm.units import file_size, hms, size_on_disk
 
 if TYPE_CHECKING:  # `runs ls` needs neither config machinery (yaml) nor SQLAlchemy, and `nlmm
     # search` through a server no store: each function imports what it uses
@@ -36,6 +36,23 @@ def status_text(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, ""))
 
 
+def epoch_text(run: store.Run) -> str:
+    """`3/30`: the epoch the run is in, counted from 1 as train.log counts (a run before its
+    first step is in its first), of the epochs it plans."""
+    return f"{max(run.epoch or 0, 1)}/{run.epochs_total or '?'}"
+
+
+def started_text(run: store.Run, stamp: Callable[[float], str]) -> str:
+    """The run's first start, and its latest resume when a worker before this one ran.
+
+    The first start is created_at: the row is made just before the first worker (the corpus is
+    prepared before), and a resume moves started_at (the current worker's start), never it."""
+    text = stamp(run.created_at)
+    if run.elapsed_before and run.started_at is not None:
+        text += f", resumed {stamp(run.started_at)}"
+    return text
+
+
 def runs_table(status: str | None = None) -> Table | Text:
     runs = read_runs(status)
     if runs is None:  # only the store can answer (see nlmm.store.sqlite_reader)
@@ -53,7 +70,7 @@ def runs_table(status: str | None = None) -> Table | Text:
         progress = f"{run.step or 0}/{run.steps_total}" if run.steps_total else str(run.step or 0)
         best = f"{run.best_metric:.1f}" if run.best_metric is not None else "-"
         table.add_row(str(run.id), run.name, status_text(run.status), progress,
-                      f"{run.epoch or 0}/{run.epochs_total or '?'}", best, device_text(run),
+                      epoch_text(run), best, device_text(run),
                       _elapsed(run))
     return table
 
@@ -175,7 +192,8 @@ def run_details(ref: str) -> Group:
     info.add_column(style="bold")
     info.add_column()
     now = time.time()
-    eta = store.eta_seconds(run, now)
+    latest = store.latest_metrics(run.id, keys=[*LOSS_KEYS, "triples_per_s"])
+    eta = store.eta_seconds(run, now, latest.get("triples_per_s"))
     processes = run.processes or 1
     status = status_text(run.status)
     if run.phase and run.status in store.ACTIVE_STATUSES:
@@ -183,7 +201,9 @@ def run_details(ref: str) -> Group:
     rows = [("name", run.name), ("status", status),
             ("device", (run.device or "-") + (f", {processes} processes" if processes > 1 else "")),
             ("progress", f"step {run.step or 0}/{run.steps_total or '?'}, epoch "
-                         f"{run.epoch or 0}/{run.epochs_total or '?'}"),
+                         f"{epoch_text(run)}"),
+            ("started", started_text(run, lambda t: time.strftime("%Y-%m-%d %H:%M",
+                                                                    time.localtime(t)))),
             ("elapsed", _elapsed(run, now) + (f", ETA {store.hms(eta)}" if eta is not None else "")),
             ("data", run.data or "-"), ("log", run.log_path or "-"),
             ("model", f"towers {', '.join(towers)}; d_model {cfg.get('d_model')}, heads "
@@ -200,7 +220,6 @@ def run_details(ref: str) -> Group:
         parts.append(Text(f"note: {note}", style="yellow"))
     if run.error:
         parts.append(Text(run.error.strip().splitlines()[0], style="red"))
-    latest = store.latest_metrics(run.id, keys=[*LOSS_KEYS, "triples_per_s"])
     if latest:
         parts.append(Text("  ".join(f"{k} {v:.4g}" for k, v in latest.items())))
     metrics = _eval_metrics(run.id)
@@ -213,9 +232,11 @@ def run_details(ref: str) -> Group:
         for col in ("kind", "step", "epoch", "mean R@1", "best", "size", "path"):
             table.add_column(col)
         for c in ckpts:
+            size = size_on_disk(c.path)  # as the file is now, not as it was saved
             table.add_row(c.kind, str(c.step), str(c.epoch),
                           f"{c.metrics.get('mean_r1', float('nan')):.1f}" if c.metrics else "-",
-                          "★" if c.is_best else "", f"{(c.bytes or 0) / 1e6:.1f} MB", c.path)
+                          "★" if c.is_best else "", "missing" if size is None else file_size(size),
+                          c.path)
         parts.append(table)
     return Group(*parts)
 
@@ -326,11 +347,6 @@ def eval_table(results: dict[str, Any]) -> Group:
     return Group(*parts)
 
 
-def file_size(nbytes: float) -> str:
-    """`10.39 GB` from a gigabyte on, `721 MB` below (decimal units, as disks are sold)."""
-    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
-
-
 def model_info_table(cfg: Config, batch_size: int) -> Group:
     from nlmm.model.info import model_info
     from nlmm.optim.levels import level_settings
@@ -358,9 +374,9 @@ def model_info_table(cfg: Config, batch_size: int) -> Group:
                        f"{info['params_per_level'].get(lv.name, 0):,}")
     memory = Table(title=f"training memory at batch {batch_size} (estimate)")
     memory.add_column("part")
-    memory.add_column("GiB", justify="right")
+    memory.add_column("size", justify="right")
     for name, nbytes in info["memory_bytes"].items():
-        memory.add_row(name, f"{nbytes / 2**30:.2f}", style="bold" if name == "total" else "")
+        memory.add_row(name, file_size(nbytes), style="bold" if name == "total" else "")
     files = Table(title="checkpoint files per run (estimate)")
     files.add_column("file")
     files.add_column("size", justify="right")

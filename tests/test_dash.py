@@ -89,6 +89,9 @@ def add_run(name: str, status: str, *, steps: int = 200, steps_total: int = 400,
     if checkpoint and steps >= eval_every:
         best_step = steps - steps % eval_every
         path = folder / "checkpoints" / "best.pt"
+        path.parent.mkdir(exist_ok=True)
+        with path.open("wb") as fh:
+            fh.truncate(48 * 2**20)  # a sparse file: its size without writing 48 MiB
         store.record_checkpoint(run.id, best_step, best_step // per_epoch, str(path), "best",
                                 eval_values(best_step), True, 48 * 2**20)
     store.add_system_samples(
@@ -213,10 +216,11 @@ async def test_runs_table_shows_each_run_and_filters_by_status_and_name(dash_sto
         rows = {row[1]: row for row in table_rows(pilot.app, "#runs-table")}
         assert list(rows) == ["synth-smoke", "flickr8k-lr-high", "flickr8k-muon",
                               "flickr8k-baseline"]  # newest first
-        # name, status, progress, epoch · step, best R@1, elapsed, device, started (UTC)
+        # name, status, progress, epoch · step, best R@1, elapsed, device, started (UTC): the
+        # run's first start (its row is made 30 s before its worker starts)
         assert rows["flickr8k-muon"][1:] == ["flickr8k-muon", "running", "62%", "2/4 · 250",
                                              f"{eval_values(200)['mean_r1']:.1f}", "1:02:05",
-                                             "cpu", "11-14 22:23"]
+                                             "cpu", "11-14 22:22"]
         assert rows["flickr8k-baseline"][2:8] == ["finished", "100%", "4/4 · 400",
                                                   f"{eval_values(400)['mean_r1']:.1f}",
                                                   "2:03:04", "cpu"]
@@ -281,7 +285,7 @@ async def test_navigation_between_every_screen(dash_store):
         rows = table_rows(app, "#ckpt-table")
         assert rows == [["★", "best", "200", "2", f"{eval_values(200)['mean_r1']:.1f}",
                          f"{eval_values(200)['i2t_r1']:.1f}", f"{eval_values(200)['t2i_r1']:.1f}",
-                         "48.0 MB", "best.pt"]]
+                         "50 MB", "best.pt"]]
 
         await pilot.press("escape", "escape")
         await settle(pilot)
@@ -333,7 +337,7 @@ async def test_run_screen_shows_progress_eta_error_system_and_log(dash_store):
         await pilot.press("6")
         await settle(pilot)
         latest = plain(screen.query_one("#sys-latest"))
-        assert "GPU 0" in latest and "6.0 GB / 24.0 GB" in latest and "210 W" in latest
+        assert "GPU 0" in latest and "6.44 GB / 25.77 GB" in latest and "210 W" in latest
         await pilot.press("7")
         await settle(pilot)
         log = screen.query_one("#log-tail")
@@ -362,8 +366,8 @@ async def test_every_screen_fits_80x24_with_all_its_keys(dash_store):
         assert "device" not in header  # hidden first when the columns do not all fit
         rows = table_rows(app, "#runs-table")
         assert {row[1] for row in rows} == set(runs)  # names whole, not cut
-        assert [row[-1] for row in rows] == ["11-14 22:43", "11-14 22:33", "11-14 22:23",
-                                             "11-14 22:13"]
+        assert [row[-1] for row in rows] == ["11-14 22:42", "11-14 22:32", "11-14 22:22",
+                                             "11-14 22:12"]
         assert footer_keys_missing(app) == []
 
         await pilot.press("down", "down", "enter")  # flickr8k-muon
@@ -422,12 +426,13 @@ async def test_compare_opened_with_nothing_marked_ticks_exactly_what_it_charts(d
         chart = app.screen.query_one("#compare-chart", MetricChart)
 
         def ticks_shown() -> dict[str, bool]:
-            """Each run's name and whether its box shows a tick (an X unlike its background)."""
+            """Each run's name and whether its box shows a tick, read from the characters
+            alone: ticked and unticked must differ without colour."""
             shown = {}
             for y in range(runs_list.option_count):
-                box = next(seg for seg in runs_list.render_line(y) if seg.text == "X")
-                shown[str(runs_list.get_option_at_index(y).prompt)] = (
-                    box.style.color != box.style.bgcolor)
+                text = "".join(seg.text for seg in runs_list.render_line(y))
+                assert text[:3] in ("▐X▌", "▐ ▌"), text
+                shown[str(runs_list.get_option_at_index(y).prompt)] = text[:3] == "▐X▌"
             return shown
 
         assert ticks_shown() == {"synth-smoke": True, "flickr8k-lr-high": False,
@@ -441,6 +446,25 @@ async def test_compare_opened_with_nothing_marked_ticks_exactly_what_it_charts(d
         assert ticks_shown() == {"synth-smoke": True, "flickr8k-lr-high": False,
                                  "flickr8k-muon": True, "flickr8k-baseline": False}
         assert set(chart.series) == {"synth-smoke", "flickr8k-muon"}
+
+
+async def test_the_new_run_checkbox_shows_its_state_without_colour(dash_store):
+    async with make_app().run_test(size=(80, 24)) as pilot:
+        app = pilot.app
+        await settle(pilot)
+        await pilot.press("n")
+        await pilot.pause()
+        assert isinstance(app.screen, NewRunScreen)
+
+        def box_line() -> str:
+            return next(line for line in screen_lines(app) if "offline synthetic corpus" in line)
+
+        assert "▐ ▌ offline synthetic corpus" in box_line()
+        app.screen.query_one("#newrun-synthetic").focus()
+        await pilot.press("space")
+        await pilot.pause()
+        assert "▐X▌ offline synthetic corpus" in box_line()
+        assert app.screen.form().synthetic
 
 
 async def test_system_tab_says_no_gpu_once_for_a_host_only_run(dash_store):
@@ -477,6 +501,7 @@ class RecordingSearchers:
     def __init__(self, caption: str) -> None:
         self.caption = caption
         self.targets: list[str | None] = []
+        self.queries: list[tuple[str | None, Path | None, Path | None]] = []
         self.loaded = SimpleNamespace(checkpoint_path=Path("stub.pt"))
 
     def get(self, checkpoint: Path | None, run: str | None) -> RecordingSearchers:
@@ -485,6 +510,7 @@ class RecordingSearchers:
     def query(self, *, text: str | None, image: Path | None, audio: Path | None,
               target: str | None, k: int) -> list[SearchHit]:
         self.targets.append(target)
+        self.queries.append((text, image, audio))
         modality = target or "image"
         return [SearchHit(rank, 1.0 - rank / 10, modality, f"item{rank}", self.caption,
                           None if modality == "text" else f"/gallery/item{rank}.jpg")
@@ -524,6 +550,27 @@ async def test_search_reruns_on_a_new_target_and_ends_cut_captions_with_an_ellip
         assert fits_its_width(table)
         shown = [line for line in screen_lines(app) if "item1.jpg" in line][0]
         assert shown.rstrip().endswith(caption)
+
+
+async def test_a_path_typed_after_ctrl_t_and_tab_searches_and_fires_no_shortcut(dash_store,
+                                                                             tmp_path):
+    # "new", "search", "theme", "quit": letters that are app shortcuts when no input has focus
+    query = tmp_path / "snaps" / "quiet_dog.jpg"
+    query.parent.mkdir()
+    query.write_bytes(b"not decoded: the searcher is a stand-in")
+    searchers = RecordingSearchers("a dog")
+    app = make_app()
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.push_screen(SearchScreen(searchers, checkpoint=Path("stub.pt")))
+        await pilot.pause()
+        screen = app.screen
+        await pilot.press("ctrl+t", "tab")
+        assert not isinstance(app.focused, Input)  # the focus did leave the query field
+        await pilot.press(*str(query), "enter")
+        await until(pilot, lambda: len(screen.hits) == 3, 10, "the image search")
+        assert app.screen is screen and app.theme == "textual-dark"
+        assert searchers.queries == [(None, query, None)]
+        assert screen.query_one("#search-query", Input).value == str(query)
 
 
 async def test_test_results_stay_when_the_worker_saves_the_checkpoint_again(dash_store,

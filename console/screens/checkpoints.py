@@ -24,6 +24,7 @@ from console.widgets.recall_grid import recall_grid
 from nlmm import store
 from nlmm.errors import NlmmError
 from nlmm.paths import checkpoint_home
+from nlmm.units import file_size, size_on_disk
 
 T = TypeVar("T")
 
@@ -36,6 +37,7 @@ COLUMNS = (("best", "★"), ("kind", "kind"), ("step", "step"), ("epoch", "epoch
 class CheckpointsSnapshot:
     run: store.Run
     checkpoints: list[store.Checkpoint]
+    sizes: dict[str, int | None]  # by file path: its size on disk now, None when it is gone
 
 
 @dataclass(frozen=True)
@@ -57,15 +59,16 @@ class Evaluation:
         return [*parts, recall_grid(self.result["metrics"], title=title)]
 
 
-def checkpoint_row(ckpt: store.Checkpoint) -> Row:
+def checkpoint_row(ckpt: store.Checkpoint, size: int | None) -> Row:
     """Keyed by file: a worker saving last.pt or best.pt again replaces the store row (new id),
-    and the cursor and any test results stay with the file."""
+    and the cursor and any test results stay with the file. `size`: the file's size now (not
+    the one recorded when it was saved: a file truncated since shows what is left of it)."""
     metrics = ckpt.metrics or {}
     return (ckpt.path, (
         Text("★", style="bold yellow") if ckpt.is_best else Text(""),
         ckpt.kind, str(ckpt.step), str(ckpt.epoch),
         cells.recall(metrics.get("mean_r1")), cells.recall(metrics.get("i2t_r1")),
-        cells.recall(metrics.get("t2i_r1")), cells.size(ckpt.bytes), Path(ckpt.path).name))
+        cells.recall(metrics.get("t2i_r1")), "missing" if size is None else file_size(size), Path(ckpt.path).name))
 
 
 def export_folder(ckpt: store.Checkpoint) -> Path:
@@ -105,14 +108,16 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
     # ---- data
 
     def fetch(self) -> CheckpointsSnapshot:
-        return CheckpointsSnapshot(store.get_run(self.run_id), store.list_checkpoints(self.run_id))
+        checkpoints = store.list_checkpoints(self.run_id)
+        return CheckpointsSnapshot(store.get_run(self.run_id), checkpoints,
+                                   {c.path: size_on_disk(c.path) for c in checkpoints})
 
     def apply(self, snapshot: CheckpointsSnapshot) -> None:
         self.run = snapshot.run
         self.sub_title = f"{snapshot.run.name} · checkpoints"
         self.checkpoints = {c.path: c for c in snapshot.checkpoints}
         self.query_one("#ckpt-table", KeyedTable).sync(
-            [checkpoint_row(c) for c in snapshot.checkpoints])
+            [checkpoint_row(c, snapshot.sizes.get(c.path)) for c in snapshot.checkpoints])
         self._show_detail()
 
     def selected(self) -> store.Checkpoint | None:

@@ -14,6 +14,7 @@ from textual.widgets import Header, Select, SelectionList
 from console.screens.base import PollingScreen
 from console.widgets.chart import MetricChart, Points
 from console.widgets.key_footer import key_footer
+from console.widgets.ticks import TickList
 from nlmm import store
 
 MAX_POINTS = 300
@@ -50,7 +51,7 @@ class CompareScreen(PollingScreen[CompareSnapshot]):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="compare-body"):
-            yield SelectionList[int](id="compare-runs")
+            yield TickList[int](id="compare-runs")
             with Vertical(id="compare-main"):
                 yield Select[str]([], prompt="metric", allow_blank=True, id="compare-metric",
                                   compact=True)

@@ -17,6 +17,8 @@ from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select, Static
 
+from console.widgets.ticks import TickBox
+
 from nlmm.config import CONFIG_DIR
 
 
@@ -149,7 +151,7 @@ class NewRunScreen(ModalScreen[NewRunForm | None]):
                 yield Select([(n, n) for n in names], value=names[0] if names else Select.BLANK,
                              allow_blank=not names, id="newrun-config", compact=True)
                 yield Label("corpus")
-                yield Checkbox("offline synthetic corpus", id="newrun-synthetic", compact=True)
+                yield TickBox("offline synthetic corpus", id="newrun-synthetic", compact=True)
                 yield Label("data folder")
                 yield Input(placeholder="default: data/flickr8k (data/synth)", id="newrun-data",
                             compact=True)

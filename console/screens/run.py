@@ -37,6 +37,7 @@ TABS = {"loss": ("Loss", "1"), "recall": ("Recall", "2"), "lr": ("LR", "3"),
 CHART_TABS = ("loss", "recall", "lr", "speed", "spread")
 HEALTH_KEYS = tuple(f"collapsed/{m}" for m in MODALITIES)
 TEST_KEY = "test/mean_r1"  # the dev-selected best checkpoint's, logged when a run finishes
+RATE_KEY = "triples_per_s"  # the latest training throughput, which the ETA is reckoned at
 
 
 def chart_series(run_id: int, chart: str, keys: list[str], k: int) -> tuple[dict[str, Points], str]:
@@ -73,6 +74,7 @@ class RunSnapshot:
     tail: Tail | None = None
     health: list[str] | None = None
     test_r1: float | None = None
+    rate: float | None = None
 
 
 class RunScreen(PollingScreen[RunSnapshot]):
@@ -98,6 +100,7 @@ class RunScreen(PollingScreen[RunSnapshot]):
         self._log_stamp: tuple[int, int] | None = None
         self._health: list[str] = []
         self._test_r1: float | None = None
+        self._rate: float | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -128,9 +131,10 @@ class RunScreen(PollingScreen[RunSnapshot]):
                    run.phase)
         snapshot = RunSnapshot(run, version)
         if self._shown.get("health") != version:
-            latest = store.latest_metrics(run.id, HEALTH_KEYS + (TEST_KEY,))
+            latest = store.latest_metrics(run.id, HEALTH_KEYS + (TEST_KEY, RATE_KEY))
             snapshot.health = health_warnings(latest)
             snapshot.test_r1 = latest.get(TEST_KEY)
+            snapshot.rate = latest.get(RATE_KEY)
         tab = self.active_tab
         if tab in CHART_TABS and self._shown.get(tab) != (version, self.k):
             keys = store.metric_keys(run.id)
@@ -146,8 +150,10 @@ class RunScreen(PollingScreen[RunSnapshot]):
         self.sub_title = snapshot.run.name
         if snapshot.health is not None:
             self._health, self._test_r1 = snapshot.health, snapshot.test_r1
+            self._rate = snapshot.rate
             self._shown["health"] = snapshot.version
-        self.query_one(RunHeader).show(snapshot.run, self.dash.clock(), self._health, self._test_r1)
+        self.query_one(RunHeader).show(snapshot.run, self.dash.clock(), self._health, self._test_r1,
+                                       self._rate)
         for tab, (series, title) in snapshot.charts.items():
             self.query_one(f"#chart-{tab}", MetricChart).show(series, title)
             self._shown[tab] = (snapshot.version, self.k)

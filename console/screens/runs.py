@@ -57,7 +57,7 @@ def run_row(run: store.Run, now: float, marked: bool) -> Row:
         cells.recall(run.best_metric),
         cells.duration(cells.elapsed_seconds(run, now)),
         run.device or "-",
-        cells.local_time(run.started_at or run.created_at),
+        cells.local_time(run.created_at),  # the first start: a resume moves started_at
     ))
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from textual import on, work
+from textual import events, on, work
 from textual.worker import get_current_worker
-from textual.app import ComposeResult
+from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
@@ -89,7 +89,10 @@ class SearchScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with Horizontal(id="search-bar"):
-            yield Input(placeholder="text, or path to an image / WAV file", id="search-query")
+            # not select_on_focus: a character typed elsewhere is put into the field before the
+            # focus arrives there, and selecting it then would let the next one replace it
+            yield Input(placeholder="text, or path to an image / WAV file", id="search-query",
+                        select_on_focus=False)
             yield Select[str](TARGETS, value="auto", allow_blank=False, id="search-target")
         yield Label(self._model_label(), id="search-model")
         yield KeyedTable(COLUMNS, id="search-results", flex="caption")
@@ -113,6 +116,22 @@ class SearchScreen(Screen[None]):
 
     def action_focus_query(self) -> None:
         self.query_one("#search-query", Input).focus()
+
+    def on_key(self, event: events.Key) -> None:
+        """A character typed while the focus is off the query field (after Ctrl+T and Tab, or a
+        click on the results) goes into the field: a typed path must never fire the app's
+        one-letter shortcuts (n would open "start a run"). Keys the focused widget binds itself
+        (Space opens the target list) keep their meaning."""
+        field = self.query_one("#search-query", Input)
+        if not event.is_printable or event.character is None or self.focused is field:
+            return
+        bound = self.active_bindings.get(event.key)
+        if bound is not None and not isinstance(bound.node, (Screen, App)):
+            return
+        event.stop()
+        event.prevent_default()
+        field.focus()
+        field.insert_text_at_cursor(event.character)
 
     @on(Input.Submitted, "#search-query")
     def _query_submitted(self, event: Input.Submitted) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from nlmm import store
+from nlmm.reports import epoch_text
 
 
 def duration(seconds: float | None) -> str:
@@ -36,9 +37,10 @@ def progress_fraction(run: store.Run) -> float | None:
     return None
 
 
-def eta_seconds(run: store.Run, now: float) -> float | None:
-    """Time left at the run's average rate over all its workers; None until there is a rate."""
-    return store.eta_seconds(run, now)
+def eta_seconds(run: store.Run, now: float, triples_per_s: float | None = None) -> float | None:
+    """Time left at the latest training throughput (evaluations excluded, see
+    store.eta_seconds); None until there is a rate."""
+    return store.eta_seconds(run, now, triples_per_s)
 
 
 def percent(fraction: float | None) -> str:
@@ -55,7 +57,7 @@ def compact_count(n: int) -> str:
 
 
 def epoch_step(run: store.Run) -> str:
-    epochs = f"{run.epoch or 0}/{run.epochs_total or '?'}"
+    epochs = epoch_text(run)
     return f"{epochs} · {compact_count(run.step or 0)}"
 
 
@@ -68,12 +70,3 @@ def local_time(stamp: float | None) -> str:
     if stamp is None:
         return "-"
     return time.strftime("%m-%d %H:%M", time.localtime(stamp))
-
-
-def size(n_bytes: int | None) -> str:
-    if not n_bytes:
-        return "-"
-    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:.1f} {unit}"
-    return f"{n_bytes} B"

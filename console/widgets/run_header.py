@@ -9,7 +9,7 @@ from textual.widgets import Label, ProgressBar, Static
 
 from console.widgets import cells
 from nlmm import store
-from nlmm.reports import device_text, status_text
+from nlmm.reports import device_text, epoch_text, started_text, status_text
 
 
 def summary_line(run: store.Run, test_r1: float | None = None) -> Text:
@@ -17,7 +17,7 @@ def summary_line(run: store.Run, test_r1: float | None = None) -> Text:
     parts = [Text(run.name, style="bold"), Text("  "), status_text(run.status)]
     if run.phase and run.phase != "training" and run.status in store.ACTIVE_STATUSES:
         parts.append(Text(f" ({run.phase} …)", style="italic"))
-    parts.append(Text(f"  {device_text(run)}  epoch {run.epoch or 0}/{run.epochs_total or '?'}"
+    parts.append(Text(f"  {device_text(run)}  epoch {epoch_text(run)}"
                       f"  step {run.step or 0}/{run.steps_total or '?'}"))
     if run.best_metric is not None:
         parts.append(Text(f"  best dev R@1 {run.best_metric:.1f}"))
@@ -26,15 +26,18 @@ def summary_line(run: store.Run, test_r1: float | None = None) -> Text:
     return Text.assemble(*parts)
 
 
-def timing_line(run: store.Run, now: float) -> str:
+def timing_line(run: store.Run, now: float, triples_per_s: float | None = None) -> str:
+    """Elapsed, ETA and when the run started (first start, then the latest resume): the
+    least needed last, where a narrow terminal cuts. `triples_per_s`: the latest training
+    throughput, which the ETA is reckoned at (see store.eta_seconds)."""
     elapsed = cells.elapsed_seconds(run, now)
-    eta = cells.eta_seconds(run, now)
+    eta = cells.eta_seconds(run, now, triples_per_s)
     text = f"elapsed {cells.duration(elapsed)}"
     if eta is not None:
         text += f"  ETA {cells.duration(eta)}"
     elif run.status == store.RunStatus.RUNNING:
         text += "  ETA -"
-    return text
+    return text + f"  started {started_text(run, cells.local_time)}"
 
 
 def error_text(run: store.Run) -> Text | None:
@@ -63,14 +66,14 @@ class RunHeader(Vertical):
         yield Static(id="run-health")
 
     def show(self, run: store.Run, now: float, health: list[str] | None = None,
-             test_r1: float | None = None) -> None:
+             test_r1: float | None = None, triples_per_s: float | None = None) -> None:
         """`health`: warnings about the model itself (a collapsed modality), shown in bold;
-        `test_r1`: see summary_line."""
+        `test_r1`: see summary_line; `triples_per_s`: see timing_line."""
         self.query_one("#run-summary", Static).update(summary_line(run, test_r1))
         bar = self.query_one("#run-progress", ProgressBar)
         # A run without a planned length shows an empty bar, not the pulsing "unknown" one.
         bar.update(progress=round((cells.progress_fraction(run) or 0.0) * 1000))
-        self.query_one("#run-timing", Label).update(timing_line(run, now))
+        self.query_one("#run-timing", Label).update(timing_line(run, now, triples_per_s))
         error = self.query_one("#run-error", Static)
         message = error_text(run)
         error.display = message is not None

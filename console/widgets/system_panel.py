@@ -10,8 +10,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, Sparkline, Static
 
-from console.widgets.cells import size
 from nlmm import store
+from nlmm.units import file_size
 
 HISTORY = 120  # samples kept in each sparkline
 NO_GPU = "no GPU found on the worker's machine: host figures only"
@@ -40,12 +40,13 @@ def latest_table(samples: Sequence[store.SystemSample]) -> Table | Text:
     for column in ("device", "util", "memory", "power", "temp"):
         table.add_column(column, justify="left" if column == "device" else "right")
     for index, s in sorted(newest_gpu.items()):
-        memory = f"{size(s.gpu_mem_used)} / {size(s.gpu_mem_total)}" if s.gpu_mem_total else "-"
+        memory = (f"{file_size(s.gpu_mem_used)} / {file_size(s.gpu_mem_total)}"
+                  if s.gpu_mem_total else "-")
         table.add_row(f"GPU {index}", _fmt(s.gpu_util, "%"), memory, _fmt(s.power_w, " W"),
                       _fmt(s.temperature_c, " °C"))
     if newest_host is not None:
         h = newest_host
-        ram = f"{size(h.ram_used)} / {size(h.ram_total)}" if h.ram_total else "-"
+        ram = f"{file_size(h.ram_used)} / {file_size(h.ram_total)}" if h.ram_total else "-"
         table.add_row("host CPU/RAM", _fmt(h.cpu_percent, "%"), ram, "", "")
     return table
 

@@ -8,6 +8,7 @@ them from here.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from nlmm.store.status import RunStatus
@@ -26,14 +27,31 @@ def elapsed_seconds(run: Run, now: float) -> float | None:
     return (run.elapsed_before or 0.0) + max(0.0, end - run.started_at)
 
 
-def eta_seconds(run: Run, now: float) -> float | None:
-    """Time left for a running run at its average rate so far; None until there is a rate."""
+def eta_seconds(run: Run, now: float, triples_per_s: float | None = None) -> float | None:
+    """Time left for a running run; None until there is a rate.
+
+    With `triples_per_s` (the latest log window's throughput, which the training loop measures
+    over training steps only) the steps left at that rate, as train.log's ETA: evaluations and
+    checkpoints stay out of the rate, so the ETA no longer jumps after each evaluation. Without
+    it (no window logged yet), the run's average rate over all its time so far.
+    """
     if run.status != RunStatus.RUNNING or not run.steps_total or not run.step:
         return None
+    left = max(0, run.steps_total - run.step)
+    per_step = triples_per_step(run)
+    if triples_per_s and triples_per_s > 0 and per_step:
+        return left * per_step / triples_per_s
     spent = elapsed_seconds(run, now)
     if not spent:
         return None
-    return max(0, run.steps_total - run.step) * spent / run.step
+    return left * spent / run.step
+
+
+def triples_per_step(run: Run) -> int | None:
+    """Training triples in one optimizer step (batch × accumulate) of the run's config."""
+    train = json.loads(run.config or "{}").get("train") or {}
+    batch, accumulate = train.get("batch_size"), train.get("accumulate") or 1
+    return batch * accumulate if batch else None
 
 
 def steps_cap_note(requested: int | None, planned: int | None, epochs: int | None) -> str | None:

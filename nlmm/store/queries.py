@@ -259,15 +259,22 @@ def _keys(session: Session, run_id: int) -> list[str]:
 def latest_metrics(run_id: int, keys: Iterable[str] | None = None,
                    engine: Engine | None = None) -> dict[str, float]:
     """The value of each key at its highest step (all keys of the run when `keys` is None)."""
+    return {key: value for key, (_, value) in latest_points(run_id, keys, engine).items()}
+
+
+def latest_points(run_id: int, keys: Iterable[str] | None = None,
+                  engine: Engine | None = None) -> dict[str, tuple[int, float]]:
+    """(step, value) of each key at its highest step: a figure shown beside a live step count
+    says which step it is from."""
     with read_session(engine) as session:
         wanted = list(keys) if keys is not None else _keys(session, run_id)
-        latest: dict[str, float] = {}
+        latest: dict[str, tuple[int, float]] = {}
         for key in wanted:
             row = session.exec(select(Metric.step, Metric.value)
                                .where(Metric.run_id == run_id, Metric.key == key)
                                .order_by(col(Metric.step).desc()).limit(1)).first()
             if row is not None:
-                latest[key] = _nan_if_none(row[1])
+                latest[key] = (row[0], _nan_if_none(row[1]))
     return latest
 
 
