@@ -24,8 +24,8 @@ import argparse
 import io
 import json
 import os
-import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -100,14 +100,14 @@ def du(path: Path) -> int:
 
 # --------------------------------------------------------------------------- the two sides
 
-def do_pack(manifest: Path, out: Path, workers: int, vocab: int) -> dict:
+def do_pack(manifest: Path, out: Path, cfg, workers: int, vocab: int) -> dict:
     from nlmm.data.corpora import read_corpus
     from nlmm.data.packed import pack
 
     corpus = read_corpus(manifest)
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    report = pack(corpus, out, vocab_size=vocab, workers=workers, progress=False)
+    report = pack(corpus, out, vocab_size=vocab, data_cfg=cfg, workers=workers, progress=False)
     seconds = time.perf_counter() - start
     groups = report.counts["total"]["groups"]
     return {"groups": groups, "seconds": seconds, "samples_per_s": groups / seconds,
@@ -221,6 +221,18 @@ def data_cfg(px: int):
 
 # --------------------------------------------------------------------------- report
 
+def loader_rates(args: argparse.Namespace, cfg, res: dict) -> None:
+    """Training-loader samples/s of both sides on the subset, one epoch each, interleaved
+    (cache, stream, cache, stream, ...) so that the shared box's load falls on both alike."""
+    res["cache_epochs"], res["stream_epochs"] = [], []
+    for i in range(args.repeats):
+        res["cache_epochs"].append(cache_epoch(args.out / "cache_subset", cfg, args.batch, i))
+        res["stream_epochs"].append(stream_epoch(args.out / "pack_subset", cfg, args.batch, i,
+                                                 args.workers))
+        print(f"epoch pair {i + 1}: cache {res['cache_epochs'][-1]['samples_per_s']:.0f}, "
+              f"stream {res['stream_epochs'][-1]['samples_per_s']:.0f} samples/s", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="2,000 samples, subset 1,000")
@@ -230,10 +242,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--vocab", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=3, help="loader epochs per side, interleaved")
     ap.add_argument("--rss-batches", type=int, default=100)
+    ap.add_argument("--loader-only", action="store_true",
+                    help="only the subset: pack, prepare, loader rates (no full pack, no RSS)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/nlmm_stream_bench"))
-    ap.add_argument("--rss-compare", type=Path, nargs="*", default=[],
-                    help="other packs whose streaming peak memory to measure alike")
     ap.add_argument("--rss-child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -244,7 +257,7 @@ def main() -> None:
         args.out = args.out.with_name(args.out.name + "_small")
     cfg = data_cfg(args.px)
     res: dict = {"samples": args.samples, "subset": args.subset, "px": args.px,
-                 "batch": args.batch, "workers": args.workers}
+                 "batch": args.batch, "workers": args.workers, "repeats": args.repeats}
     t = time.perf_counter()
     full, part = write_corpus(args.out / "corpus", args.samples, args.subset, args.px,
                               args.workers)
@@ -255,65 +268,52 @@ def main() -> None:
     print(f"corpus: {args.samples} samples, {media / args.samples:.0f} B of media each "
           f"({res['corpus_seconds']:.0f} s to write)", flush=True)
 
-    res["pack_full"] = do_pack(full, args.out / "pack_full", args.workers, args.vocab)
-    print("pack full:", res["pack_full"], flush=True)
-    if args.subset >= args.samples:
-        res["pack_subset"] = res["pack_full"]
-        shutil.rmtree(args.out / "pack_subset", ignore_errors=True)
-        shutil.copytree(args.out / "pack_full", args.out / "pack_subset")
-    else:
-        res["pack_subset"] = do_pack(part, args.out / "pack_subset", args.workers, args.vocab)
+    if not args.loader_only:
+        res["pack_full"] = do_pack(full, args.out / "pack_full", cfg, args.workers, args.vocab)
+        print("pack full:", res["pack_full"], flush=True)
+    res["pack_subset"] = do_pack(part, args.out / "pack_subset", cfg, args.workers, args.vocab)
     print("pack subset:", res["pack_subset"], flush=True)
-    try:
-        res["cache_prepare"] = cache_prepare(part, args.out / "cache_subset", cfg, args.workers,
-                                             args.vocab)
-        print("cache prepare:", res["cache_prepare"], flush=True)
-        res["cache_epoch"] = cache_epoch(args.out / "cache_subset", cfg, args.batch, 0)
-        print("cache epoch:", res["cache_epoch"], flush=True)
+    res["cache_prepare"] = cache_prepare(part, args.out / "cache_subset", cfg, args.workers,
+                                         args.vocab)
+    print("cache prepare:", res["cache_prepare"], flush=True)
+    loader_rates(args, cfg, res)
+    if not args.loader_only:
         res["rss_cache"] = peak_rss("cache", args.out / "cache_subset", args)
-    except Exception as exc:  # the cache API is being reworked; the streaming side still reports
-        res["cache_error"] = f"{type(exc).__name__}: {exc}"
-        print("cache side failed:", res["cache_error"], flush=True)
-    res["stream_epoch"] = stream_epoch(args.out / "pack_subset", cfg, args.batch, 0,
-                                       args.workers)
-    print("stream epoch:", res["stream_epoch"], flush=True)
-    res["stream_epoch_noverify"] = stream_epoch(args.out / "pack_subset", cfg, args.batch, 0,
-                                                args.workers, verify=False)
-    print("stream epoch without sha256 checks:", res["stream_epoch_noverify"], flush=True)
-    res["rss_stream_subset"] = peak_rss("stream", args.out / "pack_subset", args)
-    res["rss_stream_full"] = peak_rss("stream", args.out / "pack_full", args)
-    for extra in args.rss_compare:
-        res.setdefault("rss_compare", {})[str(extra)] = peak_rss("stream", extra, args)
+        res["rss_stream_subset"] = peak_rss("stream", args.out / "pack_subset", args)
+        res["rss_stream_full"] = peak_rss("stream", args.out / "pack_full", args)
     (args.out / "results.json").write_text(json.dumps(res, indent=1))
     print(report(res))
 
 
+def _rates(runs: list[dict]) -> tuple[float, float]:
+    rates = sorted(r["samples_per_s"] for r in runs)
+    return rates[0], statistics.median(rates)
+
+
 def report(r: dict) -> str:
     out = io.StringIO()
-    pf, ps = r["pack_full"], r["pack_subset"]
     w = out.write
+    ps, cp = r["pack_subset"], r["cache_prepare"]
     w(f"\n== stream bench: {r['samples']} samples ({r['subset']} subset), {r['px']} px, "
       f"batch {r['batch']}, {r['workers']} workers\n")
-    w(f"pack        full   {pf['groups']:>8} groups {pf['seconds']:8.1f} s "
-      f"{pf['samples_per_s']:8.0f} samples/s  {pf['shards']} shards\n")
+    pf = r.get("pack_full")
+    if pf:
+        w(f"pack        full   {pf['groups']:>8} groups {pf['seconds']:8.1f} s "
+          f"{pf['samples_per_s']:8.0f} samples/s  {pf['shards']} shards\n")
     w(f"pack        subset {ps['groups']:>8} groups {ps['seconds']:8.1f} s "
       f"{ps['samples_per_s']:8.0f} samples/s\n")
-    cp = r.get("cache_prepare")
-    if cp:
-        w(f"prepare     subset {cp['rows']:>8} rows   {cp['seconds']:8.1f} s "
-          f"{cp['samples_per_s']:8.0f} samples/s  (pack/prepare: "
-          f"{ps['samples_per_s'] / cp['samples_per_s']:.2f}x)\n")
-    se, ce = r["stream_epoch"], r.get("cache_epoch")
-    w(f"train epoch stream {se['rows']:>8} rows   {se['seconds']:8.1f} s "
-      f"{se['samples_per_s']:8.0f} samples/s\n")
-    nv = r.get("stream_epoch_noverify")
-    if nv:
-        w(f"  no sha256 check  {nv['rows']:>8} rows   {nv['seconds']:8.1f} s "
-          f"{nv['samples_per_s']:8.0f} samples/s\n")
-    if ce:
-        w(f"train epoch cache  {ce['rows']:>8} rows   {ce['seconds']:8.1f} s "
-          f"{ce['samples_per_s']:8.0f} samples/s  (stream/cache: "
-          f"{se['samples_per_s'] / ce['samples_per_s']:.2f}x)\n")
+    w(f"prepare     subset {cp['rows']:>8} rows   {cp['seconds']:8.1f} s "
+      f"{cp['samples_per_s']:8.0f} samples/s  (pack/prepare: "
+      f"{ps['samples_per_s'] / cp['samples_per_s']:.2f}x)\n")
+    (s_min, s_med), (c_min, c_med) = _rates(r["stream_epochs"]), _rates(r["cache_epochs"])
+    pairs = sorted(s["samples_per_s"] / c["samples_per_s"]
+                   for s, c in zip(r["stream_epochs"], r["cache_epochs"], strict=True))
+    w(f"train epoch stream {r['stream_epochs'][0]['rows']:>8} rows, {len(pairs)} epochs: "
+      f"min {s_min:6.0f}, median {s_med:6.0f} samples/s\n")
+    w(f"train epoch cache  {r['cache_epochs'][0]['rows']:>8} rows, {len(pairs)} epochs: "
+      f"min {c_min:6.0f}, median {c_med:6.0f} samples/s\n")
+    w(f"stream/cache: medians {s_med / c_med:.2f}x; per interleaved pair min "
+      f"{pairs[0]:.2f}x, median {statistics.median(pairs):.2f}x\n")
     for key, label in (("rss_stream_subset", f"stream {r['subset']}"),
                        ("rss_stream_full", f"stream {r['samples']}"),
                        ("rss_cache", f"cache {r['subset']}")):
@@ -323,22 +323,16 @@ def report(r: dict) -> str:
               f"imports), workers' USS {m['worker_mb']:6.0f} MB ({m['rows']} rows read)\n")
         elif m:
             w(f"peak RSS    {label:>14}: {m['error']}\n")
-    for path, m in r.get("rss_compare", {}).items():
-        if "main_mb" in m:
-            w(f"peak memory {path}: main RSS {m['main_mb']:6.0f} MB ({m['base_mb']:.0f} after "
-              f"imports), workers' USS {m['worker_mb']:6.0f} MB\n")
     a, b = r.get("rss_stream_subset", {}), r.get("rss_stream_full", {})
     if "main_mb" in a and "main_mb" in b:
         grow = (b["main_mb"] - b["base_mb"]) / max(1e-9, a["main_mb"] - a["base_mb"])
-        w(f"            full/subset: main growth over imports {grow:.2f}x, workers "
-          f"{b['worker_mb'] / max(1e-9, a['worker_mb']):.2f}x for "
-          f"{r['samples'] / r['subset']:.0f}x the samples\n")
-    per_pack = pf["bytes"] / pf["groups"]
-    w(f"disk/sample media {r['media_bytes_per_sample']:8.0f} B, pack {per_pack:8.0f} B")
-    if cp:
-        per_cache = cp["bytes"] / cp["rows"]
-        w(f", cache {per_cache:8.0f} B (pack/cache: {per_pack / per_cache:.2f}x)")
-    w("\n")
+        w(f"            full/subset: main {b['main_mb'] / a['main_mb']:.2f}x (growth over "
+          f"imports {grow:.2f}x), workers {b['worker_mb'] / max(1e-9, a['worker_mb']):.2f}x "
+          f"for {r['samples'] / r['subset']:.0f}x the samples\n")
+    per_pack = ps["bytes"] / ps["groups"]
+    per_cache = cp["bytes"] / cp["rows"]
+    w(f"disk/sample media {r['media_bytes_per_sample']:8.0f} B, pack {per_pack:8.0f} B, "
+      f"cache {per_cache:8.0f} B (pack/cache: {per_pack / per_cache:.2f}x)\n")
     return out.getvalue()
 
 

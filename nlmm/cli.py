@@ -229,7 +229,10 @@ def data_pack(
     out: Annotated[str, typer.Argument(metavar="OUT", help="Folder or s3://bucket/prefix to "
                                        "write the shards into.")],
     config: Annotated[str, typer.Option("--config", "-c", metavar="NAME|FILE", help="Config "
-                                        "whose vocab_size the tokenizer is trained to.")] = "flickr8k",
+                                        "whose vocab_size the tokenizer is trained to and whose "
+                                        "data settings (image_size, mel) the features are made "
+                                        "with.")] = "flickr8k",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.sub=value.")] = None,
     format_: Annotated[Optional[str], typer.Option("--format", help=FORMAT_HELP)] = None,
     columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decoding processes (default: "
@@ -237,15 +240,16 @@ def data_pack(
     chunk: Annotated[str, typer.Option(help="Media bytes per shard, e.g. 64MB.")] = "64MB",
     force: Annotated[bool, typer.Option("--force", help="Replace whatever OUT holds.")] = False,
 ) -> None:
-    """Write a corpus into compressed litdata shards (original image and audio bytes, captions,
-    a tokenizer) that `nlmm train --data OUT` streams from a folder or a bucket; a pack killed
+    """Write a corpus into litdata shards (images at the training size, log-mels, captions, a
+    tokenizer) that `nlmm train --data OUT` streams from a folder or a bucket; a pack killed
     part-way resumes where it stopped."""
     from nlmm.config import resolve_config
     from nlmm.data.corpora import read_corpus
     from nlmm.data.packed import pack
 
     spec = _corpus_specs([src], [format_] if format_ else None, columns)[0]
-    report = pack(read_corpus(spec), out, vocab_size=resolve_config(config).vocab_size,
+    cfg = resolve_config(config, set_ or [])
+    report = pack(read_corpus(spec), out, vocab_size=cfg.vocab_size, data_cfg=cfg.data,
                   workers=workers, force=force, progress=True, chunk_bytes=chunk)
     if report.defects:
         from nlmm.data.check import CheckReport

@@ -67,10 +67,11 @@ def s3_pack(s3_endpoint, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="bucket")
     corpus = tiny_corpus(tmp_path_factory.mktemp("corpus"))
     opts = {"endpoint_url": s3_endpoint}
-    pack(corpus, "s3://bucket/packed", vocab_size=VOCAB, chunk_bytes=CHUNK, workers=2,
-         progress=False, storage_options=opts)
+    pack(corpus, "s3://bucket/packed", vocab_size=VOCAB, data_cfg=CFG, chunk_bytes=CHUNK,
+         workers=2, progress=False, storage_options=opts)
     local = tmp_path_factory.mktemp("local") / "p"
-    pack(corpus, local, vocab_size=VOCAB, chunk_bytes=CHUNK, workers=2, progress=False)
+    pack(corpus, local, vocab_size=VOCAB, data_cfg=CFG, chunk_bytes=CHUNK, workers=2,
+         progress=False)
     return opts, local, tmp_path_factory.mktemp("cache")
 
 

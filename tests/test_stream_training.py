@@ -29,8 +29,9 @@ STEPS = 8
 def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("stream")
     written = layouts.write_karpathy(root / "corpus", (48, 6, 6))
-    pack(read_corpus(written.path), root / "pack", vocab_size=400, workers=1, progress=False,
-         chunk_bytes="8KB")  # several shards, so the shuffle has chunks to permute
+    data = resolve_config("tiny_cpu", ["data.image_size=32"]).data
+    pack(read_corpus(written.path), root / "pack", vocab_size=400, data_cfg=data, workers=1,
+         progress=False, chunk_bytes="8KB")  # several shards, so the shuffle has chunks to permute
     return root / "pack"
 
 
@@ -92,7 +93,8 @@ def test_pack_stream_train_eval_from_the_command_line(tmp_path: Path) -> None:
 
     written = layouts.write_coco(tmp_path / "coco", (16, 6, 6))
     packed = tmp_path / "coco-packed"
-    out = nlmm("data", "pack", str(written.path), str(packed), "--config", "tiny_cpu")
+    out = nlmm("data", "pack", str(written.path), str(packed), "--config", "tiny_cpu", "--set",
+               "data.image_size=32")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "missing_image" in out.stdout  # the reader's defects, as data check lists them
     again = nlmm("data", "pack", str(written.path), str(tmp_path / "coco"), "--config", "tiny_cpu")

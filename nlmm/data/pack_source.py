@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from nlmm.data.packed import MANIFEST, read_manifest, read_tokenizer
+from nlmm.config import DataConfig
+from nlmm.data.packed import MANIFEST, check_features, read_manifest, read_tokenizer
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
 
@@ -46,6 +47,11 @@ class PackedSource:
 
     def groups(self, split: str) -> int:
         return int(self.manifest["counts"].get(split, {}).get("groups", 0))
+
+    def check_data(self, cfg: DataConfig) -> None:
+        """Refuse, in one sentence, data settings other than those the pack's images and
+        log-mels were made with."""
+        check_features(self.manifest, cfg, self.path)
 
     def check_splits(self, splits: tuple[str, ...]) -> None:
         for split in splits:

@@ -1,21 +1,24 @@
 """`nlmm data pack`: a corpus's groups written once into litdata shards, read by nlmm.data.stream.
 
-One sample per group (an image or a clip with all its captions), the media kept as the original
-encoded bytes (JPEG/PNG, WAV/FLAC/MP3): decoding and augmentation happen in the training
-loader's workers, so a pack is about as large as the corpus and nothing grows with it in RAM.
-Layout of `out` (a folder or s3://bucket/prefix):
+One sample per group (an image or a clip with all its captions), holding what the model reads:
+the image as the (image_size, image_size) crop the prepared cache stores, encoded (JPEG for
+JPEG sources, PNG otherwise), and every recording as its float16 log-mel. Decoding at training
+time is then one small image per sample, and the log-mel of a clip is computed once, not once
+per epoch; the settings they were made with are recorded in nlmm_pack.json and a run with other
+settings is refused (check_features). Layout of `out` (a folder or s3://bucket/prefix):
 
-    nlmm_pack.json          counts, defects, every shard's sha256 (written last)
+    nlmm_pack.json          counts, defects, features, every shard's sha256 and offsets
     tokenizer.json          BPE trained on the train split's captions only
     train/ dev/ test/       litdata folders: index.json + chunk-NNNNN.bin
     .pack/                  progress: the plan's fingerprint and one marker per finished block
 
 Every split is cut into blocks of groups (~chunk_bytes of media each, in an order fixed by a
-hash of the group ids, so a chunk is a random sample of the corpus and chunk-level shuffling
-mixes well). Two passes run block by block on every core: the first decodes every file (what
-`nlmm data check` does) and records the defects, the second writes each block's shard. A block
-is done when its marker is stored, so a pack killed at any point resumes where it stopped and
-writes the same bytes as an uninterrupted one: shard content depends on the block only.
+hash of the group ids, so a chunk is a random sample of the corpus). Blocks are packed in
+parallel on every core, each in one pass: decode every file (what `nlmm data check` does), bake
+the kept groups' features, write the block's shard, then its marker. Group and caption indices
+in a shard count from 0; nlmm_pack.json holds each shard's offsets into the pack's dense
+indices. So a shard depends on its block alone, and a pack killed at any point resumes at the
+first block without a marker and writes the same bytes as an uninterrupted one.
 
 Why not `litdata.optimize(use_checkpoint=True)`: it resumes exactly only while every input
 yields a sample; with skipped (defective) inputs its checkpoint counts samples, not inputs,
@@ -27,6 +30,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
+import io
 import json
 import multiprocessing as mp
 import os
@@ -42,20 +46,20 @@ from urllib.parse import urlparse
 import numpy as np
 from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from nlmm.config import DataConfig
 from nlmm.data.check import tally
 from nlmm.data.corpora.base import SPLITS, Caption, Corpus, Defect, Group
-from nlmm.data.features import BadInput, load_image, read_audio
+from nlmm.data.features import BadInput, load_image, load_wav, log_mel
 from nlmm.data.parallel import default_workers
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
 
 PACK_FORMAT = "nlmm-pack"
-PACK_VERSION = 1
+PACK_VERSION = 2  # 2: images and log-mels made at pack time, shard-relative indices
 MANIFEST = "nlmm_pack.json"
 TOKENIZER = "tokenizer.json"
 STATE = ".pack"
 PLAN = f"{STATE}/plan.json"
-VERIFY_IMAGE_SIZE = 32  # a full decode at a small size reads every byte, cheaply
 MAX_BLOCK_GROUPS = 4096  # keeps a block's verify job short even for tiny samples
 INDEX = "index.json"
 
@@ -339,10 +343,11 @@ def plan_blocks(corpus: Corpus, chunk_bytes: int) -> tuple[list[Block], list[tup
     return blocks, facts
 
 
-def fingerprint(corpus: Corpus, vocab_size: int, chunk_bytes: int, facts: list[tuple]) -> str:
+def fingerprint(corpus: Corpus, vocab_size: int, chunk_bytes: int, params: dict[str, Any],
+                facts: list[tuple]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([PACK_FORMAT, PACK_VERSION, corpus.format, str(corpus.root), vocab_size,
-                         chunk_bytes]).encode())
+                         chunk_bytes, params], sort_keys=True).encode())
     for fact in facts:
         h.update(json.dumps(fact).encode())
     return h.hexdigest()
@@ -361,42 +366,60 @@ def parse_bytes(value: str | int) -> int:
     raise NlmmError(f"chunk_bytes {value!r} is not a size; write it like '64MB' or '512KB'.")
 
 
-# --------------------------------------------------------------------------- pass 1: decode check
+# --------------------------------------------------------------------------- baked features
 
-def _check(path: str | None, kind: str) -> str | None:
-    """None when the file decodes, else the reason ('' stands for: no file to check)."""
-    if path is None:
-        return ""
-    try:
-        if kind == "image":
-            load_image(Path(path), VERIFY_IMAGE_SIZE)
-        else:
-            read_audio(Path(path))
-        return None
-    except BadInput as exc:
-        return str(exc)
+FEATURE_KEYS = ("image_size", "sample_rate", "n_mels", "win_length", "hop_length",
+                "max_audio_seconds")
+JPEG_QUALITY = 95  # a second lossy pass at this quality moves pixels by a grey level or two
 
 
-def verify_block(block: Block) -> dict[str, Any]:
-    """Decode every file of a block: per item [image, clip, readings...] as None (decodes),
-    '' (absent) or the reason it failed. Runs in a pool worker."""
-    audio_seen: dict[str, str | None] = {}
+def feature_params(cfg: DataConfig) -> dict[str, Any]:
+    """The data settings a pack's stored images and log-mels are made with."""
+    return {k: getattr(cfg, k) for k in FEATURE_KEYS}
 
-    def audio(path: str | None) -> str | None:
-        if path is None:
-            return ""
-        if path not in audio_seen:
-            audio_seen[path] = _check(path, "audio")
-        return audio_seen[path]
 
-    results = [[_check(it.image, "image"), audio(it.clip), [audio(p) for p in it.readings]]
-               for it in block.items]
-    return {"block": block.name, "results": results}
+def bake_image(path: str, size: int) -> tuple[bytes, str]:
+    """The image as the model reads it, (size, size) after features.load_image, encoded: the
+    original bytes when the file already is a JPEG or PNG of exactly that size, else JPEG for a
+    JPEG source (a photo re-encoded as PNG would be several times larger) and PNG for any other
+    (lossless stays lossless). Decoding at training time is then a small image's decode."""
+    pixels = load_image(Path(path), size)  # raises BadInput with the reason
+    Image = _pil()
+    with Image.open(path) as img:
+        fmt, dims = img.format, img.size
+    if fmt in ("JPEG", "PNG") and dims == (size, size):
+        return Path(path).read_bytes(), fmt.lower()
+    out = io.BytesIO()
+    rgb = Image.fromarray(pixels.transpose(1, 2, 0))
+    if fmt == "JPEG":
+        rgb.save(out, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+        return out.getvalue(), "jpeg"
+    rgb.save(out, format="PNG")
+    return out.getvalue(), "png"
 
+
+def _pil() -> Any:
+    from PIL import Image
+
+    return Image
+
+
+def bake_audio(path: str, cfg: DataConfig) -> tuple[np.ndarray, int]:
+    """float16 log-mel (n_mels, T) exactly as the prepared cache stores it, and the length of
+    the whole recording in samples at cfg.sample_rate (before the max_audio_seconds cut)."""
+    wave = load_wav(Path(path), cfg.sample_rate)  # raises BadInput with the reason
+    return log_mel(wave, cfg), len(wave)
+
+
+def no_audio(cfg: DataConfig) -> np.ndarray:
+    return np.zeros((cfg.n_mels, 0), dtype=np.float16)
+
+
+# --------------------------------------------------------------------------- one block
 
 @dataclass
 class Verdict:
-    """What survives of one group after the decode check."""
+    """What survives of one group after decoding."""
 
     keep: bool
     image: bool
@@ -407,7 +430,8 @@ class Verdict:
 
 def judge(item: Item, result: list) -> tuple[Verdict, list[Defect]]:
     """The cache's rules (nlmm.data.cache): a group whose image fails is dropped with its
-    captions unless it is a clip's group; a failed reading leaves its caption without audio."""
+    captions unless it is a clip's group; a failed reading leaves its caption without audio.
+    `result` is [image, clip, [readings]], each None (decodes), '' (absent) or the reason."""
     image_r, clip_r, reading_r = result
     image_ok, clip_ok = image_r is None, clip_r is None
     readings = [r is None for r in reading_r]
@@ -428,50 +452,75 @@ def judge(item: Item, result: list) -> tuple[Verdict, list[Defect]]:
     return Verdict(keep, image_ok, clip_ok, readings, audio), defects
 
 
-# --------------------------------------------------------------------------- pass 2: shards
+class _Decoded:
+    """A block's files decoded once: each file's features or the reason it failed (a clip
+    shared by several groups is decoded once)."""
 
-def _read(path: str | None, ok: bool) -> bytes:
-    return Path(path).read_bytes() if ok and path is not None else b""
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.images: dict[str, tuple[bytes, str] | str] = {}
+        self.audio: dict[str, tuple[np.ndarray, int] | str] = {}
+
+    def image(self, path: str | None) -> str | None:
+        """None when the image decodes, '' when there is none, else the reason."""
+        if path is None:
+            return ""
+        if path not in self.images:
+            try:
+                self.images[path] = bake_image(path, self.cfg.image_size)
+            except BadInput as exc:
+                self.images[path] = str(exc)
+        return self.images[path] if isinstance(self.images[path], str) else None
+
+    def sound(self, path: str | None) -> str | None:
+        if path is None:
+            return ""
+        if path not in self.audio:
+            try:
+                self.audio[path] = bake_audio(path, self.cfg)
+            except BadInput as exc:
+                self.audio[path] = str(exc)
+        return self.audio[path] if isinstance(self.audio[path], str) else None
+
+    def mel(self, path: str | None, ok: bool) -> np.ndarray:
+        return self.audio[path][0] if ok and path is not None else no_audio(self.cfg)
+
+    def longest(self) -> int:
+        return max((v[1] for v in self.audio.values() if not isinstance(v, str)), default=0)
 
 
-def _ext(path: str | None, ok: bool) -> str:
-    return Path(path).suffix.lower() if ok and path is not None else ""
-
-
-def make_sample(item: Item, verdict: Verdict, group: int, caption_base: int) -> dict[str, Any]:
+def make_sample(item: Item, verdict: Verdict, decoded: _Decoded, group: int,
+                caption: int) -> dict[str, Any]:
     """The stored form of a group. litdata keeps one fixed tree shape for every sample, so the
-    variable-length parts are flattened: caption texts as a JSON list, the captions' readings
-    as one concatenated byte string cut by `caption_audio_sizes` (see caption_readings)."""
-    readings = [_read(p, ok) for p, ok in zip(item.readings, verdict.readings, strict=True)]
+    variable-length parts are flattened: caption texts as a JSON list, the captions' own
+    log-mels concatenated along time and cut by `reading_frames` (see caption_readings).
+    `group` and `caption` count within the shard; the reader adds the shard's offsets from
+    nlmm_pack.json, so a shard's bytes depend on its block alone."""
+    image, image_format = (decoded.images[item.image] if verdict.image else (b"", ""))
+    readings = [decoded.mel(p, ok) for p, ok in zip(item.readings, verdict.readings, strict=True)]
     modalities = [m for m, on in (("image", verdict.image), ("text", True),
                                   ("audio", any(verdict.audio))) if on]
     return {
         "group_id": item.gid,
         "group": group,
-        "caption_base": caption_base,
+        "caption_base": caption,
         "split": item.split,
-        "image": _read(item.image, verdict.image),
-        "image_ext": _ext(item.image, verdict.image),
-        "clip": _read(item.clip, verdict.clip),
-        "audio_ext": _ext(item.clip, verdict.clip),
+        "image": image,
+        "image_format": image_format,
+        "clip": decoded.mel(item.clip, verdict.clip),
         "captions": json.dumps(item.captions, ensure_ascii=False),
-        "caption_audio": b"".join(readings),
-        # A numpy leaf, not JSON, on purpose: with only str/int/bytes leaves litdata 0.2.76
-        # stores a chunk as an Arrow IPC table read 256 rows at a time, and a shuffled read
-        # of one row decodes its 256 neighbours too (~70x slower, STREAM_NOTES.md).
-        "caption_audio_sizes": np.array([len(r) for r in readings], dtype=np.int64),
-        "caption_audio_exts": json.dumps([_ext(p, ok) for p, ok in
-                                          zip(item.readings, verdict.readings, strict=True)]),
+        "readings": np.concatenate(readings, axis=1) if readings else no_audio(decoded.cfg),
+        "reading_frames": np.array([r.shape[1] for r in readings], dtype=np.int64),
         "modalities": ",".join(modalities),
     }
 
 
-def caption_readings(sample: dict[str, Any]) -> list[bytes]:
-    """The captions' own readings of a stored sample, b'' where a caption has none."""
-    blob, out, pos = sample["caption_audio"], [], 0
-    for size in np.asarray(sample["caption_audio_sizes"]).tolist():
-        out.append(blob[pos:pos + size])
-        pos += size
+def caption_readings(sample: dict[str, Any]) -> list[np.ndarray]:
+    """The captions' own log-mels of a stored sample, (n_mels, 0) where a caption has none."""
+    mels, out, pos = sample["readings"], [], 0
+    for frames in np.asarray(sample["reading_frames"]).tolist():
+        out.append(mels[:, pos:pos + frames])
+        pos += frames
     return out
 
 
@@ -483,21 +532,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_block(job: tuple[Block, list[dict], int, int, str]) -> dict[str, Any]:
-    """Write one block's shard into the staging folder: its chunk info, config and sha256.
-    Runs in a pool worker; the shard depends on the block only, so a rewrite is identical."""
+def pack_block(job: tuple[Block, dict[str, Any], str]) -> dict[str, Any]:
+    """Decode every file of a block (the checks `nlmm data check` makes), bake the kept groups'
+    features and write the block's shard into the staging folder. Runs in a pool worker; the
+    result is the block's marker: per item the decode results, and the shard's chunk info,
+    config and sha256. The shard depends on the block only, so a rewrite is identical."""
     from litdata.streaming.writer import BinaryWriter
 
-    block, verdicts, first_group, first_caption, staging = job
-    samples = []
-    group, caption = first_group, first_caption
-    for item, v in zip(block.items, verdicts, strict=True):
-        if v["keep"]:
-            samples.append(make_sample(item, Verdict(**v), group, caption))
-            group += 1
-            caption += len(item.captions)
+    block, params, staging = job
+    decoded = _Decoded(DataConfig(**params))
+    results = [[decoded.image(it.image), decoded.sound(it.clip),
+                [decoded.sound(p) for p in it.readings]] for it in block.items]
+    samples, captions = [], 0
+    for item, result in zip(block.items, results, strict=True):
+        verdict, _ = judge(item, result)
+        if verdict.keep:
+            samples.append(make_sample(item, verdict, decoded, len(samples), captions))
+            captions += len(item.captions)
+    marker = {"block": block.name, "results": results, "chunk": None, "samples": len(samples),
+              "captions": captions, "longest_audio": decoded.longest()}
     if not samples:
-        return {"block": block.name, "chunk": None}
+        return marker
     tmp = Path(tempfile.mkdtemp(prefix=f"{block.name}.", dir=staging))
     try:
         writer = BinaryWriter(str(tmp), chunk_size=len(samples))
@@ -513,8 +568,8 @@ def write_block(job: tuple[Block, list[dict], int, int, str]) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     chunk["filename"] = Path(block.shard).name
-    return {"block": block.name, "chunk": chunk, "config": index["config"], "path": str(final),
-            "sha256": sha256_file(final), "bytes": final.stat().st_size, "samples": len(samples)}
+    return {**marker, "chunk": chunk, "config": index["config"], "path": str(final),
+            "sha256": sha256_file(final), "bytes": final.stat().st_size}
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -592,10 +647,13 @@ def _repair_list(store: Store, manifest: dict) -> list[str]:
     return bad
 
 
-def pack(corpus: Corpus, out: str | Path, *, vocab_size: int, workers: int | None = None,
-         force: bool = False, progress: bool = True, chunk_bytes: str | int = "64MB",
+def pack(corpus: Corpus, out: str | Path, *, vocab_size: int, data_cfg: DataConfig | None = None,
+         workers: int | None = None, force: bool = False, progress: bool = True,
+         chunk_bytes: str | int = "64MB",
          storage_options: dict[str, Any] | None = None) -> PackReport:
-    """Write `corpus` into litdata shards under `out` (folder or s3://bucket/prefix).
+    """Write `corpus` into litdata shards under `out` (folder or s3://bucket/prefix), its images
+    and log-mels made with `data_cfg`'s settings (image_size, the mel parameters; default
+    DataConfig()), which a run training from the pack must share.
 
     Resumes an interrupted pack of the same corpus and settings; rerun on a finished pack it
     rewrites only shards that are missing or corrupted. Any other non-empty `out` is refused
@@ -603,13 +661,14 @@ def pack(corpus: Corpus, out: str | Path, *, vocab_size: int, workers: int | Non
     """
     start = time.perf_counter()
     target = parse_bytes(chunk_bytes)
+    params = feature_params(data_cfg or DataConfig())
     workers = default_workers(workers)
     store = open_store(out, storage_options)
     blocks, facts = plan_blocks(corpus, target)
     if not blocks:
         raise NlmmError(f"no captioned image or clip of {corpus.root} is in a split, so nothing "
                         f"can be packed; run `nlmm data check {corpus.root}` to see why.")
-    fp = fingerprint(corpus, vocab_size, target, facts)
+    fp = fingerprint(corpus, vocab_size, target, params, facts)
     with store_error_context(store):
         done_before = _prepare_out(store, fp, force)
         finished = store.read_json(MANIFEST)
@@ -617,13 +676,13 @@ def pack(corpus: Corpus, out: str | Path, *, vocab_size: int, workers: int | Non
             for name in _repair_list(store, finished):
                 store.delete([f"{STATE}/write/{name}.json"])
         with progress_bar(progress) as bar:
-            verdicts, defects = _verify(store, blocks, workers, bar)
-            tokenizer = _tokenizer(store, blocks, verdicts, vocab_size)
-            shards = _write(store, blocks, verdicts, workers, bar)
-        manifest = _manifest(corpus, blocks, verdicts, defects, shards, fp, vocab_size, target,
-                             tokenizer)
+            markers = _pack_blocks(store, blocks, params, workers, bar)
+        verdicts, defects = _verdicts(blocks, markers)
+        tokenizer = _tokenizer(store, blocks, verdicts, vocab_size)
+        manifest = _manifest(corpus, blocks, verdicts, defects, markers, fp, vocab_size, target,
+                             tokenizer, params)
         for split in SPLITS:
-            _write_index(store, split, blocks, shards, fp, target)
+            _write_index(store, split, blocks, markers, fp, target)
         store.write_json(MANIFEST, manifest)  # last: a pack without it is unfinished
     if isinstance(store, LocalStore):
         shutil.rmtree(store.root / STATE / "tmp", ignore_errors=True)
@@ -634,30 +693,45 @@ def pack(corpus: Corpus, out: str | Path, *, vocab_size: int, workers: int | Non
                       time.perf_counter() - start, manifest["modalities"])
 
 
-def _verify(store: Store, blocks: list[Block], workers: int,
-            bar: Progress) -> tuple[dict[str, list[dict]], list[Defect]]:
-    """Pass 1: every block's decode check, from its marker when a previous run stored it."""
-    task = bar.add_task("checking media", total=sum(len(b.items) for b in blocks))
-    results: dict[str, list] = {}
-    todo = []
+def _pack_blocks(store: Store, blocks: list[Block], params: dict[str, Any], workers: int,
+                 bar: Progress) -> dict[str, dict]:
+    """Every block's shard and marker, skipping blocks whose marker says the shard is stored."""
+    # imported here, before the pool forks: each worker importing litdata costs about a second
+    from litdata.streaming.writer import BinaryWriter  # noqa: F401
+
+    task = bar.add_task("packing", total=sum(len(b.items) for b in blocks))
+    staging = str(store.staging())
+    markers: dict[str, dict] = {}
+    jobs = []
     for b in blocks:
-        marker = store.read_json(f"{STATE}/verify/{b.name}.json")
+        marker = store.read_json(f"{STATE}/write/{b.name}.json")
         if marker is not None:
-            results[b.name] = marker["results"]
+            markers[b.name] = marker
             bar.advance(task, len(b.items))
         else:
-            todo.append(b)
+            jobs.append((b, params, staging))
     sizes = {b.name: len(b.items) for b in blocks}
-    for res in _run(verify_block, todo, workers):
-        store.write_json(f"{STATE}/verify/{res['block']}.json", res)
-        results[res["block"]] = res["results"]
+    by_name = {b.name: b for b in blocks}
+    for res in _run(pack_block, jobs, workers):
+        path = res.pop("path", None)
+        if path is not None:
+            store.put_file(Path(path), by_name[res["block"]].shard)
+        # the marker goes in after the shard: a kill in between only rewrites the same bytes
+        store.write_json(f"{STATE}/write/{res['block']}.json", res)
+        markers[res["block"]] = res
         bar.advance(task, sizes[res["block"]])
+    return markers
+
+
+def _verdicts(blocks: list[Block], markers: dict[str, dict]
+              ) -> tuple[dict[str, list[dict]], list[Defect]]:
+    """Each item's verdict and the pack's defects, from the blocks' decode results."""
     verdicts: dict[str, list[dict]] = {}
     defects: list[Defect] = []
     seen: set[tuple[str, str]] = set()
     for b in blocks:
         verdicts[b.name] = []
-        for item, result in zip(b.items, results[b.name], strict=True):
+        for item, result in zip(b.items, markers[b.name]["results"], strict=True):
             verdict, found = judge(item, result)
             verdicts[b.name].append(asdict(verdict))
             for d in found:  # a clip shared by several groups is one defect
@@ -684,53 +758,20 @@ def _tokenizer(store: Store, blocks: list[Block], verdicts: dict[str, list[dict]
     return tokenizer
 
 
-def _offsets(blocks: list[Block], verdicts: dict[str, list[dict]]) -> dict[str, tuple[int, int]]:
+def _offsets(blocks: list[Block], markers: dict[str, dict]) -> dict[str, tuple[int, int]]:
     """Dense group and caption index of each block's first kept group, over the whole pack."""
     out, group, caption = {}, 0, 0
     for b in blocks:
         out[b.name] = (group, caption)
-        for item, v in zip(b.items, verdicts[b.name], strict=True):
-            if v["keep"]:
-                group += 1
-                caption += len(item.captions)
+        group += markers[b.name]["samples"]
+        caption += markers[b.name]["captions"]
     return out
-
-
-def _write(store: Store, blocks: list[Block], verdicts: dict[str, list[dict]], workers: int,
-           bar: Progress) -> dict[str, dict]:
-    """Pass 2: every block's shard, skipping blocks whose marker says the shard is stored."""
-    # imported here, before the pool forks: each worker importing litdata costs about a second
-    from litdata.streaming.writer import BinaryWriter  # noqa: F401
-
-    task = bar.add_task("writing shards", total=sum(len(b.items) for b in blocks))
-    offsets = _offsets(blocks, verdicts)
-    staging = str(store.staging())
-    markers: dict[str, dict] = {}
-    jobs = []
-    for b in blocks:
-        marker = store.read_json(f"{STATE}/write/{b.name}.json")
-        if marker is not None:
-            markers[b.name] = marker
-            bar.advance(task, len(b.items))
-        else:
-            jobs.append((b, verdicts[b.name], *offsets[b.name], staging))
-    sizes = {b.name: len(b.items) for b in blocks}
-    by_name = {b.name: b for b in blocks}
-    for res in _run(write_block, jobs, workers):
-        path = res.pop("path", None)
-        if path is not None:
-            store.put_file(Path(path), by_name[res["block"]].shard)
-        # the marker goes in after the shard: a kill in between only rewrites the same bytes
-        store.write_json(f"{STATE}/write/{res['block']}.json", res)
-        markers[res["block"]] = res
-        bar.advance(task, sizes[res["block"]])
-    return markers
 
 
 def _write_index(store: Store, split: str, blocks: list[Block], shards: dict[str, dict],
                  fp: str, target: int) -> None:
-    """litdata's index.json of a split: the chunks in block order. `updated_at` keys litdata's
-    download cache, so a repacked prefix never reuses stale cached chunks."""
+    """litdata's index.json of a split: the chunks in block order. `updated_at` names the
+    pack's fingerprint, so a repacked prefix is never mistaken for a cached older one."""
     chunks, config = [], None
     for b in blocks:
         m = shards[b.name]
@@ -750,13 +791,13 @@ def _write_index(store: Store, split: str, blocks: list[Block], shards: dict[str
 
 def _manifest(corpus: Corpus, blocks: list[Block], verdicts: dict[str, list[dict]],
               defects: list[Defect], shards: dict[str, dict], fp: str, vocab_size: int,
-              target: int, tokenizer: TextTokenizer) -> dict[str, Any]:
+              target: int, tokenizer: TextTokenizer, params: dict[str, Any]) -> dict[str, Any]:
     import litdata
 
     groups, captions, has_audio, image_ok, clip_ok = [], [], {}, set(), set()
     splits = {s: {"groups": 0, "captions": 0, "first_group": None, "first_caption": None,
                   "shards": 0} for s in SPLITS}
-    offsets = _offsets(blocks, verdicts)
+    offsets = _offsets(blocks, shards)
     for b in blocks:
         info = splits[b.split]
         if info["first_group"] is None:
@@ -784,6 +825,7 @@ def _manifest(corpus: Corpus, blocks: list[Block], verdicts: dict[str, list[dict
     total = counts["total"]
     modalities = [m for m, n in (("image", total["images"]), ("text", total["captions"]),
                                  ("audio", total["wavs"])) if n]
+    longest = max((shards[b.name]["longest_audio"] for b in blocks), default=0)
     return {
         "format": PACK_FORMAT,
         "version": PACK_VERSION,
@@ -793,6 +835,12 @@ def _manifest(corpus: Corpus, blocks: list[Block], verdicts: dict[str, list[dict
                    "reader_defects": [asdict(d) for d in corpus.defects]},
         "vocab_size": vocab_size,
         "tokenizer": {"file": TOKENIZER, "vocab": tokenizer.vocab_size},
+        # what the stored features were made with: a run must train with the same settings
+        "features": {**params, "longest_audio_samples": longest,
+                     "image": f"(image_size, image_size) centre crop; JPEG (quality "
+                              f"{JPEG_QUALITY}) for JPEG sources, PNG for others, the original "
+                              "bytes where already that size",
+                     "audio": "float16 log-mel (n_mels, frames), features.log_mel"},
         "chunk_bytes": target,
         "litdata": litdata.__version__,
         "counts": counts,
@@ -800,7 +848,8 @@ def _manifest(corpus: Corpus, blocks: list[Block], verdicts: dict[str, list[dict
         "modalities": modalities,
         "defects": [asdict(d) for d in defects],
         "shards": {f"{b.split}/{m['chunk']['filename']}": {
-            "sha256": m["sha256"], "bytes": m["bytes"], "samples": m["samples"], "block": b.name}
+            "sha256": m["sha256"], "bytes": m["bytes"], "samples": m["samples"], "block": b.name,
+            "first_group": offsets[b.name][0], "first_caption": offsets[b.name][1]}
             for b in blocks if (m := shards[b.name])["chunk"] is not None},
     }
 
@@ -832,6 +881,35 @@ def read_tokenizer(input_dir: str | Path,
     if data is None:
         raise NlmmError(f"{input_dir} has no {TOKENIZER}; repack it with `nlmm data pack`.")
     return TextTokenizer.from_json(data.decode())
+
+
+def feature_mismatch(manifest: dict[str, Any], cfg: DataConfig) -> dict[str, tuple[Any, Any]]:
+    """The data settings of `cfg` that differ from those the pack's features were made with,
+    as {name: (pack's, cfg's)}, counting only what the pack holds: image_size when it has
+    images, the mel parameters when it has audio, and max_audio_seconds only when a recording
+    is longer than one of the two cuts (shorter ones give the same log-mel either way)."""
+    made = manifest["features"]
+    total = manifest["counts"]["total"]
+    keys = (["image_size"] if total.get("images") else []) + (
+        ["sample_rate", "n_mels", "win_length", "hop_length"] if total.get("wavs") else [])
+    out = {k: (made[k], getattr(cfg, k)) for k in keys if made[k] != getattr(cfg, k)}
+    if total.get("wavs") and made["sample_rate"] == cfg.sample_rate:
+        cuts = [round(s * cfg.sample_rate) for s in (made["max_audio_seconds"],
+                                                     cfg.max_audio_seconds)]
+        if cuts[0] != cuts[1] and made["longest_audio_samples"] > min(cuts):
+            out["max_audio_seconds"] = (made["max_audio_seconds"], cfg.max_audio_seconds)
+    return out
+
+
+def check_features(manifest: dict[str, Any], cfg: DataConfig, where: str) -> None:
+    """Refuse, in one sentence, data settings other than those the pack was made with."""
+    differ = feature_mismatch(manifest, cfg)
+    if differ:
+        made = " ".join(f"--set data.{k}={v[0]}" for k, v in differ.items())
+        asked = " ".join(f"--set data.{k}={v[1]}" for k, v in differ.items())
+        raise NlmmError(f"the pack in {where} holds features made with other data settings "
+                        f"than this run's; train with `{made}` or repack the corpus with "
+                        f"`nlmm data pack SRC OUT {asked}`.")
 
 
 def corrupted_shard_error(input_dir: str, name: str, why: str) -> NlmmError:

@@ -1,7 +1,8 @@
 """Training and evaluation batches streamed from a pack (nlmm.data.packed) with litdata.
 
-Shards are read from a folder or an s3:// prefix; decoding (JPEG/PNG, WAV/FLAC), log-mel,
-tokenization and image augmentation run in the loader's worker processes, which hand over
+Shards are read from a folder or an s3:// prefix; decoding the stored images (small JPEG/PNG at
+the training size), tokenization and image augmentation run in the loader's worker processes
+(log-mels were computed when the pack was made), which hand over
 finished batches in the batch contract of nlmm.data.loader.TrainLoader:
 
     text (B, L) int64, text_mask (B, L) bool       one caption per row, trimmed to the longest
@@ -39,18 +40,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.sampler import ChunkedIndex
 from litdata.utilities.env import _DistributedEnv
 
 from nlmm.config import DataConfig
-from nlmm.data.features import (MIN_AUDIO_SECONDS, BadInput, load_image, log_mel,
-                                normalize_images)
+from nlmm.data.features import load_image, normalize_images
 from nlmm.data.loader import augment_images
-from nlmm.data.packed import (caption_readings, corrupted_shard_error, open_store,
-                              read_manifest, read_tokenizer, sha256_file, store_error_context)
+from nlmm.data.packed import (caption_readings, check_features, corrupted_shard_error,
+                              open_store, read_manifest, read_tokenizer, sha256_file,
+                              store_error_context)
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
 
@@ -61,33 +61,9 @@ _ERROR = "__nlmm_error__"
 # --------------------------------------------------------------------------- decoding bytes
 
 def image_from_bytes(data: bytes, size: int) -> np.ndarray:
-    """uint8 (3, size, size), exactly as features.load_image decodes the file (PIL reads
-    file objects, so the same function runs on the bytes)."""
+    """uint8 (3, size, size) of a stored image (already that size: the resize is a no-op),
+    decoded as features.load_image decodes a file (PIL reads file objects too)."""
     return load_image(io.BytesIO(data), size)  # type: ignore[arg-type]
-
-
-def wave_from_bytes(data: bytes, sample_rate: int) -> np.ndarray:
-    """float32 mono at `sample_rate` from encoded audio bytes, as features.load_wav does for
-    a file (read_audio needs a path for its size checks; the pack verified the file already)."""
-    if not data:
-        raise BadInput("empty audio")
-    try:
-        wave, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (sf.SoundFileError, RuntimeError, ValueError) as exc:
-        raise BadInput(f"unreadable audio ({exc})") from None
-    if wave.shape[0] < MIN_AUDIO_SECONDS * rate:
-        raise BadInput(f"audio too short ({wave.shape[0] / rate:.3f} s)")
-    mono = wave.mean(axis=1, dtype=np.float32)
-    if rate != sample_rate:
-        import torchaudio.functional
-
-        mono = torchaudio.functional.resample(torch.from_numpy(mono), rate, sample_rate).numpy()
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def log_mel_from_bytes(data: bytes, cfg: DataConfig) -> np.ndarray:
-    """float16 log-mel (n_mels, T) of encoded audio, cut to max_audio_seconds (features.log_mel)."""
-    return log_mel(wave_from_bytes(data, cfg.sample_rate), cfg)
 
 
 def _mix(*values: int) -> int:
@@ -153,8 +129,9 @@ class Collate:
             return {_ERROR: errors[0]}
         return self._train(samples) if self.mode == "train" else self._eval(samples)
 
-    def _mel(self, data: bytes) -> np.ndarray | None:
-        return log_mel_from_bytes(data, self.cfg).astype(np.float32) if data else None
+    @staticmethod
+    def _mel(mel: np.ndarray) -> np.ndarray | None:
+        return mel.astype(np.float32) if mel.shape[1] else None
 
     def _train(self, samples: list[dict]) -> dict[str, Any]:
         groups = np.array([s["group"] for s in samples], dtype=np.int64)
@@ -164,7 +141,8 @@ class Collate:
             k = caption_choice(self.seed, self.epoch, int(group), len(captions))
             texts.append(captions[k])
             caption_ids.append(s["caption_base"] + k)
-            mels.append(self._mel(caption_readings(s)[k] or s["clip"]))
+            own = caption_readings(s)[k]
+            mels.append(self._mel(own if own.shape[1] else s["clip"]))
         text, text_mask = _tokens(self.tokenizer, texts, self.cfg.text_max_len)
         images, has_image = _images(samples, self.cfg.image_size)
         images = normalize_images(images)
@@ -186,9 +164,9 @@ class Collate:
                 texts.append(text)
                 caption_ids.append(s["caption_base"] + k)
                 caption_group.append(s["group"])
-                own.append(bool(readings[k]))
+                own.append(bool(readings[k].shape[1]))
                 # a group's clip is one gallery item, carried by its first caption's row only
-                mels.append(self._mel(readings[k] or (s["clip"] if k == 0 else b"")))
+                mels.append(self._mel(readings[k] if readings[k].shape[1] or k else s["clip"]))
         text, text_mask = _tokens(self.tokenizer, texts, self.cfg.text_max_len)
         images, has_image = _images(samples, self.cfg.image_size)
         images = normalize_images(images)
@@ -251,10 +229,10 @@ class PackDataset(StreamingDataset):
     time a process reads from it; a mismatch becomes an error item that the training process
     raises as one sentence (raised in a worker, torch would wrap it in a traceback)."""
 
-    def __init__(self, *args: Any, shard_hashes: dict[str, str], label: str, split: str,
+    def __init__(self, *args: Any, shards: dict[str, dict], label: str, split: str,
                  verify: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._hashes, self._label, self._split, self._verify = shard_hashes, label, split, verify
+        self._shards, self._label, self._split, self._verify = shards, label, split, verify
         self._checked: dict[int, str | None] = {}
 
     def _check(self, index: ChunkedIndex) -> str | None:
@@ -266,7 +244,7 @@ class PackDataset(StreamingDataset):
             if not os.path.exists(path):
                 return None
             name = os.path.basename(path)
-            want = self._hashes.get(name)
+            want = self._shards.get(name, {}).get("sha256")
             bad = want is not None and sha256_file(Path(path)) != want
             self._checked[index.chunk_index] = (
                 str(corrupted_shard_error(self._label, f"{self._split}/{name}",
@@ -275,7 +253,17 @@ class PackDataset(StreamingDataset):
         return self._checked[index.chunk_index]
 
     def __getitem__(self, index: Any) -> Any:
-        if not (self._verify and isinstance(index, ChunkedIndex)):
+        item = self._read(index)
+        if _ERROR not in item:
+            # a shard counts its groups and captions from 0; the pack's offsets make them dense
+            path, _, _ = self.cache._reader.config[index]
+            meta = self._shards[os.path.basename(path)]
+            item["group"] += meta["first_group"]
+            item["caption_base"] += meta["first_caption"]
+        return item
+
+    def _read(self, index: Any) -> Any:
+        if not self._verify:
             return super().__getitem__(index)
         if error := self._check(index):
             return {_ERROR: error}
@@ -293,12 +281,13 @@ class PackDataset(StreamingDataset):
 class _Pack:
     """A pack opened for reading one split: manifest, shard sizes checked, tokenizer."""
 
-    def __init__(self, input_dir: str | Path, split: str,
-                 storage_options: dict[str, Any] | None) -> None:
+    def __init__(self, input_dir: str | Path, split: str, storage_options: dict[str, Any] | None,
+                 data_cfg: DataConfig) -> None:
         self.url = str(input_dir).rstrip("/")
         self.split = split
         self.storage_options = storage_options
         self.manifest = read_manifest(self.url, storage_options)
+        check_features(self.manifest, data_cfg, self.url)
         info = self.manifest["splits"].get(split)
         if info is None or info["groups"] == 0:
             raise NlmmError(f"the {split} split of the pack in {self.url} is empty; pick another "
@@ -333,7 +322,7 @@ class _Pack:
             ds = PackDataset(f"{self.url}/{self.split}", shuffle=shuffle, seed=seed,
                              drop_last=drop_last, storage_options=self.storage_options,
                              cache_dir=cache_dir, max_cache_size=max_cache_size, **window,
-                             shard_hashes={k: v["sha256"] for k, v in self.shards.items()},
+                             shards=self.shards,
                              label=self.url, split=self.split, verify=verify)
         ds.distributed_env = _DistributedEnv(world_size, rank, 1)
         return ds
@@ -380,7 +369,7 @@ class StreamTrainLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
-        self.pack = _Pack(input_dir, split, storage_options)
+        self.pack = _Pack(input_dir, split, storage_options, data_cfg)
         self.tokenizer = tokenizer or read_tokenizer(self.pack.url, storage_options)
         self.split, self.batch_size, self.seed, self.epoch = split, batch_size, seed, epoch
         self.rank, self.world_size = rank, world_size
@@ -513,7 +502,7 @@ def iter_split(input_dir: str | Path, split: str, *, batch_size: int, data_cfg: 
     group's index) with one row per caption of those groups. Memory holds one batch per worker,
     whatever the split's size.
     """
-    pack = _Pack(input_dir, split, storage_options)
+    pack = _Pack(input_dir, split, storage_options, data_cfg)
     tokenizer = tokenizer or read_tokenizer(pack.url, storage_options)
     ds = pack.dataset(shuffle=False, seed=0, drop_last=False, rank=rank, world_size=world_size,
                       verify=verify_shards, cache_dir=cache_dir, max_cache_size=max_cache_size)
@@ -527,4 +516,4 @@ def iter_split(input_dir: str | Path, split: str, *, batch_size: int, data_cfg: 
 
 
 __all__ = ["StreamTrainLoader", "iter_split", "Collate", "caption_choice", "image_from_bytes",
-           "wave_from_bytes", "log_mel_from_bytes", "rank_env"]
+           "rank_env"]

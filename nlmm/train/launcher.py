@@ -81,6 +81,7 @@ def open_training_data(req: TrainRequest, cfg: Config,
         # a folder by its absolute path: the run's eval and resume may start anywhere
         source = PackedSource(where if "://" in where else str(Path(where).resolve()))
         source.check_splits(tuple(dict.fromkeys(("train", cfg.train.eval_split, "test"))))
+        source.check_data(cfg.data)
         if notify:
             notify(f"streaming from the pack in {source.path}")
         return source
