@@ -21,9 +21,10 @@ from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.text import Text
 
 from nlmm import store
-from nlmm.reports import epoch_text
+from nlmm.reports import epoch_text, error_sentence, summary_table
 from nlmm.train.launcher import log_lines, stop, wait, watch
 
 
@@ -73,6 +74,14 @@ def without_tracebacks(lines: Iterator[str]) -> Iterator[str]:
             yield line
 
 
+def for_the_terminal(lines: Iterator[str], run_name: str) -> Iterator[str]:
+    """train.log's lines as a piped terminal shows them: without a failure's traceback and
+    without the worker's closing `run NAME finished` line, which the summary after them says
+    (`run NAME: finished`) with the figures."""
+    closing = {f"run {run_name} {status}" for status in store.ENDED_STATUSES}
+    return (line for line in without_tracebacks(lines) if line.strip() not in closing)
+
+
 def follow(run_id: int, console: Console, poll_s: float = 0.5) -> int:
     """Show the run until it ends; Ctrl-C, SIGTERM or SIGHUP stop it cleanly (checkpoint first).
 
@@ -85,7 +94,7 @@ def follow(run_id: int, console: Console, poll_s: float = 0.5) -> int:
                 if console.is_terminal:
                     _show_bar(run_id, console, poll_s)
                 else:
-                    for line in without_tracebacks(log_lines(run_id, poll_s)):
+                    for line in for_the_terminal(log_lines(run_id, poll_s), run.name):
                         console.print(line, markup=False, highlight=False, soft_wrap=True)
             except OSError:  # BrokenPipeError among them
                 # the reader went away without a signal (`| head`): the run goes on, unseen
@@ -154,14 +163,13 @@ def progress_info(run: store.Run, latest: dict[str, tuple[int, float]]) -> str:
 
 def _summary(run_id: int, console: Console) -> int:
     run = wait(run_id, timeout=30)
-    from nlmm.reports import summary_table
-
     console.print(summary_table(run))
     if run.status == store.RunStatus.FINISHED:
         return 0
     if run.status == store.RunStatus.STOPPED:
         console.print(f"resume with `nlmm train flickr8k --resume {run.name}`")
         return 130
-    if run.error:
-        console.print(f"[red]{run.error.strip().splitlines()[0]}[/] (log: {run.log_path})")
+    sentence = error_sentence(run.error)
+    if sentence:
+        console.print(Text.assemble((sentence, "red"), f" (traceback in {run.log_path})"))
     return 1

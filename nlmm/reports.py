@@ -32,6 +32,20 @@ def _elapsed(run: store.Run, now: float | None = None) -> str:
     return hms(elapsed_seconds(run, time.time() if now is None else now))
 
 
+def error_sentence(error: str | None) -> str | None:
+    """The one sentence a failed run is reported by, in the terminal, `runs show` and the dash.
+
+    The worker stores the reason, a blank line, then the traceback (which stays in train.log
+    for whoever debugs); an error stored as a bare traceback gives its last line, the
+    exception's own message."""
+    if not error or not error.strip():
+        return None
+    text = error.strip()
+    if text.startswith("Traceback (most recent call last):"):
+        return text.splitlines()[-1].strip()
+    return " ".join(line.strip() for line in text.split("\n\n")[0].splitlines())
+
+
 def status_text(status: str) -> Text:
     return Text(status, style=STATUS_STYLE.get(status, ""))
 
@@ -218,8 +232,9 @@ def run_details(ref: str) -> Group:
     note = store.steps_cap_note(cfg.get("train_steps"), run.steps_total, run.epochs_total)
     if note:
         parts.append(Text(f"note: {note}", style="yellow"))
-    if run.error:
-        parts.append(Text(run.error.strip().splitlines()[0], style="red"))
+    sentence = error_sentence(run.error)
+    if sentence:
+        parts.append(Text(sentence, style="red"))
     if latest:
         parts.append(Text("  ".join(f"{k} {v:.4g}" for k, v in latest.items())))
     metrics = _eval_metrics(run.id)
@@ -326,8 +341,11 @@ def coverage_line(coverage: dict[str, int], modalities: list[str] | None = None)
 
 
 def eval_table(results: dict[str, Any]) -> Group:
-    title = f"{results['split']} Recall@K (%) — {results['checkpoint']}"
-    parts: list[Any] = [recall_table(results["metrics"], title=title,
+    """The figures of `nlmm eval`. Paths go on lines of their own, above the tables: a table's
+    title wraps at the table's width, which would cut a path mid-word."""
+    title = f"{results['split']} Recall@K (%)"
+    parts: list[Any] = [Text(f"checkpoint {results['checkpoint']}"),
+                        recall_table(results["metrics"], title=title,
                                      second=results.get("metrics_ttt"))]
     if "coverage" in results:
         # a split partly embedded (some spoken captions missing) is scored on fewer queries
@@ -335,8 +353,9 @@ def eval_table(results: dict[str, Any]) -> Group:
     for warning in results.get("warnings", []):
         parts.append(Text(f"warning: {warning}", style="yellow"))
     for source in results.get("sources", []):
-        parts.append(recall_table(source["metrics"], title=f"{results['split']} Recall@K (%) — "
-                                  f"{source['format']} corpus {source['path']}"))
+        parts.append(Text(f"{source['format']} corpus {source['path']}"))
+        parts.append(recall_table(source["metrics"], title=f"{results['split']} Recall@K (%), "
+                                  f"{source['format']} corpus"))
         parts.append(Text(coverage_line(source["coverage"], results.get("modalities"))))
     if "ttt" in results:
         t = results.get("ttt_settings") or {}

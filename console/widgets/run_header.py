@@ -9,7 +9,7 @@ from textual.widgets import Label, ProgressBar, Static
 
 from console.widgets import cells
 from nlmm import store
-from nlmm.reports import device_text, epoch_text, started_text, status_text
+from nlmm.reports import device_text, epoch_text, error_sentence, started_text, status_text
 
 
 def summary_line(run: store.Run, test_r1: float | None = None) -> Text:
@@ -41,11 +41,10 @@ def timing_line(run: store.Run, now: float, triples_per_s: float | None = None) 
 
 
 def error_text(run: store.Run) -> Text | None:
-    """The last lines of a failed run's error (a traceback ends with its message)."""
-    if not run.error:
-        return None
-    lines = run.error.strip().splitlines()
-    return Text("\n".join(lines[-3:]), style="bold red")
+    """A failed run's error as one sentence, the one the CLI prints (the traceback is in
+    train.log, on the Log tab)."""
+    sentence = error_sentence(run.error)
+    return None if sentence is None else Text(sentence, style="bold red")
 
 
 def health_warnings(latest: dict[str, float]) -> list[str]:

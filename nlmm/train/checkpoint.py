@@ -135,15 +135,32 @@ def _damaged(path: Path) -> str | None:
     return None if bad is None else f"bad CRC in {bad}"
 
 
+def _opens(path: Path) -> bool:
+    """Whether `path` is there and its archive directory reads (a truncated file's does not).
+
+    Cheaper than `_damaged`, which reads every byte: this only picks which file to suggest."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError):
+        return False
+
+
 def _other_checkpoints(path: Path) -> str:
-    """What to use instead of a damaged `path`: the other files of its run, never itself."""
-    if path.name == "best.pt":
-        return (f"use {path.with_name('last.pt')} (the latest weights) or an epoch_NNN.pt beside "
-                "it")
-    if path.name == "last.pt":
-        return (f"evaluate or search with {path.with_name('best.pt')} instead; to continue "
-                "training, start a new run (the training state was only in this file)")
-    return f"use best.pt or last.pt in {path.parent}"
+    """What to do instead of loading a damaged `path`: another file of its run that still
+    opens, never itself, or, when none does, restoring a copy or starting over."""
+    epochs = sorted(path.parent.glob("epoch_*.pt"), reverse=True)  # the latest first
+    others = [p for p in (path.with_name("last.pt"), path.with_name("best.pt"), *epochs)
+              if p != path and _opens(p)]
+    if not others:
+        return (f"no other checkpoint in {path.parent} is intact, so restore the folder from a "
+                f"copy (a backup of the runs folder) or start the run over with `nlmm train`")
+    first = others[0]
+    if path.name == "last.pt" and first.name == "best.pt":
+        return (f"evaluate or search with {first} instead; to continue training, start a new "
+                "run (the training state was only in this file)")
+    kind = "the latest weights" if first.name == "last.pt" else "the weights of an earlier step"
+    return f"use {first} ({kind}) instead"
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
