@@ -284,7 +284,9 @@ def train(
                                                   "or a YAML path (default flickr8k, or tiny_cpu "
                                                   "with --synthetic).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.sub=value.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (with --resume: epochs to add).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs. With --resume: this many "
+                                                  "more epochs from where the run stands; with "
+                                                  "--resume and --data: the new run's epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "--batch_size", min=2)] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Learning rate of the fastest level.")] = None,
     optimizer: Annotated[Optional[Optim], typer.Option(help="One optimizer for every level.")] = None,
@@ -292,7 +294,13 @@ def train(
     name: Annotated[Optional[str], typer.Option(help="Run name (default: generated).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Start the run and return at once.")] = False,
-    resume: Annotated[Optional[str], typer.Option(metavar="RUN", help="Continue RUN from its last checkpoint.")] = None,
+    resume: Annotated[Optional[str], typer.Option(metavar="RUN", help="Continue RUN from its last "
+                                                  "checkpoint, finishing its plan (more with "
+                                                  "--steps/--epochs). With --data NEW (another "
+                                                  "corpus, prepared with RUN's tokenizer): a new "
+                                                  "run that starts from RUN's model and optimizer "
+                                                  "state and records RUN as its parent (see `nlmm "
+                                                  "runs forgetting`); RUN is left as it is.")] = None,
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", min=1, help="Evaluate every N epochs.")] = None,
     accumulate: Annotated[Optional[int], typer.Option(min=1, help="Micro-batches per optimizer step.")] = None,
     image_size: Annotated[Optional[int], typer.Option("--image-size", "--image_size", min=16)] = None,
@@ -306,7 +314,13 @@ def train(
                                                  "optimizer steps: the lr warmup (cut to a tenth "
                                                  "of the run) and the cosine fit it; the epochs "
                                                  "still bound the run (a cap above them is "
-                                                 "reported).")] = None,
+                                                 "reported). With --resume: this many more steps "
+                                                 "from where the run stands (its epochs grow to "
+                                                 "hold them); the lr schedule becomes that of a "
+                                                 "run planned to the new end from the start, "
+                                                 "cosine stretched to it, a warmup done not "
+                                                 "repeated, so a finished run's lr rises from 0 "
+                                                 "(--set train.schedule=constant keeps it flat).")] = None,
     tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard "
                                               "scalars to runs/<run>/tensorboard.")] = False,
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (offline "
@@ -331,14 +345,15 @@ def train(
     if specs is None:
         _only_flickr8k(dataset)
     overrides = list(set_ or [])
-    # with --resume, --epochs means "this many more" and is handled by the launcher
+    # with --resume, --epochs and --steps mean "this many more" and go to the launcher
     for key, value in (("train.epochs", None if resume else epochs),
                        ("train.batch_size", batch_size), ("train.lr", lr),
                        ("train.optimizer", optimizer.value if optimizer else None),
                        ("train.seed", seed), ("train.eval_every", eval_every),
                        ("train.accumulate", accumulate), ("data.image_size", image_size),
                        ("train.grad_checkpointing", grad_checkpointing),
-                       ("train.num_workers", num_workers), ("train_steps", steps)):
+                       ("train.num_workers", num_workers),
+                       ("train_steps", None if resume else steps)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
     if amp is not None:
@@ -348,7 +363,8 @@ def train(
         overrides.append(f"train.mirrors={json.dumps(mirrors)}")
     request = TrainRequest(data=specs, synthetic=synthetic, config=config, overrides=overrides,
                            device=device.value, name=name, resume=resume,
-                           add_epochs=epochs if resume else None, nproc=nproc, nnodes=nnodes,
+                           add_epochs=epochs if resume else None,
+                           add_steps=steps if resume else None, nproc=nproc, nnodes=nnodes,
                            node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
     if node_rank > 0:
         from nlmm import store
@@ -421,6 +437,27 @@ def runs_rm(
     for name in names:
         remove(name)
         console.print(f"deleted {name}")
+
+
+@runs_app.command("forgetting")
+def runs_forgetting(
+    run: Annotated[str, typer.Argument(metavar="RUN", help="Run name or id.")],
+    split: Annotated[EvalSplit, typer.Option(help="Split to score.")] = EvalSplit.test,
+    device: Annotated[Device, typer.Option()] = Device.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Recall@1 on every corpus RUN and the runs it continues (`nlmm train --resume PARENT
+    --data NEW`) trained on, at the end of each: what training on a new corpus cost on the
+    earlier ones."""
+    from nlmm.forgetting import forgetting, forgetting_table
+
+    report = forgetting(run, split=split.value, device=device.value)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    console.print(forgetting_table(report))
+    for note in report.notes:
+        console.print(f"note: {note}", style="yellow")
 
 
 @runs_app.command("compare")

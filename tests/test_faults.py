@@ -184,8 +184,9 @@ def test_killed_worker_is_lost_within_10s_and_resumes_without_losing_rows(synth_
     assert "lost" in listing.stdout
 
     last_step = max(step for _, step in before)
-    resumed = nlmm("train", "--resume", "killed", "--steps", str(last_step + 2), "--device", "cpu",
-                   env=env)
+    # --steps on a resume counts from the checkpoint: the run ends 2 steps past the last row
+    resumed = nlmm("train", "--resume", "killed", "--steps", str(last_step + 2 - ckpt.step),
+                   "--device", "cpu", env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert store.get_run(run.id).status == "finished"
     assert f"at step {ckpt.step}" in Path(run.log_path).read_text()

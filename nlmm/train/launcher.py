@@ -5,6 +5,10 @@ own session (`python -m nlmm.train.worker RUN_ID`, or torchrun for data-parallel
 torchrun.py), so a Ctrl-C in the terminal reaches only the follower, which then asks the worker
 to checkpoint and stop.
 
+`--resume RUN` reopens RUN (with `--steps`/`--epochs`: sized for that much more by its worker,
+see plan.py); `--resume RUN --data NEW` registers a new run continuing RUN on another corpus
+(see lineage.py), unless NEW is the corpus RUN trains on.
+
 For data-parallel runs over several nodes, the first node (node rank 0) registers the run; every
 other node only prepares its own copy of the corpus and joins with `join()`, its ranks taking
 the run's configuration from rank 0.
@@ -25,16 +29,21 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from nlmm import store
 from nlmm.config import Config, config_from_dict, resolve_config, save_config, with_legacy_defaults
-from nlmm.data.cache import PreparedCache
-from nlmm.data.corpus_location import Notify, prepare_corpus
+from nlmm.data.cache import PreparedCache, prepare
+from nlmm.data.corpora.base import CorpusSpec
+from nlmm.data.corpus_location import Notify, ensure_corpus_spec, prepare_corpus
 from nlmm.data.pack_source import PackedSource, is_pack
+from nlmm.data.tokenizer import TextTokenizer
 from nlmm.devices import resolve_device
 from nlmm.errors import NlmmError
 from nlmm.train.checkpoint import load_checkpoint
 from nlmm.train.distributed import DistContext, check_batch_size
+from nlmm.train.lineage import save_run_config
+from nlmm.train.plan import Extension
 from nlmm.train.request import TrainRequest, check_distributed
 from nlmm.train.torchrun import worker_command, worker_env
 
@@ -53,8 +62,14 @@ def launch(req: TrainRequest, notify: Notify | None = None) -> store.Run:
     check_distributed(req, device)
     if req.node_rank > 0:
         raise NlmmError("a node other than node 0 joins a run with join(), it does not launch one.")
-    run = _reopen(req, device, notify) if req.resume else _register(req, device, notify)
-    _spawn(run, req)
+    ext = Extension(req.add_steps, req.add_epochs) if req.resume else Extension()
+    if req.resume and req.data is not None:
+        run, ext = _continue(req, device, notify)
+    elif req.resume:
+        run = _reopen(req, device, notify)
+    else:
+        run = _register(req, device, notify)
+    _spawn(run, req, ext)
     return store.get_run(run.id)
 
 
@@ -168,44 +183,148 @@ def join(req: TrainRequest, notify: Notify | None = None,
                                 start_new_session=True)
 
 
-def _reopen(req: TrainRequest, device: str, notify: Notify | None) -> store.Run:
+def _resumable(ref: str) -> store.Run:
+    """The run `ref`, refused while a worker of it is alive."""
     store.mark_lost()  # a worker that died unseen must show as lost before its run is judged
-    run = store.get_run(req.resume)
+    run = store.get_run(ref)
     if run.status in store.ACTIVE_STATUSES and store.worker_alive(run):
         raise NlmmError(f"run {run.name} is still {run.status}; stop it first with "
                         f"`nlmm runs stop {run.name}`.")
-    if run.status == store.RunStatus.FINISHED and not req.add_epochs:
+    return run
+
+
+def _reopen(req: TrainRequest, device: str, notify: Notify | None,
+            checked: bool = False) -> store.Run:
+    """RUN queued again for its worker, which continues at its last checkpoint's step and, with
+    --steps/--epochs, sizes the run for that much more. `checked`: last.pt was read in full."""
+    run = _resumable(req.resume)
+    extend = bool(req.add_epochs or req.add_steps)
+    if run.status == store.RunStatus.FINISHED and not extend:
         raise NlmmError(f"run {run.name} already finished (step {run.step} of "
-                        f"{run.steps_total}); pass --epochs N to train it N more epochs.")
+                        f"{run.steps_total}); pass --epochs N to train it N more epochs, or "
+                        f"--steps N for N more steps.")
     last = store.run_dir(run.name) / "checkpoints" / "last.pt"
     cfg_dict = with_legacy_defaults(json.loads(run.config))
     if last.is_file():
-        # Read in full now: a damaged file is one clear error here rather than a failed worker.
-        progress = load_checkpoint(last)["progress"]
-    else:
+        if not checked:
+            # Read in full now: a damaged file is one clear error here rather than a failed worker.
+            load_checkpoint(last)
+    elif notify is not None:
         # died before its first checkpoint: nothing to continue from, but the run (name,
         # config, corpus, history in the store) is kept and trained again from step 0
-        progress = {"epoch": 0}
-        if notify is not None:
-            notify(f"run {run.name} has no checkpoint yet ({last}): restarting it from step 0 "
-                   f"with its config")
-    if req.add_epochs:
-        cfg_dict["train"]["epochs"] = progress["epoch"] + req.add_epochs
-        cfg_dict["train_steps"] = None
+        start = f"its parent {run.parent}'s last.pt" if run.parent else "step 0"
+        notify(f"run {run.name} has no checkpoint yet ({last}): restarting it from {start} "
+               f"with its config")
     if req.overrides:
         cfg_dict = config_from_dict(cfg_dict, f"run {run.name}", req.overrides).to_dict()
     check_batch_size(cfg_dict["train"]["batch_size"], DistContext(world_size=req.world_size))
-    # pid None: the old worker's pid is no longer this run's until the new one registers
-    store.update_run(run.id, config=json.dumps(cfg_dict), epochs_total=cfg_dict["train"]["epochs"],
-                     device=device, error=None, pid=None)
+    # The worker sizes an extended run; until then its plan is unknown rather than the old one.
+    # pid None: the old worker's pid is no longer this run's until the new one registers.
+    plan = {"epochs_total": None, "steps_total": None} if extend else \
+        {"epochs_total": cfg_dict["train"]["epochs"]}
+    store.update_run(run.id, config=json.dumps(cfg_dict), device=device, error=None, pid=None,
+                     **plan)
     store.set_status(run.id, store.RunStatus.QUEUED)
     return store.get_run(run.id)
 
 
-def _spawn(run: store.Run, req: TrainRequest) -> subprocess.Popen:
+# What a run continued on another corpus may set differently from its parent: how it trains.
+# Everything else (the model, its towers, the features and tokenizer) is the parent's.
+CONTINUED_MAY_CHANGE = ("train.", "train_steps", "precision.", "data.augment.")
+
+
+def _continue(req: TrainRequest, device: str, notify: Notify | None
+              ) -> tuple[store.Run, Extension]:
+    """`--resume RUN --data NEW`: a new run that continues RUN on NEW from RUN's last.pt, NEW
+    prepared with RUN's tokenizer; or RUN itself reopened when NEW is the corpus it trains on.
+    Returns the run and what its worker adds to the plan."""
+    parent = _resumable(req.resume)
+    last = store.run_dir(parent.name) / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise NlmmError(f"run {parent.name} has no last.pt to continue from ({last}); resume it "
+                        f"without --data, which trains it again on its own corpus.")
+    payload = load_checkpoint(last)  # in full: a damaged file is one clear error here
+    cfg = _continued_config(parent, req)
+    specs = [d if isinstance(d, CorpusSpec) else CorpusSpec(Path(d))
+             for d in (req.data if isinstance(req.data, list) else [req.data])]
+    packs = [str(s.path) for s in specs if is_pack(str(s.path))]
+    if packs:
+        where = packs[0] if "://" in packs[0] else str(Path(packs[0]).resolve())
+        if len(specs) == 1 and where == parent.data:  # the pack the run streams from
+            return _reopen(req, device, notify, checked=True), Extension(req.add_steps,
+                                                                         req.add_epochs)
+        raise NlmmError("a run continues on a corpus folder, which is prepared with its "
+                        "tokenizer; a pack carries a tokenizer of its own, so give the folder "
+                        "the pack was made from.")
+    specs = [ensure_corpus_spec(s, notify) for s in specs]
+    cache = prepare(specs, cfg.data, cfg.vocab_size, progress=notify is not None,
+                    encoders=cfg.encoders, tokenizer=TextTokenizer.from_json(payload["tokenizer"]))
+    if cache.path.resolve() == Path(parent.data).resolve():
+        # --data names the corpus the run trains on: a plain resume
+        return _reopen(req, device, notify, checked=True), Extension(req.add_steps,
+                                                                     req.add_epochs)
+    missing = [m for m in cfg.modalities if m not in cache.modalities()]
+    if missing:
+        raise NlmmError(f"run {parent.name}'s model has {' and '.join(missing)} tower(s) but "
+                        f"the corpus has no {' or '.join(missing)}; continue it on a corpus "
+                        f"with {', '.join(cfg.modalities)}.")
+    check_splits(cache, cfg)
+    check_batch_size(cfg.train.batch_size, DistContext(world_size=req.world_size))
+    formats = "+".join(dict.fromkeys(cache.manifest.get("formats", ["flickr8k"])))
+    name = req.name or store.unique_run_name(formats)
+    if req.name and store.find_run(req.name) is not None:
+        raise NlmmError(f"a run named {req.name!r} exists already; pick another --name.")
+    folder = store.run_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_run_config(cfg, folder / "config.yaml", parent.name)
+    run = store.create_run(name, cfg.to_dict(), str(cache.path), device,
+                           epochs_total=cfg.train.epochs, steps_total=None, parent=parent.name,
+                           log_path=str(folder / "train.log"))
+    if notify is not None:
+        where = ", ".join(str(s["path"]) for s in cache.sources)
+        notify(f"continuing run {parent.name} (its last.pt, step "
+               f"{payload['progress']['global_step']}) on {where} as the new run {name}: its "
+               f"model, tokenizer and optimizer state; {parent.name} stays as it is")
+    return run, Extension()
+
+
+def _continued_config(parent: store.Run, req: TrainRequest) -> Config:
+    """The parent's config for a run on another corpus: --epochs and --steps are that run's
+    own (default: the parent's epochs, no cap), other options and --set change how it trains
+    but never the model or its data features."""
+    stored = with_legacy_defaults(json.loads(parent.config))
+    kept = config_from_dict(stored, f"run {parent.name}")
+    raw = {**stored, "train_steps": req.add_steps,
+           "train": {**stored["train"], **({"epochs": req.add_epochs} if req.add_epochs else {})}}
+    cfg = config_from_dict(raw, f"run {parent.name}", req.overrides)
+    before, after = _flat(kept.to_dict()), _flat(cfg.to_dict())
+    changed = [k for k in after if after[k] != before.get(k)
+               and (not k.startswith(CONTINUED_MAY_CHANGE) or k == "train.optimizer")]
+    if changed:
+        raise NlmmError(f"a run continued on another corpus keeps its parent's model, features "
+                        f"and optimizers, but {changed[0]} would change from "
+                        f"{before.get(changed[0])!r} to {after[changed[0]]!r}; leave it out, or "
+                        f"train a new run.")
+    return cfg
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _spawn(run: store.Run, req: TrainRequest, ext: Extension) -> subprocess.Popen:
     log_path = store.run_dir(run.name) / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = worker_command(req, run.id, run.data, run.device)
+    # the worker reads them after its own: torchrun hands the module every argument after it
+    command += [a for flag, n in (("--add-steps", ext.steps), ("--add-epochs", ext.epochs)) if n
+                for a in (flag, str(n))]
     with open(log_path, "ab") as log:
         _log_starts[run.id] = log.tell()
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,

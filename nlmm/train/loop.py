@@ -226,9 +226,23 @@ class Trainer:
             raise ValueError(f"the train split has fewer than batch_size x accumulate = "
                              f"{cfg.train.batch_size * cfg.train.accumulate} examples; lower "
                              "--batch-size or --accumulate")
+        self.total_steps, self.warmup_steps = self._schedule(cfg)
+
+    def _schedule(self, cfg: Config) -> tuple[int, int]:
+        """(total steps, warmup steps) of `cfg`'s epochs and train_steps cap."""
         planned = cfg.train.epochs * self.steps_per_epoch
-        self.total_steps = min(planned, cfg.train_steps) if cfg.train_steps else planned
-        self.warmup_steps = short_run_warmup(cfg.train.warmup_steps, self.total_steps, planned)
+        total = min(planned, cfg.train_steps) if cfg.train_steps else planned
+        return total, short_run_warmup(cfg.train.warmup_steps, total, planned)
+
+    def replan(self, cfg: Config) -> None:
+        """Train to `cfg`'s epochs and train_steps instead (a resume asked for more steps or
+        epochs): the lr schedule becomes the one a run planned that way from the start has, its
+        cosine stretched to the new end, except that the warmup never grows (a run past its
+        warmup would otherwise fall back into it)."""
+        had = self.warmup_steps
+        self.cfg = cfg
+        self.total_steps, warmup = self._schedule(cfg)
+        self.warmup_steps = min(warmup, had)
 
     # ------------------------------------------------------------------ state
 

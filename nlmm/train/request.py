@@ -22,7 +22,10 @@ class TrainRequest:
     device: str = "auto"
     name: str | None = None
     resume: str | None = None
+    # with resume: train this many more epochs / steps than where the run stands (plan.py);
+    # with resume and data, the epochs / steps of the new run on that corpus
     add_epochs: int | None = None
+    add_steps: int | None = None
     nproc: int = 1  # worker processes on this node (one per GPU)
     nnodes: int = 1
     node_rank: int = 0

@@ -20,10 +20,12 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import Any
+
 import torch
 
 from nlmm import store
-from nlmm.config import config_from_dict, with_legacy_defaults
+from nlmm.config import Config, config_from_dict, with_legacy_defaults
 from nlmm.data.backbone_features import ensure_features
 from nlmm.data.cache import PreparedCache
 from nlmm.data.pack_source import PackedSource, is_pack
@@ -32,7 +34,9 @@ from nlmm.errors import NlmmError
 from nlmm.train import distributed
 from nlmm.train.checkpoint import discard_partial_writes, load_checkpoint
 from nlmm.train.distributed import DistContext
-from nlmm.train.loop import CheckpointEvent, Trainer
+from nlmm.train.lineage import save_run_config
+from nlmm.train.loop import CheckpointEvent, Progress, Trainer
+from nlmm.train.plan import Extension, extended_plan
 
 HEARTBEAT_S = 1.0
 
@@ -83,8 +87,10 @@ def _open_cache(path: Path | str, key: str | None) -> PreparedCache | PackedSour
     return cache
 
 
-def run_worker(run_id: int | None, data: str | None = None, device_name: str | None = None) -> int:
-    """Train one run (rank 0) or one rank's share of it; returns the process exit code."""
+def run_worker(run_id: int | None, data: str | None = None, device_name: str | None = None,
+               ext: Extension = Extension()) -> int:
+    """Train one run (rank 0) or one rank's share of it, `ext` more than its plan when a
+    resume asked for more; returns the process exit code."""
     ctx = distributed.context_from_env()
     if ctx.is_main and run_id is None:
         _log("error: rank 0 needs the run id; start the first node without --node-rank "
@@ -98,7 +104,7 @@ def run_worker(run_id: int | None, data: str | None = None, device_name: str | N
                 _record_failure(run_id, exc)
             raise
         if ctx.is_main:
-            return _run_main(run_id, ctx, device)
+            return _run_main(run_id, ctx, device, ext)
         return _run_follower(ctx, device, data)
     finally:
         distributed.destroy_process_group(ctx)
@@ -111,6 +117,35 @@ def _record_failure(run_id: int, exc: BaseException) -> None:
     _log(tb)
     _log(f"error: {reason}")
     store.set_status(run_id, "failed", error=f"{reason}\n\n{tb}")
+
+
+def continued_start(payload: dict[str, Any]) -> dict[str, Any]:
+    """A parent's last.pt made into the starting state of a run continuing it: its weights and
+    optimizer state, with the progress, dev best and loader position of a run at step 0.
+
+    A level whose open chunk was applied when the parent ended (the checkpoint then carries the
+    chunk-start weights too) starts from the weights the parent was tested with, the chunk
+    committed; a chunk still open in a stopped parent is carried over and applied at this
+    run's first chunk boundary."""
+    state = dict(payload)
+    state["progress"] = vars(Progress())
+    state.pop("loader", None)
+    levels = {}
+    for name, entry in payload["scheduler"].get("levels", {}).items():
+        if "chunk_start" in entry:
+            entry = {k: v for k, v in entry.items() if k != "chunk_start"} | {"accum": {}}
+        levels[name] = entry
+    state["scheduler"] = {**payload["scheduler"], "levels": levels}
+    return state
+
+
+def _extend(trainer: Trainer, ext: Extension) -> Config:
+    """Size the resumed run for `ext` more than where it stands; every rank does the same."""
+    p = trainer.progress
+    cfg = extended_plan(trainer.cfg, ext, p.global_step, p.epoch,
+                        p.batch_in_epoch // trainer.cfg.train.accumulate, trainer.steps_per_epoch)
+    trainer.replan(cfg)
+    return cfg
 
 
 def _run_follower(ctx: DistContext, device: torch.device, data: str | None) -> int:
@@ -126,6 +161,8 @@ def _run_follower(ctx: DistContext, device: torch.device, data: str | None) -> i
         trainer.model.load_pretrained_backbones()
         if payload is not None:
             trainer.load_state_dict(payload)
+        if spec["extend"]:
+            _extend(trainer, Extension(**spec["extend"]))
         trainer.fit()
         return 0
     except BaseException:
@@ -133,7 +170,7 @@ def _run_follower(ctx: DistContext, device: torch.device, data: str | None) -> i
         return 1
 
 
-def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
+def _run_main(run_id: int, ctx: DistContext, device: torch.device, ext: Extension) -> int:
     run = store.get_run(run_id)
     stop_event = threading.Event()
 
@@ -167,11 +204,20 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
         for path in discard_partial_writes(run_dir / "checkpoints"):
             _log(f"removed {path.name}, left by a worker that died while saving a checkpoint")
         last = run_dir / "checkpoints" / "last.pt"
-        payload = load_checkpoint(last, map_location="cpu" if ctx.enabled else device) \
-            if last.is_file() else None
+        where_to = "cpu" if ctx.enabled else device
+        payload = load_checkpoint(last, map_location=where_to) if last.is_file() else None
+        start = None
+        if payload is None and run.parent:
+            # a run continuing its parent on another corpus, before its own first checkpoint
+            start = store.run_dir(run.parent) / "checkpoints" / "last.pt"
+            if not start.is_file():
+                raise NlmmError(f"run {run.name} continues run {run.parent}, whose last.pt "
+                                f"({start}) is gone; continue it again from a run that has one.")
+            payload = continued_start(load_checkpoint(start, map_location=where_to))
         if ctx.enabled:
             spec = {"name": run.name, "config": cfg_dict, "cache": run.data,
-                    "cache_key": cache.key, "run_dir": str(run_dir)}
+                    "cache_key": cache.key, "run_dir": str(run_dir),
+                    "extend": {"steps": ext.steps, "epochs": ext.epochs} if ext else None}
             distributed.broadcast_from_main((spec, payload), ctx, device)
         if cfg.train.mirrors:
             from nlmm.train.mirrors import TeeSink, build_mirrors
@@ -199,7 +245,18 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
         trainer.model.load_pretrained_backbones()
         if payload is not None:
             trainer.load_state_dict(payload)
-            _log(f"resumed from {last} at step {trainer.progress.global_step}")
+            if start is not None:
+                _log(f"continuing run {run.parent} on this corpus from its {start}: its model, "
+                     f"tokenizer and every level's optimizer state, at step 0 of this run")
+            else:
+                _log(f"resumed from {last} at step {trainer.progress.global_step}")
+        if ext:
+            cfg = _extend(trainer, ext)
+            store.update_run(run.id, config=json.dumps(cfg.to_dict()))
+            save_run_config(cfg, run_dir / "config.yaml", run.parent)
+            _log(f"{ext.describe()}: the run now trains to step {trainer.total_steps}, within "
+                 f"{cfg.train.epochs} epochs; its lr schedule is that of a run planned so from "
+                 f"the start ({cfg.train.schedule}, warmup {trainer.warmup_steps} steps)")
         trainer_ref.append(trainer)
         store.update_run(run.id, steps_total=trainer.total_steps, epochs_total=cfg.train.epochs)
         where = f"{ctx.world_size} processes ({device.type})" if ctx.enabled else str(device)
@@ -208,7 +265,7 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device) -> int:
         note = store.steps_cap_note(cfg.train_steps, trainer.total_steps, cfg.train.epochs)
         if note:
             _log(f"note: {note}")
-        if trainer.warmup_steps < cfg.train.warmup_steps:
+        if not ext and trainer.warmup_steps < cfg.train.warmup_steps:
             _log(f"note: --steps {trainer.total_steps} makes a short run: its warmup is "
                  f"{trainer.warmup_steps} steps (of train.warmup_steps={cfg.train.warmup_steps}) "
                  f"and its cosine decays over the {trainer.total_steps} steps")
@@ -238,8 +295,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="the run to train (rank 0; other ranks get it from rank 0)")
     parser.add_argument("--data", help="this node's feature cache or pack (ranks other than 0)")
     parser.add_argument("--device", help="auto, cpu or cuda (default: the run's device)")
+    parser.add_argument("--add-steps", type=int, help="a resume: train this many more steps")
+    parser.add_argument("--add-epochs", type=int, help="a resume: train this many more epochs")
     args = parser.parse_args(argv)
-    sys.exit(run_worker(args.run_id, args.data, args.device))
+    sys.exit(run_worker(args.run_id, args.data, args.device,
+                        Extension(args.add_steps, args.add_epochs)))
 
 
 if __name__ == "__main__":
