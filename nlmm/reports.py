@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rich.console import Group
@@ -174,24 +175,56 @@ def _levels(run: store.Run) -> str:
                      for lv in level_settings(cfg))
 
 
-def _level_motion(run: store.Run) -> list[tuple[str, str]]:
-    """A line per CMS level: its latest relative update ‖Δθ‖/‖θ‖ and mean |gain| (Eq. 31 made
-    visible: a slow level whose update stays near 0 adds nothing)."""
+@dataclass(frozen=True)
+class LevelMotion:
+    """What the training loop logged last about one CMS level (Eq. 31 made visible: a slow
+    level whose update stays near 0 adds nothing)."""
+
+    name: str
+    chunk_size: int
+    update_ratio: float | None  # ‖Δθ‖/‖θ‖ of the level's last applied update
+    gain: float | None  # mean |LayerScale gain| of its blocks
+    still: bool  # the loop warned that it barely moves
+
+    @property
+    def per_step(self) -> float | None:
+        """The update spread over the C steps its chunk covers: comparable across levels."""
+        return None if self.update_ratio is None else self.update_ratio / self.chunk_size
+
+
+def level_names(run: store.Run) -> list[tuple[str, int]]:
+    """(name, chunk_size) of the run's CMS levels, fastest first as configured."""
+    return [(lv.get("name"), lv.get("chunk_size", 1))
+            for lv in json.loads(run.config).get("cms_levels", [])]
+
+
+def still_key(level: str) -> str:
+    """The flag the loop logs, once, for a level that barely moves."""
+    return f"level/{level}/still"
+
+
+def level_motion(run: store.Run) -> list[LevelMotion]:
+    """The levels that logged an update ratio or a gain, with their latest figures."""
     from nlmm import store
 
-    names = [lv.get("name") for lv in json.loads(run.config).get("cms_levels", [])]
-    keys = [f"level/{n}/{k}" for n in names for k in ("update_ratio", "gain", "still")]
-    latest = store.latest_metrics(run.id, keys=keys)
+    levels = level_names(run)
+    keys = [f"level/{n}/{k}" for n, _ in levels for k in ("update_ratio", "gain")]
+    latest = store.latest_metrics(run.id, keys=keys + [still_key(n) for n, _ in levels])
+    motion = [LevelMotion(name, chunk, latest.get(f"level/{name}/update_ratio"),
+                          latest.get(f"level/{name}/gain"), bool(latest.get(still_key(name))))
+              for name, chunk in levels]
+    return [m for m in motion if m.update_ratio is not None or m.gain is not None]
+
+
+def _level_motion(run: store.Run) -> list[tuple[str, str]]:
+    """A line per CMS level for `runs show`: its latest relative update and mean |gain|."""
     rows = []
-    for name in names:
-        ratio, gain = latest.get(f"level/{name}/update_ratio"), latest.get(f"level/{name}/gain")
-        if ratio is None and gain is None:
-            continue
-        text = (f"update/weights {'n/a' if ratio is None else f'{ratio:.2e}'}, mean |gain| "
-                f"{'n/a' if gain is None else f'{gain:.4f}'}")
-        if latest.get(f"level/{name}/still"):
+    for m in level_motion(run):
+        text = (f"update/weights {'n/a' if m.update_ratio is None else f'{m.update_ratio:.2e}'}"
+                f", mean |gain| {'n/a' if m.gain is None else f'{m.gain:.4f}'}")
+        if m.still:
             text += " (barely moves)"
-        rows.append((f"  {name}", text))
+        rows.append((f"  {m.name}", text))
     return rows
 
 
@@ -250,8 +283,8 @@ def run_details(ref: str) -> Group:
             size = size_on_disk(c.path)  # as the file is now, not as it was saved
             table.add_row(c.kind, str(c.step), str(c.epoch),
                           f"{c.metrics.get('mean_r1', float('nan')):.1f}" if c.metrics else "-",
-                          "★" if c.is_best else "", "missing" if size is None else file_size(size),
-                          c.path)
+                          "★" if c.is_best else "",
+                          "missing" if size is None else file_size(size), c.path)
         parts.append(table)
     return Group(*parts)
 

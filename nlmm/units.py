@@ -1,4 +1,4 @@
-"""How durations and sizes are written for people, in one place (train.log, the CLI and the dash)."""
+"""How durations and sizes are written for people, in one place (train.log, the CLI, the dash)."""
 
 from __future__ import annotations
 

@@ -68,7 +68,8 @@ def checkpoint_row(ckpt: store.Checkpoint, size: int | None) -> Row:
         Text("★", style="bold yellow") if ckpt.is_best else Text(""),
         ckpt.kind, str(ckpt.step), str(ckpt.epoch),
         cells.recall(metrics.get("mean_r1")), cells.recall(metrics.get("i2t_r1")),
-        cells.recall(metrics.get("t2i_r1")), "missing" if size is None else file_size(size), Path(ckpt.path).name))
+        cells.recall(metrics.get("t2i_r1")), "missing" if size is None else file_size(size),
+        Path(ckpt.path).name))
 
 
 def export_folder(ckpt: store.Checkpoint) -> Path:

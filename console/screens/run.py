@@ -1,4 +1,5 @@
-"""One run: progress with ETA, curves, GPU/host panel and log tail, refreshed while it trains.
+"""One run: progress with ETA, curves, CMS levels, GPU/host panel and log tail, refreshed while
+it trains.
 
 Only the visible tab is read from the store, and a chart is read again only when the run's
 row changed (the metric writer bumps step and heartbeat on every flush), so an idle or finished
@@ -19,12 +20,14 @@ from console.messages import StopRequested
 from console.screens.base import PollingScreen
 from console.widgets.chart import MetricChart, Points
 from console.widgets.key_footer import key_footer
+from console.widgets.levels_panel import LevelsPanel
 from console.widgets.log_tail import LogTail, Tail, read_tail
 from console.widgets.run_header import RunHeader, health_warnings
 from console.widgets.system_panel import HISTORY, SystemPanel
 from nlmm import store
 from nlmm.config import MODALITIES
 from nlmm.metric_names import DIRECTIONS, KS, LOSS_KEYS
+from nlmm.reports import LevelMotion, level_motion, level_names, still_key
 
 MAX_POINTS = 300
 # Samples read for the system panel: the sparkline history for up to 8 GPUs and the host.
@@ -33,7 +36,7 @@ SAMPLE_ROWS = HISTORY * 9
 # tab id -> (title shown on the tab, key that selects it)
 TABS = {"loss": ("Loss", "1"), "recall": ("Recall", "2"), "lr": ("LR", "3"),
         "speed": ("Speed", "4"), "spread": ("Spread", "5"), "system": ("System", "6"),
-        "log": ("Log", "7")}
+        "log": ("Log", "7"), "levels": ("Levels", "8")}
 CHART_TABS = ("loss", "recall", "lr", "speed", "spread")
 HEALTH_KEYS = tuple(f"collapsed/{m}" for m in MODALITIES)
 TEST_KEY = "test/mean_r1"  # the dev-selected best checkpoint's, logged when a run finishes
@@ -75,11 +78,12 @@ class RunSnapshot:
     health: list[str] | None = None
     test_r1: float | None = None
     rate: float | None = None
+    levels: tuple[list[LevelMotion], dict[str, Points]] | None = None
 
 
 class RunScreen(PollingScreen[RunSnapshot]):
-    HELP = ("One run, live. 1-7 switch tabs; k changes K on the Recall tab; p lists its "
-            "checkpoints; x stops it.")
+    HELP = ("One run, live. 1-8 switch tabs (8: how far each CMS level moves); k changes K on "
+            "the Recall tab; p lists its checkpoints; x stops it.")
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
@@ -110,6 +114,8 @@ class RunScreen(PollingScreen[RunSnapshot]):
                 with TabPane(f"{key} {title}", id=f"tab-{tab}"):
                     if tab in CHART_TABS:
                         yield MetricChart(title, id=f"chart-{tab}")
+                    elif tab == "levels":
+                        yield LevelsPanel(id="levels-panel")
                     elif tab == "system":
                         yield SystemPanel(id="system-panel")
                     else:
@@ -131,7 +137,8 @@ class RunScreen(PollingScreen[RunSnapshot]):
                    run.phase)
         snapshot = RunSnapshot(run, version)
         if self._shown.get("health") != version:
-            latest = store.latest_metrics(run.id, HEALTH_KEYS + (TEST_KEY, RATE_KEY))
+            stills = tuple(still_key(name) for name, _ in level_names(run))
+            latest = store.latest_metrics(run.id, HEALTH_KEYS + stills + (TEST_KEY, RATE_KEY))
             snapshot.health = health_warnings(latest)
             snapshot.test_r1 = latest.get(TEST_KEY)
             snapshot.rate = latest.get(RATE_KEY)
@@ -139,6 +146,11 @@ class RunScreen(PollingScreen[RunSnapshot]):
         if tab in CHART_TABS and self._shown.get(tab) != (version, self.k):
             keys = store.metric_keys(run.id)
             snapshot.charts[tab] = chart_series(run.id, tab, keys, self.k)
+        elif tab == "levels" and self._shown.get(tab) != version:
+            series = {name: store.metric_series(run.id, f"level/{name}/update_ratio",
+                                                max_points=MAX_POINTS)
+                      for name, _ in level_names(run)}
+            snapshot.levels = (level_motion(run), {k: v for k, v in series.items() if v})
         elif tab == "system" and self._shown.get(tab) != version:
             snapshot.samples = store.system_samples(run_id=run.id, limit=SAMPLE_ROWS)
         elif tab == "log":
@@ -157,6 +169,9 @@ class RunScreen(PollingScreen[RunSnapshot]):
         for tab, (series, title) in snapshot.charts.items():
             self.query_one(f"#chart-{tab}", MetricChart).show(series, title)
             self._shown[tab] = (snapshot.version, self.k)
+        if snapshot.levels is not None:
+            self.query_one(LevelsPanel).show(*snapshot.levels)
+            self._shown["levels"] = snapshot.version
         if snapshot.samples is not None:
             self.query_one(SystemPanel).show(snapshot.samples)
             self._shown["system"] = snapshot.version

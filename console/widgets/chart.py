@@ -14,13 +14,17 @@ PALETTE = ("cyan", "orange", "green", "magenta", "blue", "red", "yellow", "white
 
 
 class MetricChart(PlotextPlot):
-    """Lines of (step, value) points, one per label, with a title that says what is shown."""
+    """Lines of (step, value) points, one per label, with a title that says what is shown.
 
-    def __init__(self, title: str, *, empty: str = "no data yet", id: str | None = None,
-                 classes: str | None = None) -> None:
+    `log_y`: a logarithmic y axis, for figures that differ by orders of magnitude (the update
+    of a slow CMS level beside the fast one's); points at or below 0 are then left out."""
+
+    def __init__(self, title: str, *, empty: str = "no data yet", log_y: bool = False,
+                 id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
         self.chart_title = title
         self.empty = empty
+        self.log_y = log_y
         self.series: dict[str, list[tuple[int, float]]] = {}
         self.replots = 0  # how many times the figure was rebuilt; polling must not grow it idly
         self._draw()
@@ -42,7 +46,7 @@ class MetricChart(PlotextPlot):
         plt.clear_figure()
         drawn = False
         for index, (label, points) in enumerate(self.series.items()):
-            finite = [(s, v) for s, v in points if math.isfinite(v)]
+            finite = [(s, v) for s, v in points if math.isfinite(v) and (v > 0 or not self.log_y)]
             if not finite:
                 continue
             steps, values = zip(*finite)
@@ -51,4 +55,6 @@ class MetricChart(PlotextPlot):
             drawn = True
         plt.title(self.chart_title if drawn else f"{self.chart_title}: {self.empty}")
         plt.xlabel("step")
+        if self.log_y and drawn:
+            plt.yscale("log")
         self.replots += 1

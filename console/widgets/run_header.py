@@ -48,11 +48,17 @@ def error_text(run: store.Run) -> Text | None:
 
 
 def health_warnings(latest: dict[str, float]) -> list[str]:
-    """One line per modality that the last finished epoch flagged as collapsed."""
-    return [f"warning: the {key.removeprefix('collapsed/')} embeddings collapsed (mean pairwise "
-            f"cosine above 0.98 for a whole epoch): its retrieval is at chance"
-            for key, value in sorted(latest.items())
-            if key.startswith("collapsed/") and value >= 1.0]
+    """One line per modality that the last finished epoch flagged as collapsed, and per CMS
+    level that the loop flagged (`level/<name>/still`) as barely moving."""
+    collapsed = [f"warning: the {key.removeprefix('collapsed/')} embeddings collapsed (mean "
+                 f"pairwise cosine above 0.98 for a whole epoch): its retrieval is at chance"
+                 for key, value in sorted(latest.items())
+                 if key.startswith("collapsed/") and value >= 1.0]
+    still = [f"warning: CMS level {key.split('/')[1]} barely moves: its update per step stays "
+             f"far below the fastest level's, so it adds next to nothing (tab 8 Levels)"
+             for key, value in latest.items()
+             if key.startswith("level/") and key.endswith("/still") and value >= 1.0]
+    return collapsed + still
 
 
 class RunHeader(Vertical):
