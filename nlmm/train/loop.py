@@ -40,7 +40,7 @@ from nlmm.train.distributed import (
     wrap_model,
 )
 from nlmm.train.evaluate import evaluate_packed, evaluate_split
-from nlmm.units import hms
+from nlmm.units import file_size, hms
 from nlmm.train.speed import (
     NOT_COMPILE_FAILURES,
     CompiledParts,
@@ -320,7 +320,7 @@ class Trainer:
         nbytes = save_checkpoint(path, payload)
         self.saved_at = time.perf_counter()
         self.phase = phase
-        self.log(f"saved {name} ({nbytes / 1e6:,.1f} MB) in {self.saved_at - started:.1f} s")
+        self.log(f"saved {name} ({file_size(nbytes)}) in {self.saved_at - started:.1f} s")
         event = CheckpointEvent(path, kind, Progress(**vars(self.progress)), metrics or {}, nbytes)
         if self.on_checkpoint:
             self.on_checkpoint(event)
@@ -386,9 +386,11 @@ class Trainer:
             self.skipped_steps += 1
             self.skipped_in_a_row += 1
             if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                # counted as the store counts (steps done), so it agrees with "step N/M"
                 raise NlmmError(f"training diverged: {self.skipped_in_a_row} steps in a row had a "
-                                f"non-finite loss or gradient at step {step}; lower the learning "
-                                f"rate (--lr) or raise train.warmup_steps and start again.")
+                                f"non-finite loss or gradient after step {step - 1}, where the "
+                                f"run stopped; lower the learning rate (--lr) or raise "
+                                f"train.warmup_steps and start again.")
         else:
             self.skipped_in_a_row = 0
             self.progress.global_step = step
