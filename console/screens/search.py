@@ -68,8 +68,9 @@ def hit_row(hit: SearchHit) -> Row:
 
 
 class SearchScreen(Screen[None]):
-    HELP = ("Type words, or the path to a .jpg/.png or .wav file, and press Enter. Ctrl+T picks "
-            "what to retrieve (auto: images for text and audio queries, captions for images).")
+    HELP = ("Type words, or the path to a .jpg/.png or .wav file, and press Enter: what you type "
+            "goes into the query wherever the focus is. Ctrl+T picks what to retrieve (auto: "
+            "images for text and audio queries, captions for images).")
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
