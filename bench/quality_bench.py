@@ -376,7 +376,8 @@ def read_results(paths: list[Path]) -> tuple[list[str], list[dict[str, Any]],
     for path in paths:
         data = json.loads(path.read_text())
         stamps.append(data["stamp"])
-        runs += [from_json(item) for item in data["runs"]]
+        seen = {r["arm"] for r in runs}
+        runs += [r for r in map(from_json, data["runs"]) if r["arm"] not in seen]
         picks.update({k: Setting(**v) for k, v in data["picks"].items()})
     return stamps, runs, picks
 
@@ -404,6 +405,46 @@ def report(stamps: list[str], runs: list[dict[str, Any]], picks: dict[str, Setti
     return "\n\n".join(out)
 
 
+Stage = Callable[[Setting | None], list[Setting]]
+
+
+def search_stages(search: str, lrs: list[float], beta2s: list[float], schedules: list[str],
+                  batches: list[int]) -> list[Stage]:
+    """What each model trains, stage by stage; a stage gets the model's best setting so far.
+    grid: every lr x β2 x schedule at the first batch size, then the other batch sizes at the
+    best. coordinate: the lrs at the first β2 and schedule, then the other β2s at the best, then
+    the other schedules, then the other batch sizes (each a one-setting change of the best)."""
+    first = Setting(lrs[0], beta2s[0], schedules[0], batches[0])
+
+    def vary(field: str, values: list[Any]) -> Stage:
+        return lambda at: [dataclasses.replace(at or first, **{field: v}) for v in values]
+
+    def every(at: Setting | None) -> list[Setting]:
+        return [Setting(lr, b2, sched, batches[0])
+                for lr, b2, sched in itertools.product(lrs, beta2s, schedules)]
+
+    if search == "grid":
+        return [every, vary("batch", batches[1:])]
+    return [vary("lr", lrs), vary("beta2", beta2s[1:]), vary("schedule", schedules[1:]),
+            vary("batch", batches[1:])]
+
+
+SAME_RUN = ("corpus", "images", "objects", "seed", "config", "set", "cpu_seconds", "threads")
+
+
+def reused(paths: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The runs of earlier --json files made with the same corpus, config and budget."""
+    runs: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        differ = [k for k in SAME_RUN if data["args"].get(k) != str(getattr(args, k))]
+        if differ:
+            sys.exit(f"{path} was made with another {differ[0]}; reuse only runs of the same "
+                     "corpus, config and budget.")
+        runs += [from_json(item) for item in data["runs"]]
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", help="a prepared-or-not corpus in the Flickr8k layout "
@@ -417,6 +458,11 @@ def main() -> None:
     parser.add_argument("--cpu-seconds", type=float, default=45.0, help="budget of every arm")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--models", default="reference,nlmm", help="the models whose grid runs")
+    parser.add_argument("--search", choices=("grid", "coordinate"), default="grid",
+                        help="every combination, or one setting at a time from the best")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[],
+                        help="--json files of earlier runs on the same corpus and budget: their "
+                             "arms are not trained again")
     parser.add_argument("--lrs", default="3e-4,1e-3,3e-3")
     parser.add_argument("--beta2s", default="0.98,0.999")
     parser.add_argument("--schedules", default="constant,cosine")
@@ -465,9 +511,11 @@ def main() -> None:
               f"{args.cpu_seconds:g} CPU s per arm; {len(cache.split_captions('train'))} train "
               f"captions, {len(cache.split_images('dev'))} dev / "
               f"{len(cache.split_images('test'))} test images", flush=True)
-        runs: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = reused(args.reuse, args)
 
         def run(arm: Arm, grid: bool) -> None:
+            if any(r["arm"] == arm for r in runs):
+                return
             metrics = train_arm(arm, args.config, args.set, cache, device, args.cpu_seconds,
                                 folder)
             runs.append({"arm": arm, "grid": grid, "metrics": metrics})
@@ -487,16 +535,14 @@ def main() -> None:
 
         picks: dict[str, Setting] = read_results(args.picks_from)[2] if args.picks_from else {}
         if not args.picks_from:
-            grid = [Setting(lr, b2, sched, batches[0]) for lr, b2, sched in itertools.product(
-                parse_floats(args.lrs), parse_floats(args.beta2s),
-                [s for s in args.schedules.split(",") if s])]
-            for setting in grid:
+            for stage in search_stages(args.search, parse_floats(args.lrs),
+                                       parse_floats(args.beta2s),
+                                       [s for s in args.schedules.split(",") if s], batches):
                 for name in models:
-                    run(Arm(name, setting, seeds[0]), grid=True)
-            for batch in batches[1:]:
-                for name in models:
-                    run(Arm(name, dataclasses.replace(best(runs, name), batch=batch), seeds[0]),
-                        grid=True)
+                    current = best(runs, name) if any(r["arm"].name == name for r in runs) \
+                        else None
+                    for setting in stage(current):
+                        run(Arm(name, setting, seeds[0]), grid=True)
             picks.update({name: best(runs, name) for name in models})
             at = picks.get("nlmm", shipped_setting(base))
             for opt, lrs in optimizer_lrs.items():
@@ -508,9 +554,7 @@ def main() -> None:
 
         for seed in seeds:
             for name in [*picks, *(ablations if "nlmm" in picks else [])]:
-                arm = Arm(name, picks[name] if name in picks else picks["nlmm"], seed)
-                if not any(r["arm"] == arm for r in runs):
-                    run(arm, grid=False)
+                run(Arm(name, picks[name] if name in picks else picks["nlmm"], seed), grid=False)
         save()
         print(f"\n{report([head], runs, picks, ablations, tuned_here=not args.picks_from)}")
         print(f"\ntotal {time.perf_counter() - began:.0f} s")
