@@ -1,18 +1,23 @@
 """Learning quality at equal compute: NL-MM against a plain dual encoder given the same tuning.
 
 Nothing is chosen on the test split:
-1. Grid: `--lrs` x `--beta2s` x `--schedules` at the first of `--batches`, then every other
-   batch size at the best of those. Both models, the plain reference of
-   `bench/reference_model.py` and the NL-MM of `--config`, get the same settings, and their
-   arms take turns (reference, nlmm, reference, ...) so that drift in the machine's speed falls
-   on both alike. Every arm is scored on dev and test; a model's pick is its setting with the
-   best dev mean R@1, and the test figures reported are the pick's.
+1. Search (`--search`), the same for both models, the plain reference of
+   `bench/reference_model.py` and the NL-MM of `--config`: `grid` trains every `--lrs` x
+   `--beta2s` x `--schedules` at the first of `--batches`, then the other batch sizes at the
+   best; `coordinate` trains the lrs at the first β2 and schedule, then changes one thing at a
+   time from the best so far (the other β2s, the other schedules, the other batch sizes).
+   Every arm is scored on dev and test; a model's pick is its setting with the best dev mean
+   R@1, and the test figures reported are the pick's.
 2. At NL-MM's pick: the ablations (`--ablations`) and the optimizer arms (`--optimizer-lrs
-   sgd=1e-2,3e-2`: every level on that optimizer, over its own lr grid, picked on dev).
-3. `--seeds 0,1`: the picks and the ablations again at every further seed (the grid runs at
+   sgd=1e-2,3e-2`: every level on that optimizer, over its own lr grid, picked on dev; without
+   an NL-MM search in the same process, at the config's own lr schedule and batch).
+3. `--seeds 0,1`: the picks and the ablations again at every further seed (the search runs at
    the first); the tables give the mean and each seed's figure.
-`--picks-from FILE` (the `--json` of an earlier run) skips the grid and trains the picks
+`--picks-from FILE...` (`--json` files of earlier runs) skips the search and trains the picks
 recorded there, with the ablations: a corpus that took no part in choosing anything.
+`--models` splits the work over processes, `--reuse` keeps arms measured before, and
+`--report FILE...` prints the tables of several `--json` files together (picks on dev over all
+of their arms).
 
 Budget: every arm trains for `--cpu-seconds` of this process's CPU time (`time.process_time`:
 data loading included, evaluation excluded) on `--threads` torch threads, default 1. Unlike wall
@@ -25,8 +30,12 @@ Arms: reference; nlmm (the config as written); one_level (its fastest CMS level 
 no_memory (L_mem 0); plain (one level, no memory: a plain pre-norm transformer of the same
 widths); adamw, sgd, dmgd, muon, universal_anderson (every level on that optimizer).
 
-    .venv/bin/python bench/quality_bench.py --images 1000 --objects 4 --seed 7 --json B.json
-    .venv/bin/python bench/quality_bench.py --images 1600 --seed 3 --picks-from B.json
+    .venv/bin/python bench/quality_bench.py --corpus B --models reference --search coordinate \
+        --ablations "" --json B-ref.json
+    .venv/bin/python bench/quality_bench.py --corpus B --models nlmm --search coordinate \
+        --json B-nlmm.json
+    .venv/bin/python bench/quality_bench.py --report B-ref.json B-nlmm.json
+    .venv/bin/python bench/quality_bench.py --corpus C --picks-from B-ref.json B-nlmm.json
 """
 
 from __future__ import annotations
@@ -251,11 +260,15 @@ def train_arm(arm: Arm, base_name: str, base_sets: list[str], cache: PreparedCac
     return metrics
 
 
+ORCHESTRATION = ("json", "reuse", "report", "models", "ablations", "optimizer_lrs")
+
+
 def stamp(args: argparse.Namespace, base: Config) -> str:
     """The harness's stamp (date, commit, machine) and a hash of everything else that decides
-    the figures: the resolved config and this bench's arguments."""
+    the figures: the resolved config and this bench's arguments (less those that only share
+    the work out or name files, so the processes of one split run hash alike)."""
     what = {"config": dataclasses.asdict(base),
-            "args": {k: v for k, v in sorted(vars(args).items()) if k != "json"}}
+            "args": {k: v for k, v in sorted(vars(args).items()) if k not in ORCHESTRATION}}
     digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
     return (f"{harness.stamp()} · config hash {digest[:12]} "
             f"({args.config}{' ' + ' '.join(args.set) if args.set else ''})")
