@@ -12,11 +12,13 @@ from textual.app import App
 from textual.binding import Binding
 
 from console.messages import SearchRequested, StopRequested
-from console.screens.dialogs import ConfirmScreen, HelpScreen, NewRunForm, NewRunScreen
-from console.screens.run import RunScreen
-from console.screens.runs import RunsScreen
-from console.screens.search import SearchScreen
-from console.searchers import SearcherCache
+from console.dialogs.confirm import ConfirmScreen
+from console.dialogs.help import HelpScreen
+from console.dialogs.new_run import NewRunForm, NewRunScreen
+from console.run.screen import RunScreen
+from console.runs.screen import RunsScreen
+from console.search.screen import SearchScreen
+from console.search.searchers import SearcherCache
 from nlmm import store
 from nlmm.errors import NlmmError
 from nlmm.paths import DB_URL_ENV

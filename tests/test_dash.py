@@ -30,14 +30,16 @@ from textual.pilot import Pilot
 from textual.widgets import Input, Select, SelectionList
 
 from console.app import NlmmDash, run_dashboard
-from console.screens.base import PollingScreen
-from console.screens.checkpoints import CheckpointsScreen
-from console.screens.dialogs import MoreEpochsScreen
-from console.screens.compare import CompareScreen
-from console.screens.dialogs import ConfirmScreen, HelpScreen, NewRunScreen
-from console.screens.run import RunScreen
-from console.screens.runs import RunsScreen
-from console.screens.search import SearchScreen
+from console.checkpoints.more_epochs import MoreEpochsScreen
+from console.checkpoints.screen import CheckpointsScreen
+from console.compare.screen import CompareScreen
+from console.dialogs.confirm import ConfirmScreen
+from console.dialogs.help import HelpScreen
+from console.dialogs.new_run import NewRunScreen
+from console.polling import PollingScreen
+from console.run.screen import RunScreen
+from console.runs.screen import RunsScreen
+from console.search.screen import SearchScreen
 from console.widgets.chart import MetricChart
 from console.widgets.keyed_table import KeyedTable
 from nlmm import store

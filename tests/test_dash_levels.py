@@ -10,7 +10,7 @@ from rich.console import Console
 from sqlalchemy import update
 from test_dash import add_run, dash_store, make_app, plain, screen_lines, settle  # noqa: F401
 
-from console.screens.run import RunScreen
+from console.run.screen import RunScreen
 from console.widgets.chart import MetricChart
 from nlmm import store
 from nlmm.reports import run_details

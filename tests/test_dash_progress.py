@@ -13,8 +13,8 @@ from rich.console import Console
 from sqlalchemy import update
 from test_dash import T0, add_run, dash_store, make_app, plain, settle, table_rows  # noqa: F401
 
-from console.screens.checkpoints import CheckpointsScreen
-from console.screens.run import RunScreen
+from console.checkpoints.screen import CheckpointsScreen
+from console.run.screen import RunScreen
 from nlmm import store
 from nlmm.cli_follow import progress_info
 from nlmm.config import Config

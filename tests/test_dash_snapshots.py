@@ -11,7 +11,7 @@ import pytest
 from test_dash import T0, dash_store, fill_demo_store, make_app  # noqa: F401  (dash_store: fixture)
 from textual.pilot import Pilot
 
-from console.screens.run import RunScreen
+from console.run.screen import RunScreen
 
 SIZES = [pytest.param((80, 24), id="80x24"), pytest.param((120, 40), id="120x40")]
 NOW = T0 + 600 + 3725  # 1:02:05 into the running run

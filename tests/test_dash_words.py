@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from test_dash import T0, add_run, dash_store, make_app, plain, settle  # noqa: F401
 
-from console.screens.run import RunScreen
+from console.run.screen import RunScreen
 from nlmm import store
 from nlmm.cli_follow import _summary, for_the_terminal
 from nlmm.errors import NlmmError

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("module", ["console.app", "console.searchers", "nlmm.inference",
+@pytest.mark.parametrize("module", ["console.app", "console.search.searchers", "nlmm.inference",
                                     "nlmm.search", "nlmm.serve", "nlmm.train.launcher",
                                     "nlmm.cli_follow"])
 def test_module_does_not_import_the_training_loop(module: str) -> None:

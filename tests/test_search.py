@@ -473,7 +473,7 @@ def test_each_error_is_one_sentence_and_a_nonzero_exit(trained: Trained, tmp_pat
 
 
 def test_dash_searcher_cache_reloads_a_checkpoint_rewritten_under_the_same_name(copied: Path):
-    from console.searchers import SearcherCache
+    from console.search.searchers import SearcherCache
 
     searchers = SearcherCache()
     first = searchers.get(copied, None)

@@ -1,1 +1,1 @@
-"""Widgets and cell formatters shared by the dashboard's screens."""
+"""Widgets the feature screens share: a keyed table, a metric chart, tick boxes, the footer."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 from textual.widgets import Footer
 
 
-def key_footer() -> Footer:
+class KeyFooter(Footer):
     """Compact and without the Ctrl+P entry (the help overlay names it), so that the keys of the
     busiest screen, the runs list, fit in 80 columns."""
-    return Footer(compact=True, show_command_palette=False)
+
+    def __init__(self) -> None:
+        super().__init__(compact=True, show_command_palette=False)

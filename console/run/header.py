@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Label, ProgressBar, Static
 
-from console.widgets import cells
+from console import formatting as fmt
 from nlmm import store
 from nlmm.reports import device_text, epoch_text, error_sentence, started_text, status_text
 
@@ -30,14 +30,14 @@ def timing_line(run: store.Run, now: float, triples_per_s: float | None = None) 
     """Elapsed, ETA and when the run started (first start, then the latest resume): the
     least needed last, where a narrow terminal cuts. `triples_per_s`: the latest training
     throughput, which the ETA is reckoned at (see store.eta_seconds)."""
-    elapsed = cells.elapsed_seconds(run, now)
-    eta = cells.eta_seconds(run, now, triples_per_s)
-    text = f"elapsed {cells.duration(elapsed)}"
+    elapsed = fmt.elapsed_seconds(run, now)
+    eta = fmt.eta_seconds(run, now, triples_per_s)
+    text = f"elapsed {fmt.duration(elapsed)}"
     if eta is not None:
-        text += f"  ETA {cells.duration(eta)}"
+        text += f"  ETA {fmt.duration(eta)}"
     elif run.status == store.RunStatus.RUNNING:
         text += "  ETA -"
-    return text + f"  started {started_text(run, cells.local_time)}"
+    return text + f"  started {started_text(run, fmt.local_time)}"
 
 
 def error_text(run: store.Run) -> Text | None:
@@ -77,7 +77,7 @@ class RunHeader(Vertical):
         self.query_one("#run-summary", Static).update(summary_line(run, test_r1))
         bar = self.query_one("#run-progress", ProgressBar)
         # A run without a planned length shows an empty bar, not the pulsing "unknown" one.
-        bar.update(progress=round((cells.progress_fraction(run) or 0.0) * 1000))
+        bar.update(progress=round((fmt.progress_fraction(run) or 0.0) * 1000))
         self.query_one("#run-timing", Label).update(timing_line(run, now, triples_per_s))
         error = self.query_one("#run-error", Static)
         message = error_text(run)

@@ -12,9 +12,9 @@ from textual.containers import Horizontal
 from textual.widgets import Header, Input, Label, Static
 
 from console.messages import StopRequested
-from console.screens.base import PollingScreen
-from console.widgets import cells
-from console.widgets.key_footer import key_footer
+from console.polling import PollingScreen
+from console import formatting as fmt
+from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm import store
 from nlmm.reports import status_text
@@ -52,12 +52,12 @@ def run_row(run: store.Run, now: float, marked: bool) -> Row:
         Text("●", style="bold") if marked else Text(" "),
         run.name,
         status_text(run.status),
-        cells.percent(cells.progress_fraction(run)),
-        cells.epoch_step(run),
-        cells.recall(run.best_metric),
-        cells.duration(cells.elapsed_seconds(run, now)),
+        fmt.percent(fmt.progress_fraction(run)),
+        fmt.epoch_step(run),
+        fmt.recall(run.best_metric),
+        fmt.duration(fmt.elapsed_seconds(run, now)),
         run.device or "-",
-        cells.local_time(run.created_at),  # the first start: a resume moves started_at
+        fmt.local_time(run.created_at),  # the first start: a resume moves started_at
     ))
 
 
@@ -94,7 +94,7 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
             yield Label("", id="runs-count")
         yield KeyedTable(COLUMNS, id="runs-table", flex="name", optional=NARROW_HIDES)
         yield Static(EMPTY_STORE, id="runs-empty")
-        yield key_footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "runs"
@@ -149,7 +149,7 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
     # ---- actions
 
     def action_open(self) -> None:
-        from console.screens.run import RunScreen
+        from console.run.screen import RunScreen
 
         run = self._require_run()
         if run is not None:
@@ -163,13 +163,13 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
         self._render_rows()
 
     def action_compare(self) -> None:
-        from console.screens.compare import CompareScreen
+        from console.compare.screen import CompareScreen
 
         chosen = self.marked or ({run.id} if (run := self.selected_run()) else set())
         self.app.push_screen(CompareScreen(sorted(chosen)))
 
     def action_checkpoints(self) -> None:
-        from console.screens.checkpoints import CheckpointsScreen
+        from console.checkpoints.screen import CheckpointsScreen
 
         run = self._require_run()
         if run is not None:

@@ -15,12 +15,12 @@ from textual.binding import Binding
 from textual.widgets import Header, Static
 
 from console.messages import SearchRequested
-from console.screens.base import PollingScreen
-from console.screens.dialogs import MoreEpochsScreen
-from console.widgets import cells
-from console.widgets.key_footer import key_footer
+from console.polling import PollingScreen
+from console.checkpoints.more_epochs import MoreEpochsScreen
+from console import formatting as fmt
+from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
-from console.widgets.recall_grid import recall_grid
+from console.checkpoints.recall_grid import recall_grid
 from nlmm import store
 from nlmm.errors import NlmmError
 from nlmm.paths import checkpoint_home
@@ -67,8 +67,8 @@ def checkpoint_row(ckpt: store.Checkpoint, size: int | None) -> Row:
     return (ckpt.path, (
         Text("★", style="bold yellow") if ckpt.is_best else Text(""),
         ckpt.kind, str(ckpt.step), str(ckpt.epoch),
-        cells.recall(metrics.get("mean_r1")), cells.recall(metrics.get("i2t_r1")),
-        cells.recall(metrics.get("t2i_r1")), "missing" if size is None else file_size(size),
+        fmt.recall(metrics.get("mean_r1")), fmt.recall(metrics.get("i2t_r1")),
+        fmt.recall(metrics.get("t2i_r1")), "missing" if size is None else file_size(size),
         Path(ckpt.path).name))
 
 
@@ -101,7 +101,7 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
         yield Header()
         yield KeyedTable(COLUMNS, id="ckpt-table")
         yield Static(id="ckpt-detail")
-        yield key_footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "checkpoints"
@@ -178,7 +178,7 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
             self.results[ckpt.path] = Evaluation(ckpt.step, result)
             self._show_detail()
             mean = result["metrics"].get("mean_r1")
-            self.notify(f"test mean R@1 {cells.recall(mean)} at step {ckpt.step}")
+            self.notify(f"test mean R@1 {fmt.recall(mean)} at step {ckpt.step}")
 
         self._run_action(lambda: evaluate_target(ckpt.path, split="test"), done)
 

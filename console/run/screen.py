@@ -17,13 +17,13 @@ from textual.binding import Binding
 from textual.widgets import Header, TabbedContent, TabPane
 
 from console.messages import StopRequested
-from console.screens.base import PollingScreen
+from console.polling import PollingScreen
 from console.widgets.chart import MetricChart, Points
-from console.widgets.key_footer import key_footer
-from console.widgets.levels_panel import LevelsPanel
-from console.widgets.log_tail import LogTail, Tail, read_tail
-from console.widgets.run_header import RunHeader, health_warnings
-from console.widgets.system_panel import HISTORY, SystemPanel
+from console.widgets.key_footer import KeyFooter
+from console.run.levels import LevelsPanel
+from console.run.log_tail import LogTail, Tail, read_tail
+from console.run.header import RunHeader, health_warnings
+from console.run.system_panel import HISTORY, SystemPanel
 from nlmm import store
 from nlmm.config import MODALITIES
 from nlmm.metric_names import DIRECTIONS, KS, LOSS_KEYS
@@ -120,7 +120,7 @@ class RunScreen(PollingScreen[RunSnapshot]):
                         yield SystemPanel(id="system-panel")
                     else:
                         yield LogTail(id="log-tail")
-        yield key_footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "run"
@@ -195,7 +195,7 @@ class RunScreen(PollingScreen[RunSnapshot]):
         self.refetch()
 
     def action_checkpoints(self) -> None:
-        from console.screens.checkpoints import CheckpointsScreen
+        from console.checkpoints.screen import CheckpointsScreen
 
         self.app.push_screen(CheckpointsScreen(self.run_id))
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from rich.table import Table
 
-from console.widgets.cells import recall
+from console.formatting import recall
 from nlmm.metric_names import DIRECTIONS, KS
 from nlmm.reports import ARROWS
 

@@ -11,9 +11,9 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Header, Select, SelectionList
 
-from console.screens.base import PollingScreen
+from console.polling import PollingScreen
 from console.widgets.chart import MetricChart, Points
-from console.widgets.key_footer import key_footer
+from console.widgets.key_footer import KeyFooter
 from console.widgets.ticks import TickList
 from nlmm import store
 
@@ -56,7 +56,7 @@ class CompareScreen(PollingScreen[CompareSnapshot]):
                 yield Select[str]([], prompt="metric", allow_blank=True, id="compare-metric",
                                   compact=True)
                 yield MetricChart("tick runs to compare", empty="no points yet", id="compare-chart")
-        yield key_footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "compare"

@@ -1,115 +1,20 @@
-"""Modal dialogs: the help overlay, a yes/no confirmation, the epochs to add to a finished run,
-and the new-run form."""
+"""The new-run form: a config, a corpus and overrides, as `nlmm train --detach` takes them."""
 
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rich.table import Table
-from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
+from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Button, Checkbox, Input, Label, Select, Static
+from textual.widgets import Button, Checkbox, Input, Label, Select
 
 from console.widgets.ticks import TickBox
-
 from nlmm.config import CONFIG_DIR
-
-
-class HelpScreen(ModalScreen[None]):
-    """The keys of the screen below (and the app's), with a line on what that screen is for."""
-
-    BINDINGS = [Binding("escape,question_mark,q", "app.pop_screen", "Close")]
-
-    def __init__(self, title: str, about: str, keys: Sequence[tuple[str, str]]) -> None:
-        super().__init__()
-        self.title_text = title
-        self.about = about
-        self.keys = list(keys)
-
-    def compose(self) -> ComposeResult:
-        table = Table(box=None, show_header=False, padding=(0, 2))
-        table.add_column(style="bold", no_wrap=True)
-        table.add_column()
-        for key, description in self.keys:
-            table.add_row(key, description)
-        with VerticalScroll(id="help-box") as box:
-            box.border_title = f"help · {self.title_text}"
-            box.border_subtitle = "Esc closes"
-            yield Static(Text(self.about), id="help-about")
-            yield Static(table, id="help-keys")
-
-
-class ConfirmScreen(ModalScreen[bool]):
-    BINDINGS = [Binding("y", "answer(True)", "Yes"), Binding("n,escape", "answer(False)", "No")]
-
-    def __init__(self, question: str) -> None:
-        super().__init__()
-        self.question = question
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="confirm-box"):
-            yield Label(self.question, id="confirm-question")
-            with Horizontal(id="confirm-buttons"):
-                yield Button("Yes (y)", variant="error", id="confirm-yes")
-                yield Button("No (n)", variant="primary", id="confirm-no")
-
-    def on_mount(self) -> None:
-        self.query_one("#confirm-no", Button).focus()
-
-    def action_answer(self, answer: bool) -> None:
-        self.dismiss(answer)
-
-    @on(Button.Pressed, "#confirm-yes")
-    def _yes(self) -> None:
-        self.dismiss(True)
-
-    @on(Button.Pressed, "#confirm-no")
-    def _no(self) -> None:
-        self.dismiss(False)
-
-
-class MoreEpochsScreen(ModalScreen[int | None]):
-    """How many more epochs a finished run should train when resumed (`--epochs N`)."""
-
-    BINDINGS = [Binding("escape", "cancel", "Cancel")]
-
-    def __init__(self, run_name: str, epochs_done: int) -> None:
-        super().__init__()
-        self.run_name = run_name
-        self.epochs_done = epochs_done
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="epochs-box") as box:
-            box.border_title = f"resume {self.run_name}"
-            box.border_subtitle = "Enter resumes · Esc cancels"
-            yield Label(f"{self.run_name} finished its {self.epochs_done} epochs. How many more "
-                        "epochs should it train?", id="epochs-question")
-            yield Input("1", type="integer", id="epochs-input", compact=True)
-            yield Label("", id="epochs-error")
-
-    def on_mount(self) -> None:
-        self.query_one("#epochs-input", Input).focus()
-
-    @on(Input.Submitted, "#epochs-input")
-    def _submit(self, event: Input.Submitted) -> None:
-        try:
-            epochs = int(event.value)
-        except ValueError:  # empty, or only a sign
-            epochs = 0
-        if epochs < 1:
-            self.query_one("#epochs-error", Label).update("give a whole number of epochs, 1 or more")
-            return
-        self.dismiss(epochs)
-
-    def action_cancel(self) -> None:
-        self.dismiss(None)
 
 
 def config_names() -> list[str]:

@@ -20,12 +20,12 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import Header, Input, Label, Select
 
-from console.widgets.key_footer import key_footer
+from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm.errors import NlmmError
 
 if TYPE_CHECKING:
-    from console.searchers import SearcherCache
+    from console.search.searchers import SearcherCache
     from nlmm.search import SearchHit
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -99,7 +99,7 @@ class SearchScreen(Screen[None]):
         yield KeyedTable(COLUMNS, id="search-results", flex="caption")
         yield Label("Enter searches; the first query of a model loads it and indexes its gallery",
                     id="search-status")
-        yield key_footer()
+        yield KeyFooter()
 
     def on_mount(self) -> None:
         self.sub_title = "search"

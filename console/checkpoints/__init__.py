@@ -1,0 +1,1 @@
+"""A run's checkpoints: their metrics, and evaluate, export, resume or search with one."""

@@ -1,0 +1,1 @@
+"""One run, live: its header, charts, CMS levels, GPU/host figures and log tail."""

@@ -1,0 +1,1 @@
+"""The first screen: every run in the store."""

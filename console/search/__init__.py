@@ -1,0 +1,1 @@
+"""Query a trained checkpoint, keeping its model loaded between queries."""
