@@ -16,6 +16,7 @@ import torch
 
 import corpus_layouts as layouts
 
+from tiny import ListSink, tiny_config
 from nlmm.config import resolve_config
 from nlmm.data.cache import prepare
 from nlmm.data.check import check_corpus
@@ -44,20 +45,9 @@ LAYOUTS = {
 }
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-
-    def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
-        self.rows.append(dict(values))
-
-
 def tiny_cfg(cache):
-    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                      "depth={text: 1, image: 1, audio: 1}", "data.image_size=32",
-                                      "data.max_audio_seconds=1.0", "train.batch_size=8",
-                                      "train.epochs=2", "train.warmup_steps=2",
-                                      "train.log_every=1"])
+    cfg = tiny_config("data.image_size=32", "data.max_audio_seconds=1.0", "train.batch_size=8",
+                      "train.epochs=2", "train.warmup_steps=2", "train.log_every=1")
     return fit_modalities(cfg, cache.modalities(), None)
 
 
@@ -89,9 +79,9 @@ def test_each_layout_checks_prepares_trains_evaluates_and_searches(name: str,
     assert cache.manifest["counts"]["total"] == report.counts["total"]
     trainer, sink = train_briefly(cache, tmp_path / "run")
     pair = "loss_i2t" if directions == IMAGE_TEXT else "loss_t2a"
-    assert any(pair in row for row in sink.rows)
+    assert any(pair in row for _, _, row in sink.rows)
     absent = {"loss_i2a", "loss_t2a"} if directions == IMAGE_TEXT else {"loss_i2t", "loss_i2a"}
-    assert not any(absent & set(row) for row in sink.rows)  # never a 0 or chance stand-in
+    assert not any(absent & set(row) for _, _, row in sink.rows)  # never a 0 or chance stand-in
     # the untrained tower is not built, so it is not in the checkpoint either
     missing = "audio" if directions == IMAGE_TEXT else "image"
     assert missing not in trainer.model.encoders
@@ -121,7 +111,7 @@ def test_a_mixture_trains_on_both_corpora_and_reports_each(tiny_corpus, tmp_path
     assert [s["format"] for s in cache.sources] == ["flickr8k", "manifest"]
     # the tokenizer saw the training captions of both corpora
     assert "kangaroo" in cache.tokenizer.vocab()  # a word only the Flickr corpus's train captions have
-    rows = train_briefly(cache, tmp_path / "run")[1].rows
+    rows = [row for _, _, row in train_briefly(cache, tmp_path / "run")[1].rows]
     assert any("loss_i2a" in row for row in rows) and any("loss_i2t" in row for row in rows)
     results = evaluate_target(str(tmp_path / "run" / "checkpoints" / "best.pt"), device="cpu")
     flickr, manifest = results["sources"]

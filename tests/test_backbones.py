@@ -19,6 +19,7 @@ import torchaudio
 import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from tiny import ListSink
 from nlmm.backbones import (Backbone, BackboneSpec, build_full_network, download_named_weights,
                             extract, truncate)
 from nlmm.config import AUDIO_BACKBONES, IMAGE_BACKBONES, ConfigError, DataConfig, resolve_config
@@ -303,14 +304,6 @@ def small_synth(tmp_path_factory):
     return root
 
 
-class ListSink:
-    def __init__(self):
-        self.rows: list[dict[str, float]] = []
-
-    def log(self, step, epoch, values):
-        self.rows.append(dict(values))
-
-
 def test_training_on_cached_features_then_search_queries_go_through_the_backbone(
         small_synth, weights, tmp_path):
     from nlmm.search import Searcher
@@ -323,9 +316,9 @@ def test_training_on_cached_features_then_search_queries_go_through_the_backbone
     trainer.model.load_pretrained_backbones(progress=False)
     proj = trainer.model.encoders["image"].stem.proj.weight.detach().clone()
     assert trainer.fit() == "finished"
-    losses = [row["loss"] for row in trainer.sink.rows if "loss" in row]
+    losses = trainer.sink.series("loss")
     assert len(losses) == 2 * trainer.steps_per_epoch and np.isfinite(losses).all()
-    assert any("test/mean_r1" in row for row in trainer.sink.rows)
+    assert trainer.sink.series("test/mean_r1")
     assert not torch.equal(proj, trainer.model.encoders["image"].stem.proj.weight)
     # the checkpoint carries the pretrained, untouched backbone: queries need no weights file
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]

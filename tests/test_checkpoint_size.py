@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import NullSink
 from nlmm.config import resolve_config
 from nlmm.errors import NlmmError
 from nlmm.inference import load_for_inference
@@ -28,11 +29,6 @@ TINY = ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2", "depth={text: 1, i
         # 5 steps: every level has stepped (mid at 2 and 4, slow at 4) and both are mid-chunk
         "train_steps=5", "cms_levels=[{name: fast, chunk_size: 1}, {name: mid, chunk_size: 2}, "
         "{name: slow, chunk_size: 4}]"]
-
-
-class NullSink:
-    def log(self, step, epoch, values):
-        pass
 
 
 @pytest.mark.parametrize("optimizer", ["universal_anderson", "adamw", "muon", "dmgd", "sgd"])

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tiny import SMALL_MODEL, cli_sets
 from nlmm import store
 
 NLMM = [sys.executable, "-m", "nlmm.cli"]
-SMALL = ["--set", "d_model=64", "--set", "embed_dim=64", "--set", "L_mem=4",
-         "--set", "depth={text: 1, image: 1, audio: 1}", "--set", "train.log_every=1"]
+SMALL = cli_sets(*SMALL_MODEL, "train.log_every=1")
 
 
 def nlmm(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:

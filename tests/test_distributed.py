@@ -16,6 +16,7 @@ import threading
 import pytest
 import torch
 
+from tiny import ListSink
 from nlmm import store
 from nlmm.config import resolve_config
 from nlmm.errors import NlmmError
@@ -36,15 +37,6 @@ LOSSES = ("loss", "loss_i2t", "loss_i2a", "loss_t2a", "temperature")
 RECALLS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i", "i2a", "a2i", "t2a", "a2t") for k in (1, 5, 10))
 
 
-class ListSink:
-    def __init__(self):
-        self.rows: dict[str, dict[int, float]] = {}
-
-    def log(self, step, epoch, values):
-        for key, value in values.items():
-            self.rows.setdefault(key, {})[step] = value
-
-
 @pytest.fixture(scope="module")
 def one_process(synth_cache, tmp_path_factory) -> dict[str, dict[int, float]]:
     """Per-step losses and dev recalls of the run in one process, global batch 16."""
@@ -57,7 +49,7 @@ def one_process(synth_cache, tmp_path_factory) -> dict[str, dict[int, float]]:
         assert trainer.fit() == "finished"
     finally:
         torch.set_num_threads(threads)
-    return sink.rows
+    return sink.by_key()
 
 
 def train_args(synth_root, *extra: str) -> list[str]:

@@ -25,15 +25,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+import tiny
+from tiny import NullSink, cli_sets, tiny_config
 from nlmm import store
 
 NLMM = [sys.executable, "-m", "nlmm.cli"]
-SMALL = ["--set", "d_model=32", "--set", "embed_dim=32", "--set", "n_heads=2", "--set", "L_mem=2",
-         "--set", "depth.text=1", "--set", "depth.image=1", "--set", "depth.audio=1",
-         "--set", "train.log_every=1", "--device", "cpu"]
+SMALL = [*cli_sets(*tiny.TINY_MODEL, "train.log_every=1"), "--device", "cpu"]
 # The hand-written corpus of conftest (6 train images, 30 captions): 3 steps per epoch at batch 8.
-TINY_DATA = ["--set", "data.image_size=32", "--set", "data.max_audio_seconds=2.0",
-             "--set", "data.text_max_len=16", "--set", "vocab_size=300", "--batch-size", "8"]
+TINY_DATA = [*cli_sets(*tiny.TINY_DATA, "vocab_size=300"), "--batch-size", "8"]
 TINY_STEPS_PER_EPOCH = 3
 
 FAULT_HOOKS = '''
@@ -273,20 +272,12 @@ def flip_bits_in_the_weights(body: bytes) -> bytes:
 def test_damaged_checkpoints_give_one_sentence_and_a_nonzero_exit(tiny_cache, env, tmp_path):
     import torch
 
-    from nlmm.config import resolve_config
     from nlmm.train.loop import Trainer
 
-    class Sink:
-        def log(self, step, epoch, values):
-            pass
-
-    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                      "depth.text=1", "depth.image=1", "depth.audio=1",
-                                      "data.image_size=32", "data.max_audio_seconds=2.0",
-                                      "data.text_max_len=16", "vocab_size=300",
-                                      "train.batch_size=8"])
+    cfg = tiny_config(*tiny.TINY_DATA, "vocab_size=300", "train.batch_size=8")
     run_dir = store.run_dir("damaged")
-    good = Trainer(cfg, tiny_cache, torch.device("cpu"), run_dir, Sink()).checkpoint("last").path
+    good = Trainer(cfg, tiny_cache, torch.device("cpu"), run_dir,
+                   NullSink()).checkpoint("last").path
     body = good.read_bytes()
     truncated, flipped = tmp_path / "truncated.pt", tmp_path / "flipped.pt"
     truncated.write_bytes(body[:len(body) // 2])

@@ -7,22 +7,12 @@ import math
 import pytest
 import torch
 
+from tiny import ListSink, TINY_DATA, tiny_config
 from nlmm.config import resolve_config
 from nlmm.errors import NlmmError
 from nlmm.metric_names import DIRECTIONS
 from nlmm.model import NLMM
 from nlmm.train.loop import COLLAPSE_SPREAD, MAX_SKIPPED_IN_A_ROW, Trainer, embedding_spread
-
-
-class ListSink:
-    def __init__(self):
-        self.rows: list[tuple[int, int, dict[str, float]]] = []
-
-    def log(self, step, epoch, values):
-        self.rows.append((step, epoch, dict(values)))
-
-    def values(self, key):
-        return [v[key] for _, _, v in self.rows if key in v]
 
 
 def test_shipped_tiny_cpu_lifts_every_direction_above_chance(synth_cache, tmp_path):
@@ -33,12 +23,12 @@ def test_shipped_tiny_cpu_lifts_every_direction_above_chance(synth_cache, tmp_pa
     trainer = Trainer(cfg, synth_cache, torch.device("cpu"), tmp_path, sink, log=lambda m: None)
     assert trainer.fit() == "finished"
     chance = 100.0 / len(synth_cache.split_images("dev"))
-    dev = {d: sink.values(f"{d}_r1")[-1] for d in DIRECTIONS}
+    dev = {d: sink.series(f"{d}_r1")[-1] for d in DIRECTIONS}
     print("dev R@1", dev, f"chance {chance:.1f}")
     for direction, r1 in dev.items():
         assert r1 >= 3 * chance, f"{direction} R@1 {r1:.1f}% < 3x chance ({3 * chance:.1f}%)"
     for modality in ("image", "text", "audio"):
-        assert sink.values(f"spread/{modality}")[-1] < COLLAPSE_SPREAD
+        assert sink.series(f"spread/{modality}")[-1] < COLLAPSE_SPREAD
 
 
 def test_embedding_spread_matches_pairwise_cosines():
@@ -51,10 +41,8 @@ def test_embedding_spread_matches_pairwise_cosines():
 
 
 def _small(*extra):
-    return resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                       "depth={text: 1, image: 1, audio: 1}", "train.batch_size=8",
-                                       "train.log_every=1", "train.eval_every=100", "data.image_size=32",
-                                       "data.max_audio_seconds=2.0", "data.text_max_len=16", *extra])
+    return tiny_config(*TINY_DATA, "train.batch_size=8", "train.log_every=1",
+                       "train.eval_every=100", *extra)
 
 
 def _blank_images(trainer: Trainer) -> None:
@@ -70,10 +58,8 @@ def _blank_images(trainer: Trainer) -> None:
 
 def test_collapse_warning_fires_on_a_collapsed_tower_and_not_on_a_healthy_run(synth_cache, tmp_path):
     def small_synth(*extra):
-        return resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                           "depth={text: 1, image: 1, audio: 1}",
-                                           "train.batch_size=16", "train.log_every=2",
-                                           "train.eval_every=100", "train.epochs=2", *extra])
+        return tiny_config("train.batch_size=16", "train.log_every=2", "train.eval_every=100",
+                           "train.epochs=2", *extra)
 
     lines: list[str] = []
     sink = ListSink()
@@ -83,9 +69,9 @@ def test_collapse_warning_fires_on_a_collapsed_tower_and_not_on_a_healthy_run(sy
     trainer.fit()
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 2 and all("image embeddings collapsed" in w for w in warnings), lines
-    assert sink.values("collapsed/image") == [1.0, 1.0]
-    assert sink.values("collapsed/text") == [0.0, 0.0]
-    assert min(sink.values("spread/image")) > COLLAPSE_SPREAD
+    assert sink.series("collapsed/image") == [1.0, 1.0]
+    assert sink.series("collapsed/text") == [0.0, 0.0]
+    assert min(sink.series("spread/image")) > COLLAPSE_SPREAD
 
     lines.clear()
     healthy = ListSink()
@@ -93,7 +79,7 @@ def test_collapse_warning_fires_on_a_collapsed_tower_and_not_on_a_healthy_run(sy
             log=lines.append).fit()
     assert not [line for line in lines if line.startswith("warning:")], lines
     for modality in ("image", "text", "audio"):
-        assert healthy.values(f"collapsed/{modality}") == [0.0, 0.0]
+        assert healthy.series(f"collapsed/{modality}") == [0.0, 0.0]
 
 
 def test_a_non_finite_step_is_skipped_and_counted(tiny_cache, tmp_path):
@@ -110,8 +96,8 @@ def test_a_non_finite_step_is_skipped_and_counted(tiny_cache, tmp_path):
     trainer.loader = loader
     trainer.fit()
     assert trainer.skipped_steps == 1
-    assert sum(sink.values("skipped_steps")) == 1
-    assert all(math.isfinite(v) for v in sink.values("loss"))
+    assert sum(sink.series("skipped_steps")) == 1
+    assert all(math.isfinite(v) for v in sink.series("loss"))
     assert all(bool(torch.isfinite(t).all()) for t in trainer.model.state_dict().values()
                if t.is_floating_point())
 

@@ -2,23 +2,9 @@
 
 import torch
 
-from nlmm.config import resolve_config
+from tiny import ListSink, tiny_config
 from nlmm.train.loop import Trainer
 from nlmm.train.mirrors import TeeSink, build_mirrors
-
-
-class ListSink:
-    def __init__(self):
-        self.rows = []
-
-    def log(self, step, epoch, values):
-        self.rows.append((step, dict(values)))
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 def test_mirrors_receive_the_store_scalars(synth_cache, tmp_path, monkeypatch):
@@ -26,9 +12,7 @@ def test_mirrors_receive_the_store_scalars(synth_cache, tmp_path, monkeypatch):
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                      "depth={text: 1, image: 1, audio: 1}", "train.batch_size=8",
-                                      "train.log_every=1", "train_steps=3"])
+    cfg = tiny_config("train.batch_size=8", "train.log_every=1", "train_steps=3")
     primary = ListSink()
     sink = TeeSink(primary, build_mirrors(["tensorboard", "wandb"], "mirror-run", tmp_path,
                                           cfg.to_dict()))
@@ -38,7 +22,7 @@ def test_mirrors_receive_the_store_scalars(synth_cache, tmp_path, monkeypatch):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     losses = {(e.step, round(e.value, 5)) for e in events.Scalars("loss")}
-    stored = {(step, round(v["loss"], 5)) for step, v in primary.rows if "loss" in v}
+    stored = {(step, round(v["loss"], 5)) for step, _, v in primary.rows if "loss" in v}
     assert stored and losses == stored
     assert "mean_r1" in events.Tags()["scalars"]
     offline = list((tmp_path / "wandb").glob("offline-run-*"))

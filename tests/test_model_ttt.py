@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tiny import NullSink
 from nlmm.config import config_from_dict
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM, adapt_and_encode
@@ -247,11 +248,6 @@ def test_joint_training_teaches_the_objective_ttt_adapts_on(device):
 
 
 # ------------------------------------------------------------------ ttt.enable in eval / search
-
-class NullSink:
-    def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
-        pass
-
 
 @pytest.fixture
 def checkpoint_with_ttt(tiny_cache, tmp_path, device):

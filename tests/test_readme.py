@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from nlmm.config import resolve_config
+from tiny import tiny_config
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.export import export_bundle
 from nlmm.model import NLMM
@@ -37,8 +37,7 @@ def python_blocks() -> list[str]:
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding `bundle/`, exported from an untrained tiny model's checkpoint, and
     `photo.jpg` (80x60) and `speech.wav` (1 s at 22.05 kHz) to embed with it."""
-    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                      "depth={text: 1, image: 1, audio: 1}"])
+    cfg = tiny_config()
     tokenizer = TextTokenizer.train(["a dog runs on the grass", "a red circle on a blue "
                                      "background"], cfg.vocab_size)
     folder = tmp_path_factory.mktemp("readme")

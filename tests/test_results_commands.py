@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import nlmm.export
+from tiny import tiny_config
 from nlmm import store
-from nlmm.config import resolve_config
 from nlmm.train.loop import Trainer
 
 NLMM = [sys.executable, "-m", "nlmm.cli"]
@@ -21,9 +21,7 @@ NLMM = [sys.executable, "-m", "nlmm.cli"]
 
 @pytest.fixture
 def trained_run(synth_cache, isolated_store):
-    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                      "depth={text: 1, image: 1, audio: 1}", "train.batch_size=16",
-                                      "train.log_every=1", "train_steps=4"])
+    cfg = tiny_config("train.batch_size=16", "train.log_every=1", "train_steps=4")
     run = store.create_run("done", cfg.to_dict(), str(synth_cache.path), "cpu", epochs_total=1,
                            steps_total=4, log_path=str(store.run_dir("done") / "train.log"))
     writer = store.MetricWriter(run.id)

@@ -19,6 +19,7 @@ import torch
 import torchaudio
 from PIL import Image
 
+from tiny import NullSink, SMALL_MODEL, tiny_config
 from nlmm import store
 from nlmm.config import resolve_config
 from nlmm.data.cache import PreparedCache
@@ -34,11 +35,6 @@ RUN_NAME = "searchable"
 # Share of test captions whose own image must be among the top 5 of the ~30 test images.
 # Chance is 5/30 ≈ 17%; the tiny model trained for two epochs reaches about 70%.
 TEXT_TOP5_REQUIRED = 0.40
-
-
-class NullSink:
-    def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
-        pass
 
 
 @dataclass
@@ -61,10 +57,8 @@ def trained(synth_cache: PreparedCache, tmp_path_factory: pytest.TempPathFactory
     with pytest.MonkeyPatch.context() as env:
         env.setenv("NLMM_RUNS_DIR", str(runs))
         env.delenv("NLMM_DB_URL", raising=False)
-        cfg = resolve_config("tiny_cpu", ["d_model=64", "embed_dim=64", "n_heads=4", "L_mem=4",
-                                          "depth={text: 1, image: 1, audio: 1}",
-                                          "train.batch_size=16", "train.epochs=2",
-                                          "train.warmup_steps=10"])
+        cfg = tiny_config("train.batch_size=16", "train.epochs=2", "train.warmup_steps=10",
+                          model=SMALL_MODEL)
         folder = store.run_dir(RUN_NAME)
         run = store.create_run(RUN_NAME, cfg.to_dict(), str(synth_cache.path), "cpu",
                                epochs_total=2, steps_total=None, log_path=str(folder / "train.log"))

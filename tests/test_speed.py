@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny import ListSink, TINY_DATA, tiny_config
 from nlmm.config import ConfigError, resolve_config
 from nlmm.model import NLMM
 from nlmm.optim import Level, LevelOptimizer, build_optimizer
@@ -20,26 +21,10 @@ from nlmm.train.speed import (channels_last_images, compile_encoders, count_sync
 LOOP, LEVELS = "nlmm/train/loop.py", "nlmm/optim/levels.py"
 
 
-class ListSink:
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    def log(self, step: int, epoch: int, values: dict[str, float]) -> None:
-        self.rows.append((step, dict(values)))
-
-    def series(self, key: str) -> list[float]:
-        return [v[key] for _, v in self.rows if key in v]
-
-
 def tiny_cfg(*extra: str):
     """A model small enough that a few steps on the 13-image corpus take a second."""
-    return resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                       "depth={text: 1, image: 1, audio: 1}", "train.batch_size=8",
-                                       "train.epochs=2", "train.eval_every=2",
-                                       "train.log_every=1",
-                                       "train.checkpoint_minutes=0", "data.image_size=32",
-                                       "data.max_audio_seconds=2.0", "data.text_max_len=16",
-                                       *extra])
+    return tiny_config(*TINY_DATA, "train.batch_size=8", "train.epochs=2", "train.eval_every=2",
+                       "train.log_every=1", "train.checkpoint_minutes=0", *extra)
 
 
 def fit(cache, tmp_path: Path, name: str, *extra: str, device: torch.device | None = None,

@@ -7,26 +7,13 @@ import threading
 import pytest
 import torch
 
-from nlmm.config import resolve_config
+from tiny import ListSink, SMALL_MODEL, TINY_DATA, tiny_config
 from nlmm.train.checkpoint import load_checkpoint
 from nlmm.train.loop import Trainer, lr_factor, short_run_warmup
 
 
-class ListSink:
-    def __init__(self):
-        self.rows: list[tuple[int, int, dict[str, float]]] = []
-
-    def log(self, step, epoch, values):
-        self.rows.append((step, epoch, dict(values)))
-
-    def last(self, key):
-        return [v[key] for _, _, v in self.rows if key in v][-1]
-
-
 def small_cfg(*extra):
-    return resolve_config("tiny_cpu", ["d_model=64", "embed_dim=64", "n_heads=4", "L_mem=4",
-                                       "depth={text: 1, image: 1, audio: 1}", "train.batch_size=16",
-                                       "train.log_every=2", *extra])
+    return tiny_config("train.batch_size=16", "train.log_every=2", *extra, model=SMALL_MODEL)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -120,11 +107,8 @@ def test_stop_mid_epoch_checkpoints_and_resumes_at_that_step(synth_cache, tmp_pa
 def test_last_checkpoint_is_also_written_by_time_within_an_epoch(tiny_cache, tmp_path):
     """With train.checkpoint_minutes elapsed, last.pt is written mid-epoch (here after every
     step: 1e-6 minutes), so a crash in a long first epoch leaves something to resume."""
-    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                      "depth={text: 1, image: 1, audio: 1}", "train.batch_size=8",
-                                      "train.epochs=1", "train.checkpoint_minutes=1e-6",
-                                      "data.image_size=32", "data.max_audio_seconds=2.0",
-                                      "data.text_max_len=16"])
+    cfg = tiny_config(*TINY_DATA, "train.batch_size=8", "train.epochs=1",
+                      "train.checkpoint_minutes=1e-6")
     events = []
     trainer = Trainer(cfg, tiny_cache, torch.device("cpu"), tmp_path, ListSink(),
                       on_checkpoint=events.append, log=lambda m: None)
