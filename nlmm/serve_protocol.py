@@ -1,41 +1,8 @@
 """How `nlmm serve` carries a search request and its results over a local socket.
 
 Free of torch and numpy, so `nlmm search` can ask a running server in a fraction of the time
-importing torch takes.
-
-Transport: a stream socket, by default the Unix socket `<runs>/.serve.sock`; a server started
-with `--tcp PORT` listens on 127.0.0.1:PORT and writes the port to `<runs>/.serve.tcp`. Each
-message is one line of UTF-8 JSON; a connection may carry several requests, answered in order.
-
-Requests:
-
-    {"op": "search", "protocol": 1, "nlmm_version": "0.1.0", "store": "sqlite:///.../nlmm.db",
-     "request": {"text": "a dog on grass", "image": null, "audio": null, "run": null,
-                 "checkpoint": null, "target": null, "k": 5, "split": "test", "data": null,
-                 "ttt": null, "device": "auto", "backend": "exact"}}
-    {"op": "ping"}
-
-`request` holds the fields of `SearchRequest` (paths absolute); `store` is the client's store
-URL, which must be the server's, as must the protocol and nlmm versions.
-
-Answers:
-
-    {"ok": true, "server_ms": 4.1,
-     "results": {"hits": [{"rank": 1, "score": 0.62, "modality": "image", "item": "x.jpg",
-                           "caption": "a dog runs", "path": "/.../x.jpg", "image_id": "x.jpg"},
-                          ...],
-                 "query": "a dog on grass", "query_modality": "text", "target": "image",
-                 "split": "test", "gallery_size": 1000, "k": 5,
-                 "checkpoint": "/.../best.pt", "step": 1200, "run": "r1"}}
-    {"ok": true, "pid": 1234, "nlmm_version": "0.1.0", "models": ["/.../best.pt"],
-     "answered": 17}                                                            (ping)
-    {"ok": false, "kind": "user", "error": "no run named x; ..."}
-
-`results` holds the fields of `SearchResults`; `server_ms` is the time from reading the request
-to writing the answer. `kind` is `user` for a request that cannot be answered (the error is the
-sentence `nlmm search` prints), `refused` when the server does not serve this client (another
-store, nlmm version or protocol; the client searches in-process without a word) and `internal`
-when answering failed (the client says so in one line and searches in-process).
+importing torch takes. One line of UTF-8 JSON per message over a Unix socket (or 127.0.0.1 with
+`--tcp`); the message shapes: bench/DESIGN.md, "The search server's wire protocol".
 """
 
 from __future__ import annotations

@@ -86,10 +86,7 @@ class ConvImageStem(nn.Module):
     `image_stem: pool` (default): each stage is a stride-1 3x3 convolution followed by max-pooling
     by the stage's stride, as in a plain CNN; the convolutions see every pixel at full
     resolution. `image_stem: stride`: each stage is one strided 3x3 convolution (Xiao et al.
-    2021), 4x cheaper per stage but measured to learn about half as fast per step
-    (bench/RESULTS.md). A patchify ViT trained from scratch on a few thousand images learns
-    slowly and unstably; small overlapping convolutions give the blocks local features to start
-    from.
+    2021), 4x cheaper per stage but slower to learn (bench/DESIGN.md, "Image stems").
     """
 
     def __init__(self, patch_size: int, d_model: int, kind: str = "pool") -> None:

@@ -1,44 +1,10 @@
 """Test-time training: low-rank adapters adapted on a self-supervised loss of the query alone.
 
-Every encoder block's mixer output projection carries a `LowRankAdapter` (`up @ down`, rank
-`ttt.adapter_rank`). Its stored parameters are the starting point of every adaptation: `down`
-random, `up` zero, so the adapted model starts as the trained model. They are not trained by
-the outer optimiser (requires_grad=False) and are never written by an adaptation.
-
-`up` stays zero on purpose. With `up = 0` the gradient of the loss w.r.t. `down` is
-`up^T (dL/dy) x^T = 0`, so the first SGD step moves `up` only (in the directions `down @ x`
-spans: a rank-r update of the projection, as LoRA's first step is) and `down` moves from the
-second step on. A small random `up` would move both from step one, but the adapted model would
-then no longer start AS the trained model: zero steps (or a query whose loss gradient vanishes)
-would already change every embedding by a random rank-r perturbation that the contrastive
-training never saw. Exact equality at step 0 is worth more than the one step of `down`.
-
-The self-supervised objective is built by ONE function, `ssl_task`, and used twice:
-- at training time, when `ttt.enable` is true and `ttt.aux_weight > 0`, `NLMM.forward` computes
-  `ssl_loss(...)` (the same objective, on the batch's own corrupted inputs, through the trunk
-  without adapters) and `ContrastiveLoss` adds `aux_weight` times it to the contrastive loss,
-  so the masked-token head and the trunk learn the task whose gradient the adapters follow at
-  test time (joint training, as in Sun et al. 2020, "Test-Time Training", and Gandelsman et al.
-  2022, "Test-Time Training with Masked Autoencoders"). Without it the head is an untrained tie
-  to the token embeddings and the reconstruction objective is arbitrary, so its gradient
-  carries no information;
-- at test time by `adapt_and_encode`.
-
-`adapt_and_encode` adapts one private copy of the adapters PER QUERY ROW: the copies carry a
-batch dimension and the loss is the sum of per-row losses, so one batched backward pass gives
-every row its own gradient. A query's adapted weights and embedding therefore depend on that
-query only — not on the other queries in the batch, their order, or any pairing label (none is
-passed in). Steps are plain SGD (`ttt.max_steps` steps of size `ttt.eta`) on:
-- text: masked-token prediction — TEXT_MASK_RATIO of the valid tokens replaced by the
-  tokenizer's [MASK] id, predicted by a head tied to the token embeddings (logits scaled by
-  1/sqrt(d_model));
-- image / audio: masked-patch / masked-frame reconstruction — MASK_RATIO of the valid tokens
-  zeroed after the stem, and the final state at each masked position regresses the stem output
-  it replaced (both layer-normalised). The stem is a fixed linear map (image) or convolution
-  stack (audio) of the pixels / mel frames, so no separate decoder head is needed.
-Masked positions are the same at every step (the objective is one fixed function being
-minimised) and are chosen deterministically per row (low-discrepancy scores of the positions,
-lowest ranks among the row's valid tokens), so results are reproducible.
+Each block's mixer output projection carries a `LowRankAdapter` (`up` zero, so adaptation
+starts at the trained model); `adapt_and_encode` adapts a private copy per query row with plain
+SGD on masked-token prediction (text) or masked-patch/frame reconstruction (image, audio), the
+objective `ssl_task` builds, which training also optimises when `ttt.aux_weight > 0`. Why `up`
+stays zero, the joint training and the masking rule: bench/DESIGN.md, "Test-time training".
 """
 
 from __future__ import annotations
