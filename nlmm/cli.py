@@ -325,9 +325,11 @@ def train(
                                               "scalars to runs/<run>/tensorboard.")] = False,
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (offline "
                                         "unless WANDB_API_KEY is set).")] = False,
-    nproc: Annotated[int, typer.Option("--nproc", min=1, help="Data-parallel processes on this "
-                                       "node (one per GPU), started with torchrun; --batch-size "
-                                       "is the global batch.")] = 1,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Data-parallel processes "
+                                                 "on this node (one per GPU), started with "
+                                                 "torchrun; --batch-size is the global batch "
+                                                 "(default 1; with --resume, the run's "
+                                                 "own).")] = None,
     nnodes: Annotated[int, typer.Option("--nnodes", min=1, help="Nodes taking part; start the "
                                         "same command on each.")] = 1,
     node_rank: Annotated[int, typer.Option("--node-rank", min=0, help="This node's index; node 0 "
@@ -338,7 +340,7 @@ def train(
 ) -> None:
     """Prepare the corpus if needed, start a training run as a subprocess and follow it."""
     from nlmm.cli_follow import follow
-    from nlmm.train.launcher import join, launch
+    from nlmm.train.launcher import join, launch, launch_nproc
     from nlmm.train.request import TrainRequest
 
     specs = _corpus_specs(data, format_, columns, dataset)
@@ -361,6 +363,8 @@ def train(
     mirrors = [m for m, on in (("tensorboard", tensorboard), ("wandb", wandb)) if on]
     if mirrors:
         overrides.append(f"train.mirrors={json.dumps(mirrors)}")
+    if nproc is None:
+        nproc = launch_nproc(resume) if resume else 1
     request = TrainRequest(data=specs, synthetic=synthetic, config=config, overrides=overrides,
                            device=device.value, name=name, resume=resume,
                            add_epochs=epochs if resume else None,

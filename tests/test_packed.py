@@ -259,26 +259,45 @@ def test_resume_with_another_worker_count_keeps_the_order(packed) -> None:
     assert ids(head) + ids(again) == straight
 
 
-@pytest.mark.parametrize("new_world", [1, 3])
-def test_resume_on_another_number_of_ranks_never_repeats_a_sample(packed, new_world) -> None:
-    """2 ranks stop after 2 batches each; the rest of the epoch goes to `new_world` ranks.
-    Onto 1 rank nothing is lost; onto 3, litdata's re-deal would repeat samples up to a global
-    batch, which the loader skips instead (and the tail that fills no global batch drops)."""
+def global_steps(out: Path, world: int, global_batch: int = 4, **kw) -> list[dict]:
+    """Each global step of an epoch read by `world` ranks: their batches joined in rank order."""
+    ranks = [list(loader(out, rank=r, world_size=world, batch_size=global_batch // world,
+                         num_workers=1, **kw)) for r in range(world)]
+    return [{k: torch.cat([b[k] for b in step]) for k in ("caption_ids", "image")}
+            for step in zip(*ranks, strict=True)]
+
+
+def test_every_rank_count_serves_the_same_global_steps_and_augmentation(packed) -> None:
     _, out = packed
-    heads, states = [], []
-    for r in (0, 1):
-        first = loader(out, rank=r, world_size=2, num_workers=1, batch_size=2)
+    one = global_steps(out, 1, crop=True, flip=True, epoch=3)
+    assert len(one) == 24 // 4
+    for world in (2, 4):
+        many = global_steps(out, world, crop=True, flip=True, epoch=3)
+        assert [s["caption_ids"].tolist() for s in many] == [s["caption_ids"].tolist() for s in one]
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(many, one, strict=True))
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 4)])
+def test_resume_on_another_number_of_ranks_serves_exactly_the_rest(packed, before, after) -> None:
+    """`before` ranks stop after 2 global steps; `after` ranks resume from rank 0's state and
+    serve the global steps an uninterrupted run serves next, row for row."""
+    _, out = packed
+    straight = [s["caption_ids"].tolist() for s in global_steps(out, before)]
+    states, heads = [], []
+    for r in range(before):
+        first = loader(out, rank=r, world_size=before, batch_size=4 // before, num_workers=1)
         it = iter(first)
-        heads += [c for _ in range(2) for c in next(it)["caption_ids"].tolist()]
-        states.append(first.state_dict())
-    rest = []
-    for r in range(new_world):
-        again = loader(out, rank=r, world_size=new_world, num_workers=1, batch_size=2)
-        again.load_state_dict(states[min(r, 1)])
-        rest += [c for b in again for c in b["caption_ids"].tolist()]
-    seen = heads + rest
-    assert len(seen) == len(set(seen))
-    assert len(seen) == 24 if new_world == 1 else len(seen) >= 24 - 2 * new_world * 2
+        heads.append([next(it)["caption_ids"].tolist() for _ in range(2)])
+        states.append(json.loads(json.dumps(first.state_dict())))
+    assert all(state == states[0] for state in states)  # one state for every rank
+    rests = []
+    for r in range(after):
+        again = loader(out, rank=r, world_size=after, batch_size=4 // after, num_workers=2)
+        again.load_state_dict(states[0])
+        rests.append([b["caption_ids"].tolist() for b in again])
+    head = [[c for rank in heads for c in rank[k]] for k in range(2)]
+    rest = [[c for rank in rests for c in rank[k]] for k in range(len(rests[0]))]
+    assert head + rest == straight
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")

@@ -1,6 +1,6 @@
 """A pack on an S3-compatible object store, for real over HTTP: a moto server in its own
-process, boto3 to create the bucket, nlmm to pack into s3://bucket/packed and litdata (boto3
-and obstore) to stream from it, resumed mid-epoch."""
+process, boto3 to create the bucket, nlmm to pack into s3://bucket/packed and to stream from it
+(chunks downloaded into a per-rank cache), resumed mid-epoch."""
 
 from __future__ import annotations
 
@@ -155,3 +155,17 @@ def test_nlmm_train_streams_from_the_bucket(s3_pack, s3_endpoint, tmp_path):
                                text=True, timeout=300)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["pack"] == "s3://bucket/packed"
+
+
+def test_a_rank_keeps_only_the_chunks_it_still_reads_on_disk(s3_pack) -> None:
+    """One lane (batch 1) reads the stream front to back: chunks it is done with leave the
+    download cache while it goes, so the cache never holds the whole split."""
+    opts, local, cache = s3_pack
+
+    def one_lane(url, options, folder):
+        return StreamTrainLoader(url, batch_size=1, seed=5, data_cfg=CFG, num_workers=2,
+                                 storage_options=options, cache_dir=str(folder))
+
+    remote = one_lane("s3://bucket/packed", opts, cache / "d")
+    assert caption_ids(remote) == caption_ids(one_lane(local, None, cache / "l"))
+    assert 0 < len(remote.reader.cached()) < len(remote.reader.shards) // 2

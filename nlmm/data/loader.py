@@ -100,7 +100,7 @@ def augment_images(images: torch.Tensor, generator: torch.Generator, crop: bool 
     The parameters are drawn on the CPU from `generator` (identical on any device); one
     bilinear grid_sample then resamples the whole batch where it lives.
     """
-    b, _, h, w = images.shape
+    b = images.shape[0]
     area = torch.empty(b).uniform_(*CROP_AREA, generator=generator)
     ratio = torch.empty(b).uniform_(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]),
                                     generator=generator).exp()
@@ -114,6 +114,14 @@ def augment_images(images: torch.Tensor, generator: torch.Generator, crop: bool 
         width, height, cx, cy = torch.ones(b), torch.ones(b), torch.zeros(b), torch.zeros(b)
     if not flip:
         sign = torch.ones(b)
+    return resample_crops(images, width, height, cx, cy, sign)
+
+
+def resample_crops(images: torch.Tensor, width: torch.Tensor, height: torch.Tensor,
+                   cx: torch.Tensor, cy: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """Each image of a float batch resampled from its crop: (B,) width and height as shares of
+    the side, centre cx, cy in [-1, 1], sign -1 to flip horizontally."""
+    b, _, h, w = images.shape
     # Without rotation the sampling grid is separable: x depends on the column only and y on
     # the row only, so it is built by broadcasting (what affine_grid computes with a matmul).
     opts = {"device": images.device, "dtype": images.dtype}

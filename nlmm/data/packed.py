@@ -235,6 +235,11 @@ class S3Store(Store):
             self._client.upload_file(str(local), self.bucket, self._key(name))
         local.unlink()
 
+    def get_file(self, name: str, local: Path) -> None:
+        """Download `name` into the local file (streamed, never whole in memory)."""
+        with self._errors():
+            self._client.download_file(self.bucket, self._key(name), str(local))
+
     def sizes(self, prefix: str = "") -> dict[str, int]:
         out = {}
         base = f"{self.prefix}/" if self.prefix else ""

@@ -318,9 +318,24 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Where a run records how it was started, so that `--resume` without --nproc starts as many
+# processes as the run had.
+LAUNCH_FILE = "launch.json"
+
+
+def launch_nproc(run_name: str) -> int:
+    """The --nproc RUN was last started with (1 when it recorded none, or is unknown)."""
+    run = store.find_run(run_name)
+    try:
+        return int(json.loads((store.run_dir(run.name) / LAUNCH_FILE).read_text())["nproc"])
+    except (AttributeError, OSError, ValueError, KeyError):
+        return 1
+
+
 def _spawn(run: store.Run, req: TrainRequest, ext: Extension) -> subprocess.Popen:
     log_path = store.run_dir(run.name) / "train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    (log_path.parent / LAUNCH_FILE).write_text(json.dumps({"nproc": req.nproc}))
     command = worker_command(req, run.id, run.data, run.device)
     # the worker reads them after its own: torchrun hands the module every argument after it
     command += [a for flag, n in (("--add-steps", ext.steps), ("--add-epochs", ext.epochs)) if n

@@ -265,13 +265,8 @@ class Trainer:
         from nlmm.data.stream import StreamTrainLoader
 
         cfg, state = self.cfg, self.saved_loader_state
+        # the saved state counts global steps: it resumes on any number of ranks and workers
         resume = state is not None and state.get("epoch") == epoch and start_batch > 0
-        if resume and state.get("world_size") != self.dist.world_size:
-            # the global batch is fixed, so another rank count means another per-rank batch,
-            # which litdata's saved position cannot be re-dealt into
-            raise NlmmError(f"this run streamed its pack on {state.get('world_size')} process(es) "
-                            f"and stopped mid-epoch; resume it with --nproc "
-                            f"{state.get('world_size')} (or from a checkpoint at an epoch's end).")
         loader = StreamTrainLoader(
             self.cache.path, "train", batch_size=cfg.train.batch_size // self.dist.world_size,
             seed=cfg.train.seed, epoch=epoch, data_cfg=cfg.data, tokenizer=self.cache.tokenizer,
