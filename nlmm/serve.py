@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import socket
 import socketserver
@@ -52,6 +53,7 @@ from nlmm.weights_cache import checkpoint_key
 DEFAULT_MAX_MODELS = 2
 UNIX_PATH_MAX = 107  # bytes of a Unix socket path, sun_path less its terminating NUL
 SOMAXCONN_FILE = "/proc/sys/net/core/somaxconn"  # Linux's cap on a listen backlog
+LOG_QUEUE = 1000  # log lines waiting for a slow reader before new ones are dropped
 
 Log = Callable[[str], None]
 
@@ -271,10 +273,35 @@ def _bind_tcp(port_file: Path, port: int) -> tuple[_TCPServer, str, tuple[Path, 
     return server, f"127.0.0.1:{bound}", (port_file, _stamp(port_file))
 
 
+class BackgroundLog:
+    """A log whose lines are written on a thread of its own, so that a reader which stops
+    reading the server's output (a full pipe) holds up that thread only, never an answer. Lines
+    that find LOG_QUEUE lines waiting are dropped and counted."""
+
+    def __init__(self, log: Log, size: int = LOG_QUEUE) -> None:
+        self._log = log
+        self._lines: queue.Queue[str] = queue.Queue(size)
+        self.dropped = 0
+        threading.Thread(target=self._write, name="nlmm-serve-log", daemon=True).start()
+
+    def __call__(self, line: str) -> None:
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write(self) -> None:
+        while True:
+            line = self._lines.get()
+            with contextlib.suppress(OSError):  # a reader gone (EPIPE) costs its lines only
+                self._log(line)
+
+
 def serve(tcp_port: int | None = None, max_models: int = DEFAULT_MAX_MODELS,
           log: Log = print) -> None:
     """`nlmm serve`: answer searches for the runs folder until SIGTERM or Ctrl-C."""
-    service = SearchService(ModelPool(max_models, log), log)
+    background = BackgroundLog(log)
+    service = SearchService(ModelPool(max_models, background), background)
     with listening(service, runs_dir(), tcp_port) as (server, where):
         def stop(signum: int, frame: Any) -> None:
             # shutdown() waits for serve_forever, which runs in this (the signalled) thread
@@ -287,4 +314,5 @@ def serve(tcp_port: int | None = None, max_models: int = DEFAULT_MAX_MODELS,
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    log("stopped")
+    log(f"stopped ({background.dropped} log lines dropped: nothing read the output)"
+        if background.dropped else "stopped")

@@ -313,3 +313,31 @@ def test_json_lines_protocol_answers_ping_and_refuses_garbage(served: SearchServ
             refused, pong = json.loads(reader.readline()), json.loads(reader.readline())
     assert refused["ok"] is False and refused["kind"] == "refused"
     assert pong["ok"] is True and pong["pid"] == os.getpid()
+
+
+def test_a_log_reader_that_stops_reading_never_holds_up_an_answer():
+    """`nlmm serve | reader` where the reader stops: the log thread waits, callers do not, and
+    what does not fit is counted."""
+    from nlmm.serve import LOG_QUEUE, BackgroundLog
+
+    entered, release, written = threading.Event(), threading.Event(), []
+
+    def stuck(line: str) -> None:  # a pipe nobody reads: the write blocks
+        entered.set()
+        release.wait()
+        written.append(line)
+
+    log = BackgroundLog(stuck)
+    log("line 0")
+    assert entered.wait(10)
+    began = time.perf_counter()
+    for i in range(1, LOG_QUEUE + 51):
+        log(f"line {i}")
+    assert time.perf_counter() - began < 5.0
+    # the writer thread holds line 0, LOG_QUEUE lines wait, the rest are dropped
+    assert log.dropped == 50
+    release.set()
+    deadline = time.monotonic() + 10
+    while len(written) < LOG_QUEUE + 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert written[:2] == ["line 0", "line 1"] and len(written) == LOG_QUEUE + 1
