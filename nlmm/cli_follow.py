@@ -167,7 +167,7 @@ def _summary(run_id: int, console: Console) -> int:
     if run.status == store.RunStatus.FINISHED:
         return 0
     if run.status == store.RunStatus.STOPPED:
-        console.print(f"resume with `nlmm train flickr8k --resume {run.name}`")
+        console.print(f"resume with `nlmm train --resume {run.name}`")
         return 130
     sentence = error_sentence(run.error)
     if sentence:

@@ -156,7 +156,7 @@ def test_the_follower_draws_a_bar_on_a_terminal_and_picks_the_exit_code(isolated
     store.set_status(run.id, store.RunStatus.STOPPED)
     piped = Console(file=StringIO(), width=200)
     assert follow(run.id, piped, poll_s=0.01) == 130
-    assert "resume with `nlmm train flickr8k --resume shown`" in piped.file.getvalue()
+    assert "resume with `nlmm train --resume shown`" in piped.file.getvalue()
 
 
 def test_model_info_counts_the_real_parameters(env):
