@@ -322,3 +322,14 @@ def test_search_follows_the_checkpoint_config_and_ttt_false_overrides_it(checkpo
     assert ttt_calls == ["text"]
     searcher.query(text="a red circle", target="image", k=2, ttt=False)
     assert ttt_calls == ["text"]
+
+
+def test_the_models_mask_id_is_the_tokenizers():
+    """Training's masked-token objective uses MASK_TOKEN_ID (the model imports no tokenizer);
+    every tokenizer nlmm trains must put [MASK] at that id, or training and search would mask
+    with different tokens."""
+    from nlmm.data.tokenizer import TextTokenizer
+    from nlmm.model.ttt import MASK_TOKEN_ID
+
+    for texts in (["a dog runs"], ["zebra " * 50, "a b c d e f g h"]):
+        assert TextTokenizer.train(texts, 300).mask_id == MASK_TOKEN_ID

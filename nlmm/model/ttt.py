@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from nlmm.model.encoders import Encoder
     from nlmm.model.nlmm import NLMM
 
-MASK_TOKEN_ID = 3  # [MASK] in nlmm.data.tokenizer's special tokens ([PAD], [UNK], [CLS], [MASK])
+MASK_TOKEN_ID = 3  # [MASK]: fourth of nlmm.data.tokenizer.SPECIAL_TOKENS (test_model_ttt checks the tie)
 TEXT_MASK_RATIO = 0.15
 MASK_RATIO = 0.25
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
