@@ -4,8 +4,9 @@ Nothing is chosen on the test split:
 1. Search (`--search`), the same for both models, the plain reference of
    `bench/reference_model.py` and the NL-MM of `--config`: `grid` trains every `--lrs` x
    `--beta2s` x `--schedules` at the first of `--batches`, then the other batch sizes at the
-   best; `coordinate` trains the lrs at the first β2 and schedule, then changes one thing at a
-   time from the best so far (the other β2s, the other schedules, the other batch sizes).
+   best; `coordinate` trains every lr at the best setting so far (at the start: the first β2,
+   schedule and batch), then varies one thing at a time from the best so far (every β2, then
+   every schedule, then every batch size).
    Every arm is scored on dev and test; a model's pick is its setting with the best dev mean
    R@1, and the test figures reported are the pick's.
 2. At NL-MM's pick: the ablations (`--ablations`) and the optimizer arms (`--optimizer-lrs
@@ -423,10 +424,11 @@ Stage = Callable[[Setting | None], list[Setting]]
 
 def search_stages(search: str, lrs: list[float], beta2s: list[float], schedules: list[str],
                   batches: list[int]) -> list[Stage]:
-    """What each model trains, stage by stage; a stage gets the model's best setting so far.
+    """What each model trains, stage by stage; a stage gets the model's best setting so far
+    (None before any), and arms already measured are not trained again.
     grid: every lr x β2 x schedule at the first batch size, then the other batch sizes at the
-    best. coordinate: the lrs at the first β2 and schedule, then the other β2s at the best, then
-    the other schedules, then the other batch sizes (each a one-setting change of the best)."""
+    best. coordinate: every lr at the best setting so far (at the start: the first β2, schedule
+    and batch), then every β2 at the best, then every schedule, then every batch size."""
     first = Setting(lrs[0], beta2s[0], schedules[0], batches[0])
 
     def vary(field: str, values: list[Any]) -> Stage:
@@ -438,8 +440,8 @@ def search_stages(search: str, lrs: list[float], beta2s: list[float], schedules:
 
     if search == "grid":
         return [every, vary("batch", batches[1:])]
-    return [vary("lr", lrs), vary("beta2", beta2s[1:]), vary("schedule", schedules[1:]),
-            vary("batch", batches[1:])]
+    return [vary("lr", lrs), vary("beta2", beta2s), vary("schedule", schedules),
+            vary("batch", batches)]
 
 
 SAME_RUN = ("corpus", "images", "objects", "seed", "config", "set", "cpu_seconds", "threads")
