@@ -1,8 +1,5 @@
-"""Plain-text formatting of run fields for tables and headers.
-
-Every function that depends on the time takes `now` from the caller, so the app's injectable
-clock (fixed in snapshot tests) decides what "elapsed" and "ETA" read.
-"""
+"""Run fields as the short plain text of table cells and headers (durations through
+nlmm.units, as the CLI writes them)."""
 
 from __future__ import annotations
 
@@ -10,22 +7,15 @@ import time
 
 from nlmm import store
 from nlmm.reports import epoch_text
+from nlmm.units import hms
 
 
 def duration(seconds: float | None) -> str:
     """`H:MM:SS` (or `D d H:MM:SS` past a day); `-` when unknown."""
     if seconds is None:
         return "-"
-    total = max(0, int(seconds))
-    days, rest = divmod(total, 86400)
-    text = f"{rest // 3600}:{rest // 60 % 60:02d}:{rest % 60:02d}"
-    return f"{days}d {text}" if days else text
-
-
-def elapsed_seconds(run: store.Run, now: float) -> float | None:
-    """Seconds the run has trained over all its workers: up to its end, or up to `now` while it
-    is still active."""
-    return store.elapsed_seconds(run, now)
+    days, rest = divmod(max(0, int(seconds)), 86400)
+    return f"{days}d {hms(rest)}" if days else hms(rest)
 
 
 def progress_fraction(run: store.Run) -> float | None:
@@ -35,12 +25,6 @@ def progress_fraction(run: store.Run) -> float | None:
     if run.epochs_total:
         return min(1.0, (run.epoch or 0) / run.epochs_total)
     return None
-
-
-def eta_seconds(run: store.Run, now: float, triples_per_s: float | None = None) -> float | None:
-    """Time left at the latest training throughput (evaluations excluded, see
-    store.eta_seconds); None until there is a rate."""
-    return store.eta_seconds(run, now, triples_per_s)
 
 
 def percent(fraction: float | None) -> str:

@@ -30,8 +30,8 @@ def timing_line(run: store.Run, now: float, triples_per_s: float | None = None) 
     """Elapsed, ETA and when the run started (first start, then the latest resume): the
     least needed last, where a narrow terminal cuts. `triples_per_s`: the latest training
     throughput, which the ETA is reckoned at (see store.eta_seconds)."""
-    elapsed = fmt.elapsed_seconds(run, now)
-    eta = fmt.eta_seconds(run, now, triples_per_s)
+    elapsed = store.elapsed_seconds(run, now)
+    eta = store.eta_seconds(run, now, triples_per_s)
     text = f"elapsed {fmt.duration(elapsed)}"
     if eta is not None:
         text += f"  ETA {fmt.duration(eta)}"

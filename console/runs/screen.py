@@ -55,7 +55,7 @@ def run_row(run: store.Run, now: float, marked: bool) -> Row:
         fmt.percent(fmt.progress_fraction(run)),
         fmt.epoch_step(run),
         fmt.recall(run.best_metric),
-        fmt.duration(fmt.elapsed_seconds(run, now)),
+        fmt.duration(store.elapsed_seconds(run, now)),
         run.device or "-",
         fmt.local_time(run.created_at),  # the first start: a resume moves started_at
     ))
