@@ -20,15 +20,13 @@ import torch
 from nlmm.config import Config, config_from_dict, with_legacy_defaults
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
-from nlmm.weights_cache import (checkpoint_key, read_weights, small_payload, weights_path,
-                                write_weights)
+from nlmm.weights_cache import (checkpoint_key, read_unreplaced, read_weights, small_payload,
+                                weights_path, write_weights)
 
 if TYPE_CHECKING:
     from nlmm.data.cache import PreparedCache
     from nlmm.model import NLMM
 
-# Times a checkpoint replaced while it is being read is read again before giving up.
-READ_ATTEMPTS = 3
 _init_lock = threading.Lock()
 
 
@@ -94,22 +92,12 @@ def build_model(cfg: Config, state: dict[str, torch.Tensor], device: torch.devic
     return model.to(device).eval()
 
 
-def _derive(path: Path, key: str | None,
-            device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
+def _derive(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
     """(weights, small payload, key) read from the checkpoint itself, and written as its
-    weights-only copy. The key is taken before and after the read: a checkpoint replaced in
-    between is read again, so a copy is never filed under the key of other bytes."""
+    weights-only copy, filed under the key of the very bytes read."""
     from nlmm.train.checkpoint import load_checkpoint
 
-    for _ in range(READ_ATTEMPTS):
-        payload = load_checkpoint(path, map_location="cpu")
-        after = checkpoint_key(path)
-        if after == key:
-            break
-        key = after
-    else:
-        raise NlmmError(f"checkpoint {path} was replaced {READ_ATTEMPTS} times while being read; "
-                        "load it again when training has saved it.")
+    payload, key = read_unreplaced(path, lambda: load_checkpoint(path, map_location="cpu"))
     small = small_payload(payload)
     with _matching(path):
         model = build_model(_config(small, path), payload["model"], torch.device("cpu"), False)
@@ -155,7 +143,7 @@ def load_for_inference(target: str | Path | None, device: str = "auto",
     key = checkpoint_key(path)
     mapped = read_weights(weights_path(path, key), key, dev) if key is not None else None
     if mapped is None:
-        state, payload, key = _derive(path, key, dev)
+        state, payload, key = _derive(path, dev)
     else:
         state, payload = mapped
     with _matching(path):

@@ -7,7 +7,9 @@ its own files and never those of the folder it was copied from.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable
 from pathlib import Path, PurePath
 
 RUNS_DIR_ENV = "NLMM_RUNS_DIR"
@@ -66,3 +68,18 @@ def relative_to_run(path: str, run_name: str) -> str | None:
         return None
     start = len(parts) - 1 - parts[::-1].index(run_name)
     return PurePath(*parts[start:]).as_posix()
+
+
+def prune_least_recent(files: Iterable[Path], keep: int) -> list[Path]:
+    """Delete all but the `keep` most recently used (by mtime) of `files`; returns the deleted.
+    A process that has a deleted file open or mapped keeps reading it (the inode lives on)."""
+    dated = []
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            dated.append((path.stat().st_mtime_ns, path))
+    removed = []
+    for _, path in sorted(dated, reverse=True)[max(0, keep):]:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed

@@ -15,8 +15,6 @@ backend (`pip install 'nlmm[faiss]'`) searches the same embeddings with `faiss.I
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import threading
 from dataclasses import dataclass
@@ -36,7 +34,8 @@ from nlmm.data.loader import iter_modality, modality_rows
 from nlmm.embed import autocast_for, embed_input, file_input, text_input
 from nlmm.errors import NlmmError
 from nlmm.inference import LoadedModel, checkpoint_for, load_for_inference, require_cache
-from nlmm.paths import checkpoint_home, run_folder_of
+from nlmm.paths import checkpoint_home, prune_least_recent, run_folder_of
+from nlmm.weights_cache import read_unreplaced
 from nlmm.search_types import SearchHit, SearchRequest, SearchResults  # re-exported here
 
 INDEX_VERSION = 2
@@ -125,36 +124,6 @@ def check_towers(modalities: tuple[str, ...], *wanted: str) -> None:
 
 # ---------------------------------------------------------------------------------- files
 
-def _file_stamp(path: Path) -> dict[str, int]:
-    # The inode and ctime change on every atomic re-save, even one landing in the same mtime tick.
-    st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
-            "inode": st.st_ino}
-
-
-def checkpoint_hash(path: Path) -> str:
-    """SHA-256 of the checkpoint's bytes, memoised next to it by its stat stamp so a search
-    does not reread a large file that has not changed."""
-    path = Path(path)
-    stamp = _file_stamp(path)
-    memo = path.with_name(f".{path.name}.sha256.json")
-    try:
-        saved = json.loads(memo.read_text())
-        if {k: saved.get(k) for k in stamp} == stamp:
-            return saved["sha256"]
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    with open(path, "rb") as fh:
-        digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    try:
-        tmp = memo.with_name(f"{memo.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        tmp.write_text(json.dumps({**stamp, "sha256": digest}))
-        os.replace(tmp, memo)
-    except OSError:
-        pass  # a read-only run folder only costs a rehash next time
-    return digest
-
-
 def index_dir_for(checkpoint: Path) -> Path:
     return checkpoint_home(Path(checkpoint).resolve()) / "index"
 
@@ -173,38 +142,18 @@ def read_index(path: Path, n_items: int, dim: int) -> np.ndarray | None:
 
 
 def prune_indexes(folder: Path, keep: int = KEEP_INDEX_FILES) -> list[Path]:
-    """Delete all but the `keep` most recently used index files of `folder`; returns the deleted.
-
-    A search that has one of them open keeps reading it (the inode lives on until closed)."""
-    files = []
-    for path in folder.glob("*.npy"):
-        with contextlib.suppress(FileNotFoundError):
-            files.append((path.stat().st_mtime_ns, path))
-    files.sort(reverse=True)
-    removed = []
-    for _, path in files[keep:]:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed
+    """Delete all but the `keep` most recently used index files of `folder`; returns the deleted."""
+    return prune_least_recent(folder.glob("*.npy"), keep)
 
 
-def _load_consistent(path: Path, device: str, data: Path | None,
-                     attempts: int = 3) -> tuple[LoadedModel, str]:
-    """The model and the hash of the very bytes it was loaded from. Training replaces best.pt
-    as it goes; a file replaced during the read is read again, so an index is never filed under
-    the hash of other weights."""
-    for _ in range(attempts):
-        if not path.is_file():
-            raise NlmmError(f"checkpoint {path} does not exist; list checkpoints with "
-                            "`nlmm runs show RUN`.")
-        before = _file_stamp(path)
-        digest = checkpoint_hash(path)
-        loaded = load_for_inference(path, device=device, data=data)
-        if _file_stamp(path) == before:
-            return loaded, digest
-    raise NlmmError(f"checkpoint {path} was replaced {attempts} times while being read; search "
-                    "again when training has saved it.")
+def _load_consistent(path: Path, device: str,
+                     data: Path | None) -> tuple[LoadedModel, str | None]:
+    """The model and the checkpoint key of the very bytes it was loaded from (the key its
+    gallery indexes are filed under, as the weights cache files its copies)."""
+    if not path.is_file():
+        raise NlmmError(f"checkpoint {path} does not exist; list checkpoints with "
+                        "`nlmm runs show RUN`.")
+    return read_unreplaced(path, lambda: load_for_inference(path, device=device, data=data))
 
 
 def _import_faiss() -> Any:
@@ -232,7 +181,7 @@ class Searcher:
         self.faiss = _import_faiss() if backend == "faiss" else None
         self.console = console
         self.max_memory_bytes = max_memory_bytes
-        self.loaded, self.checkpoint_sha256 = _load_consistent(checkpoint_for(checkpoint), device,
+        self.loaded, self.checkpoint_key = _load_consistent(checkpoint_for(checkpoint), device,
                                                                data)
         self.cache: PreparedCache = require_cache(self.loaded)
         self.index_dir = index_dir_for(self.loaded.checkpoint_path)
@@ -246,7 +195,7 @@ class Searcher:
     # ------------------------------------------------------------------ gallery
 
     def index_path(self, split: str, modality: str) -> Path:
-        return self.index_dir / (f"{modality}-{split}-{self.checkpoint_sha256[:16]}-"
+        return self.index_dir / (f"{modality}-{split}-{self.checkpoint_key[:16]}-"
                                  f"{self.cache.key}-v{INDEX_VERSION}.npy")
 
     def gallery_rows(self, split: str, modality: str) -> np.ndarray:

@@ -24,13 +24,15 @@ import os
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 import nlmm
-from nlmm.paths import checkpoint_home
+from nlmm.errors import NlmmError
+from nlmm.paths import checkpoint_home, prune_least_recent
 
 FORMAT = "nlmm-weights"
 FORMAT_VERSION = 1
@@ -40,6 +42,9 @@ METADATA_KEY = "nlmm"
 PAYLOAD_KEYS = ("format", "format_version", "nlmm_version", "config", "tokenizer", "data",
                 "metrics", "progress")
 # Files kept per weights folder, most recently used first: best.pt, last.pt and one more.
+T = TypeVar("T")
+# Times a checkpoint replaced while it is being read is read again before giving up.
+READ_ATTEMPTS = 3
 KEEP_WEIGHTS_FILES = 3
 # A temporary file this old was left by a writer that died (a write takes seconds).
 STALE_TEMP_SECONDS = 3600
@@ -57,6 +62,22 @@ def checkpoint_key(path: Path) -> str | None:
     except (OSError, zipfile.BadZipFile, ValueError, EOFError):
         return None
     return digest.hexdigest()
+
+
+def read_unreplaced(path: Path, read: Callable[[], T],
+                    attempts: int = READ_ATTEMPTS) -> tuple[T, str | None]:
+    """`read()` and the checkpoint key of the very bytes it read. Training replaces checkpoints
+    as it goes: the key is taken before and after, and a read the file was replaced during is
+    done again, so nothing is ever filed under the key of other weights."""
+    key = checkpoint_key(path)
+    for _ in range(attempts):
+        value = read()
+        after = checkpoint_key(path)
+        if after == key:
+            return value, key
+        key = after
+    raise NlmmError(f"checkpoint {path} was replaced {attempts} times while being read; try "
+                    "again when training has saved it.")
 
 
 def weights_dir_for(checkpoint: Path) -> Path:
@@ -118,9 +139,7 @@ def write_weights(path: Path, key: str, state: dict[str, torch.Tensor],
 
 def prune_weights(kept: Path, keep: int = KEEP_WEIGHTS_FILES) -> list[Path]:
     """Delete the other copies of `kept`'s checkpoint (stale by construction), temporary files
-    of dead writers, and all but the `keep` most recently used copies; returns the deleted.
-
-    A process that has a deleted copy mapped keeps reading it (the inode lives until unmapped)."""
+    of dead writers, and all but the `keep` most recently used copies; returns the deleted."""
     removed, others = [], []
     for path in kept.parent.iterdir():
         try:
@@ -133,14 +152,10 @@ def prune_weights(kept: Path, keep: int = KEEP_WEIGHTS_FILES) -> list[Path]:
                     path.unlink()
                     removed.append(path)
                 else:
-                    others.append((path.stat().st_mtime_ns, path))
+                    others.append(path)
         except FileNotFoundError:
             continue
-    for _, path in sorted(others, reverse=True)[keep - 1:]:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed
+    return removed + prune_least_recent(others, keep - 1)
 
 
 def _checkpoint_stem(copy: Path) -> str:
