@@ -285,8 +285,9 @@ def train(
                                                   "with --synthetic).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", metavar="KEY=VALUE", help="Override a config key: key.sub=value.")] = None,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs. With --resume: this many "
-                                                  "more epochs from where the run stands; with "
-                                                  "--resume and --data: the new run's epochs.")] = None,
+                                                  "more epochs from where the run stands (lr "
+                                                  "schedule: see --steps); with --resume and "
+                                                  "--data: the new run's epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "--batch_size", min=2)] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Learning rate of the fastest level.")] = None,
     optimizer: Annotated[Optional[Optim], typer.Option(help="One optimizer for every level.")] = None,
@@ -450,9 +451,10 @@ def runs_forgetting(
     device: Annotated[Device, typer.Option()] = Device.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Recall@1 on every corpus RUN and the runs it continues (`nlmm train --resume PARENT
-    --data NEW`) trained on, at the end of each: what training on a new corpus cost on the
-    earlier ones."""
+    """Recall@1 of a run and its ancestors on every corpus they trained on.
+
+    RUN and the runs it continues (`nlmm train --resume PARENT --data NEW`) are scored at their
+    last.pt on each corpus: what training on a new corpus cost on the earlier ones."""
     from nlmm.forgetting import forgetting, forgetting_table
 
     report = forgetting(run, split=split.value, device=device.value)
