@@ -1,27 +1,33 @@
-"""`nlmm dash`: the Textual app, its app-wide keys, and the actions that start or stop runs."""
+"""`nlmm dash`: the Textual app, its app-wide keys, and the only place that starts or stops runs."""
 
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from textual import on, work
 from textual.app import App
 from textual.binding import Binding
+from textual.message import Message
 
-from console.messages import SearchRequested, StopRequested
+from console.checkpoints.screen import CheckpointsScreen
 from console.dialogs.confirm import ConfirmScreen
 from console.dialogs.help import HelpScreen
 from console.dialogs.new_run import NewRunForm, NewRunScreen
+from console.errors import ACTION_ERRORS
 from console.run.screen import RunScreen
 from console.runs.screen import RunsScreen
 from console.search.screen import SearchScreen
 from console.search.searchers import SearcherCache
 from nlmm import store
-from nlmm.errors import NlmmError
 from nlmm.paths import DB_URL_ENV
+
+if TYPE_CHECKING:
+    from nlmm.train.request import TrainRequest
 
 THEMES = ("textual-dark", "textual-light")
 APP_HELP = ("Everywhere: ? or F1 help, t light/dark theme, s search, n new run, q quit, Esc back; "
@@ -31,9 +37,10 @@ APP_HELP = ("Everywhere: ? or F1 help, t light/dark theme, s search, n new run, 
 class NlmmDash(App[None]):
     """Runs → run → checkpoints → search, refreshed from the store every `poll_s` seconds.
 
-    Screens ask for what outlives them (stopping a run, opening a search on a model) by posting
-    the messages in `console.messages`, handled here. `clock` gives the wall time used for
-    elapsed and ETA; tests pass a fixed one so screens render the same on every run.
+    Screens ask for what outlives them (starting, resuming or stopping a run, a search on a
+    model) by posting their own messages, handled here; the app's workers answer with the
+    messages below. `clock` gives the wall time used for elapsed and ETA; tests pass a fixed one
+    so screens render the same on every run.
     """
 
     CSS_PATH = Path(__file__).with_name("nlmm.tcss")
@@ -46,6 +53,28 @@ class NlmmDash(App[None]):
         Binding("t", "toggle_theme", "Theme", show=False),
         Binding("q", "quit", "Quit"),
     ]
+
+    @dataclass
+    class RunLaunched(Message):
+        """A launch worker started `run`; `note` tells the user, `open_run` shows its screen."""
+
+        run: store.Run
+        note: str
+        open_run: bool
+
+    @dataclass
+    class RunStopped(Message):
+        """A stop worker ended run `name`, which is now `status`."""
+
+        name: str
+        status: str
+
+    @dataclass
+    class ActionFailed(Message):
+        """A launch or stop worker failed: `title` says what could not be done, `error` why."""
+
+        title: str
+        error: str
 
     def __init__(self, run_id: int | None = None, poll_s: float = 1.0,
                  clock: Callable[[], float] = time.time, theme: str = THEMES[0]) -> None:
@@ -60,6 +89,11 @@ class NlmmDash(App[None]):
         self.push_screen(RunsScreen())
         if self.initial_run is not None:
             self.push_screen(RunScreen(self.initial_run))
+
+    def notify_error(self, title: str, error: str) -> None:
+        """How every failed action shows: `title` says what could not be done ("cannot stop
+        the run"), `error` is the error's own sentence, which says what to do next."""
+        self.notify(error, title=title, severity="error")
 
     # ---- app-wide actions
 
@@ -80,41 +114,62 @@ class NlmmDash(App[None]):
         self.theme = THEMES[1] if self.theme == THEMES[0] else THEMES[0]
 
     def action_search(self) -> None:
-        self.post_message(SearchRequested(run=getattr(self.screen, "search_run", None)))
+        """Search with the best checkpoint of the screen's run (`search_run`), or of the latest
+        finished run."""
+        self.push_screen(SearchScreen(self.searchers, run=getattr(self.screen, "search_run", None)))
 
-    @on(SearchRequested)
-    def open_search(self, request: SearchRequested) -> None:
-        self.push_screen(SearchScreen(self.searchers, run=request.run,
-                                      checkpoint=request.checkpoint))
+    @on(CheckpointsScreen.SearchRequested)
+    def _search_checkpoint(self, request: CheckpointsScreen.SearchRequested) -> None:
+        self.push_screen(SearchScreen(self.searchers, checkpoint=request.checkpoint))
+
+    # ---- starting and stopping runs (the launcher blocks, so it runs in worker threads)
 
     def action_new_run(self) -> None:
         self.push_screen(NewRunScreen(), self._start_run)
 
-    # ---- starting and stopping runs (the launcher blocks, so it runs in worker threads)
-
     def _start_run(self, form: NewRunForm | None) -> None:
-        if form is not None:
-            self.notify(f"starting a {form.config} run …")
-            self._launch(form)
+        if form is None:
+            return
+        from nlmm.train.request import TrainRequest  # torch: loaded when a run is started
 
-    @work(thread=True, group="launch")
-    def _launch(self, form: NewRunForm) -> None:
-        from nlmm.train.launcher import launch
-        from nlmm.train.request import TrainRequest
-
+        self.notify(f"starting a {form.config} run …")
         request = TrainRequest(data=form.data, synthetic=form.synthetic, config=form.config,
                                overrides=form.overrides, device=form.device, name=form.name)
+        self._launch(request, open_run=True)
+
+    @on(CheckpointsScreen.ResumeRequested)
+    def _resume(self, request: CheckpointsScreen.ResumeRequested) -> None:
+        from nlmm.train.request import TrainRequest
+
+        self._launch(TrainRequest(resume=request.run, add_epochs=request.add_epochs),
+                     open_run=False)
+
+    @work(thread=True, group="launch")
+    def _launch(self, request: TrainRequest, open_run: bool) -> None:
+        from nlmm.train.launcher import launch
+
         try:
             run = launch(request)
-        except (NlmmError, OSError) as exc:
-            self.call_from_thread(self.notify, str(exc), title="cannot start the run",
-                                  severity="error")
+        except ACTION_ERRORS as exc:
+            verb = "resume" if request.resume else "start"
+            self.post_message(self.ActionFailed(f"cannot {verb} the run", str(exc)))
             return
-        self.call_from_thread(self.notify, f"started run {run.name}")
-        self.call_from_thread(self.push_screen, RunScreen(run.id))
+        if request.resume:
+            more = f" for {request.add_epochs} more epochs" if request.add_epochs else ""
+            note = f"resumed {run.name}{more}; its worker is starting"
+        else:
+            note = f"started run {run.name}"
+        self.post_message(self.RunLaunched(run, note, open_run))
 
-    @on(StopRequested)
-    def confirm_stop(self, request: StopRequested) -> None:
+    @on(RunLaunched)
+    def _launched(self, message: RunLaunched) -> None:
+        self.notify(message.note)
+        if message.open_run:
+            self.push_screen(RunScreen(message.run.id))
+
+    @on(RunsScreen.StopRequested)
+    @on(RunScreen.StopRequested)
+    def _confirm_stop(self, request: RunsScreen.StopRequested | RunScreen.StopRequested) -> None:
         """Ask, then stop the run (its worker checkpoints first); runs that ended are left alone."""
         run = request.run
         if run.status not in store.ACTIVE_STATUSES:
@@ -136,11 +191,18 @@ class NlmmDash(App[None]):
 
         try:
             status = stop(name)
-        except NlmmError as exc:
-            self.call_from_thread(self.notify, str(exc), title="cannot stop the run",
-                                  severity="error")
+        except ACTION_ERRORS as exc:
+            self.post_message(self.ActionFailed("cannot stop the run", str(exc)))
             return
-        self.call_from_thread(self.notify, f"run {name} is {status}")
+        self.post_message(self.RunStopped(name, status))
+
+    @on(RunStopped)
+    def _stopped(self, message: RunStopped) -> None:
+        self.notify(f"run {message.name} is {message.status}")
+
+    @on(ActionFailed)
+    def _action_failed(self, message: ActionFailed) -> None:
+        self.notify_error(message.title, message.error)
 
 
 def run_dashboard(db_url: str | None = None, run: str | None = None) -> None:

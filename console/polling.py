@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 from sqlalchemy.exc import SQLAlchemyError
+from textual import on
+from textual.message import Message
 from textual.screen import Screen
 
-from nlmm.errors import NlmmError
+from console.errors import ACTION_ERRORS
 
 if TYPE_CHECKING:
     from console.app import NlmmDash
@@ -16,7 +19,7 @@ if TYPE_CHECKING:
 Snapshot = TypeVar("Snapshot")
 
 # Failures a poll can hit while workers write: shown once as a notification, polling goes on.
-POLL_ERRORS = (NlmmError, SQLAlchemyError, OSError)
+POLL_ERRORS = (*ACTION_ERRORS, SQLAlchemyError)
 
 
 class _AbstractScreenMeta(type(Screen), ABCMeta):  # type: ignore[misc]
@@ -30,6 +33,20 @@ class PollingScreen(Screen[None], Generic[Snapshot], metaclass=_AbstractScreenMe
     them, and the event loop never waits on the database. Subclasses call `refetch()` when the
     user changes what the screen shows.
     """
+
+    @dataclass
+    class Fetched(Message):
+        """The fetch worker read `snapshot`."""
+
+        bubble = False
+        snapshot: Any
+
+    @dataclass
+    class FetchFailed(Message):
+        """The fetch worker could not read the store; `error` says why."""
+
+        bubble = False
+        error: str
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -77,20 +94,22 @@ class PollingScreen(Screen[None], Generic[Snapshot], metaclass=_AbstractScreenMe
         try:
             snapshot = self.fetch()
         except POLL_ERRORS as exc:
-            self.app.call_from_thread(self._failed, str(exc))
+            self.post_message(self.FetchFailed(str(exc)))
         else:
-            self.app.call_from_thread(self._applied, snapshot)
+            self.post_message(self.Fetched(snapshot))
 
-    def _applied(self, snapshot: Snapshot) -> None:
+    @on(Fetched)
+    def _applied(self, message: Fetched) -> None:
         self._last_error = None
         if self.is_attached:
-            self.apply(snapshot)
+            self.apply(message.snapshot)
         self._fetched()
 
-    def _failed(self, message: str) -> None:
-        if message != self._last_error:
-            self.notify(message, title="cannot read the store", severity="error")
-        self._last_error = message
+    @on(FetchFailed)
+    def _failed(self, message: FetchFailed) -> None:
+        if message.error != self._last_error:
+            self.dash.notify_error("cannot read the store", message.error)
+        self._last_error = message.error
         self._fetched()
 
     def _fetched(self) -> None:

@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import multiprocessing.synchronize
 import os
+import re
 import shutil
 import threading
 import time
@@ -688,6 +689,18 @@ def test_a_polling_screen_must_define_fetch_and_apply():
 
     with pytest.raises(TypeError, match="abstract method apply"):
         ReadsOnly()
+
+
+def test_workers_report_by_messages_and_only_the_app_starts_or_stops_runs():
+    """A worker thread posts a message to its screen or app instead of calling into it, and the
+    launcher (start, resume, stop) is reached from the app alone."""
+    console = Path(__file__).parent.parent / "console"
+    sources = {path.relative_to(console).as_posix(): path.read_text()
+               for path in console.rglob("*.py")}
+    assert [name for name, text in sources.items() if "call_from_thread" in text] == []
+    assert [name for name, text in sources.items()
+            if re.search(r"^\s*(from nlmm\.train\.launcher |import nlmm\.train\.launcher)", text,
+                         re.MULTILINE)] == ["app.py"]
 
 
 # ---- live updates from another process

@@ -4,29 +4,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from rich.console import Group
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.message import Message
 from textual.widgets import Header, Static
 
-from console.messages import SearchRequested
-from console.polling import PollingScreen
-from console.checkpoints.more_epochs import MoreEpochsScreen
 from console import formatting as fmt
+from console.checkpoints.more_epochs import MoreEpochsScreen
+from console.checkpoints.recall_grid import recall_grid
+from console.errors import ACTION_ERRORS
+from console.polling import PollingScreen
 from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
-from console.checkpoints.recall_grid import recall_grid
 from nlmm import store
-from nlmm.errors import NlmmError
 from nlmm.paths import checkpoint_home
 from nlmm.units import file_size, size_on_disk
-
-T = TypeVar("T")
 
 COLUMNS = (("best", "★"), ("kind", "kind"), ("step", "step"), ("epoch", "epoch"),
            ("mean", "mean R@1"), ("i2t", "i2t R@1"), ("t2i", "t2i R@1"), ("size", "size"),
@@ -78,6 +75,46 @@ def export_folder(ckpt: store.Checkpoint) -> Path:
 
 
 class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
+    # What it asks of the app, which opens searches and is the only one that starts runs
+
+    @dataclass
+    class SearchRequested(Message):
+        """Open the search screen on `checkpoint`."""
+
+        checkpoint: Path
+
+    @dataclass
+    class ResumeRequested(Message):
+        """Resume `run` from its last.pt, for `add_epochs` more epochs when it had finished."""
+
+        run: str
+        add_epochs: int | None
+
+    # What its evaluate and export workers report, to this screen alone (they do not bubble)
+
+    @dataclass
+    class Evaluated(Message):
+        """`ckpt`, evaluated on the test split, gave `result` (`nlmm eval`'s)."""
+
+        bubble = False
+        ckpt: store.Checkpoint
+        result: dict[str, Any]
+
+    @dataclass
+    class Exported(Message):
+        """The bundle was written to `folder`."""
+
+        bubble = False
+        folder: Path
+
+    @dataclass
+    class ActionFailed(Message):
+        """An evaluation or export failed: `title` says which, `error` why."""
+
+        bubble = False
+        title: str
+        error: str
+
     HELP = ("A run's checkpoints (★ marks the best). e evaluates the selected one on the test "
             "split, x exports it as a bundle, r resumes the run, Enter or s searches with it.")
 
@@ -152,8 +189,8 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
     # ---- actions
 
     def _require(self) -> store.Checkpoint | None:
-        """The selected checkpoint, marking the screen busy; None (with a notice) when there is
-        none or another action still runs."""
+        """The selected checkpoint; None (with a notice) when there is none or an evaluation or
+        export still runs."""
         ckpt = self.selected()
         if ckpt is None:
             self.notify("no checkpoint selected", severity="warning")
@@ -174,13 +211,21 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
     def _evaluate(self, ckpt: store.Checkpoint) -> None:
         from nlmm.train.evaluate import evaluate_target
 
-        def done(result: dict[str, Any]) -> None:
-            self.results[ckpt.path] = Evaluation(ckpt.step, result)
-            self._show_detail()
-            mean = result["metrics"].get("mean_r1")
-            self.notify(f"test mean R@1 {fmt.recall(mean)} at step {ckpt.step}")
+        try:
+            result = evaluate_target(ckpt.path, split="test")
+        except ACTION_ERRORS as exc:
+            self.post_message(self.ActionFailed("cannot evaluate the checkpoint", str(exc)))
+        else:
+            self.post_message(self.Evaluated(ckpt, result))
 
-        self._run_action(lambda: evaluate_target(ckpt.path, split="test"), done)
+    @on(Evaluated)
+    def _evaluated(self, message: Evaluated) -> None:
+        ckpt = message.ckpt
+        self.busy = False
+        self.results[ckpt.path] = Evaluation(ckpt.step, message.result)
+        self._show_detail()
+        mean = message.result["metrics"].get("mean_r1")
+        self.notify(f"test mean R@1 {fmt.recall(mean)} at step {ckpt.step}")
 
     def action_export(self) -> None:
         ckpt = self._require()
@@ -192,10 +237,24 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
     def _export(self, ckpt: store.Checkpoint) -> None:
         from nlmm.export import export_bundle
 
-        # the folder is this checkpoint's own (kind and step): exporting it again rewrites the same
-        # bundle
-        self._run_action(lambda: export_bundle(ckpt.path, export_folder(ckpt), force=True),
-                         lambda out: self.notify(f"exported to {out}"))
+        try:
+            # the folder is this checkpoint's own (kind and step): exporting it again rewrites
+            # the same bundle
+            folder = export_bundle(ckpt.path, export_folder(ckpt), force=True)
+        except ACTION_ERRORS as exc:
+            self.post_message(self.ActionFailed("cannot export the checkpoint", str(exc)))
+        else:
+            self.post_message(self.Exported(folder))
+
+    @on(Exported)
+    def _exported(self, message: Exported) -> None:
+        self.busy = False
+        self.notify(f"exported to {message.folder}")
+
+    @on(ActionFailed)
+    def _action_failed(self, message: ActionFailed) -> None:
+        self.busy = False
+        self.dash.notify_error(message.title, message.error)
 
     def action_resume(self) -> None:
         ckpt = self._require()
@@ -210,40 +269,18 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
         if ckpt.id != last.id:
             self.notify(f"resuming continues from the run's latest checkpoint (step {last.step})")
         if run.status != store.RunStatus.FINISHED:
-            self.busy = True
-            self._resume(run.name, None)
+            self.post_message(self.ResumeRequested(run.name, None))
             return
 
         def resume_for(epochs: int | None) -> None:  # a finished run needs epochs to train on
             if epochs is not None:
-                self.busy = True
-                self._resume(run.name, epochs)
+                self.post_message(self.ResumeRequested(run.name, epochs))
 
         self.app.push_screen(MoreEpochsScreen(run.name, run.epochs_total or run.epoch), resume_for)
-
-    @work(thread=True, group="ckpt-action")
-    def _resume(self, run_name: str, add_epochs: int | None) -> None:
-        from nlmm.train.launcher import launch
-        from nlmm.train.request import TrainRequest
-
-        more = f" for {add_epochs} more epochs" if add_epochs else ""
-        self._run_action(lambda: launch(TrainRequest(resume=run_name, add_epochs=add_epochs)),
-                         lambda run: self.notify(f"resumed {run.name}{more}; its worker is starting"))
 
     def action_search_with(self) -> None:
         ckpt = self.selected()
         if ckpt is None:
             self.notify("no checkpoint selected", severity="warning")
         else:
-            self.post_message(SearchRequested(checkpoint=Path(ckpt.path)))
-
-    def _run_action(self, action: Callable[[], T], done: Callable[[T], None]) -> None:
-        """Run a blocking library call (in a worker thread) and report its outcome on the loop."""
-        try:
-            result = action()
-        except (NlmmError, OSError) as exc:
-            self.app.call_from_thread(self.notify, str(exc), severity="error")
-        else:
-            self.app.call_from_thread(done, result)
-        finally:
-            self.app.call_from_thread(setattr, self, "busy", False)
+            self.post_message(self.SearchRequested(Path(ckpt.path)))

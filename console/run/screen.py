@@ -14,16 +14,17 @@ from typing import Any
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.message import Message
 from textual.widgets import Header, TabbedContent, TabPane
 
-from console.messages import StopRequested
+from console.checkpoints.screen import CheckpointsScreen
 from console.polling import PollingScreen
-from console.widgets.chart import MetricChart, Points
-from console.widgets.key_footer import KeyFooter
+from console.run.header import RunHeader, health_warnings
 from console.run.levels import LevelsPanel
 from console.run.log_tail import LogTail, Tail, read_tail
-from console.run.header import RunHeader, health_warnings
 from console.run.system_panel import HISTORY, SystemPanel
+from console.widgets.chart import MetricChart, Points
+from console.widgets.key_footer import KeyFooter
 from nlmm import store
 from nlmm.config import MODALITIES
 from nlmm.metric_names import DIRECTIONS, KS, LOSS_KEYS
@@ -82,6 +83,12 @@ class RunSnapshot:
 
 
 class RunScreen(PollingScreen[RunSnapshot]):
+    @dataclass
+    class StopRequested(Message):
+        """Stop this `run` once the user confirms (the app asks, then stops it)."""
+
+        run: store.Run
+
     HELP = ("One run, live. 1-8 switch tabs (8: how far each CMS level moves); k changes K on "
             "the Recall tab; p lists its checkpoints; x stops it.")
 
@@ -195,10 +202,8 @@ class RunScreen(PollingScreen[RunSnapshot]):
         self.refetch()
 
     def action_checkpoints(self) -> None:
-        from console.checkpoints.screen import CheckpointsScreen
-
         self.app.push_screen(CheckpointsScreen(self.run_id))
 
     def action_stop(self) -> None:
         if self.run is not None:
-            self.post_message(StopRequested(self.run))
+            self.post_message(self.StopRequested(self.run))

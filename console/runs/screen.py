@@ -9,11 +9,14 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.message import Message
 from textual.widgets import Header, Input, Label, Static
 
-from console.messages import StopRequested
-from console.polling import PollingScreen
 from console import formatting as fmt
+from console.checkpoints.screen import CheckpointsScreen
+from console.compare.screen import CompareScreen
+from console.polling import PollingScreen
+from console.run.screen import RunScreen
 from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm import store
@@ -63,6 +66,12 @@ def run_row(run: store.Run, now: float, marked: bool) -> Row:
 
 class RunsScreen(PollingScreen[RunsSnapshot]):
     """Runs table; Enter opens a run, Space marks runs to compare."""
+
+    @dataclass
+    class StopRequested(Message):
+        """Stop the selected `run` once the user confirms (the app asks, then stops it)."""
+
+        run: store.Run
 
     AUTO_FOCUS = "#runs-table"
     HELP = "All runs, newest first. Mark several with Space and press c to overlay their curves."
@@ -149,8 +158,6 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
     # ---- actions
 
     def action_open(self) -> None:
-        from console.run.screen import RunScreen
-
         run = self._require_run()
         if run is not None:
             self.app.push_screen(RunScreen(run.id))
@@ -163,14 +170,10 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
         self._render_rows()
 
     def action_compare(self) -> None:
-        from console.compare.screen import CompareScreen
-
         chosen = self.marked or ({run.id} if (run := self.selected_run()) else set())
         self.app.push_screen(CompareScreen(sorted(chosen)))
 
     def action_checkpoints(self) -> None:
-        from console.checkpoints.screen import CheckpointsScreen
-
         run = self._require_run()
         if run is not None:
             self.app.push_screen(CheckpointsScreen(run.id))
@@ -178,7 +181,7 @@ class RunsScreen(PollingScreen[RunsSnapshot]):
     def action_stop(self) -> None:
         run = self._require_run()
         if run is not None:
-            self.post_message(StopRequested(run))
+            self.post_message(self.StopRequested(run))
 
     @property
     def search_run(self) -> str | None:

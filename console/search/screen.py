@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual import events, on, work
-from textual.worker import get_current_worker
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
+from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Header, Input, Label, Select
+from textual.worker import get_current_worker
 
+from console.errors import ACTION_ERRORS
 from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm.errors import NlmmError
@@ -68,6 +70,25 @@ def hit_row(hit: SearchHit) -> Row:
 
 
 class SearchScreen(Screen[None]):
+    # What its search worker reports; a failure is shown in the status line, under the query
+    # that caused it, not as a notification.
+
+    @dataclass
+    class Found(Message):
+        """`checkpoint` retrieved `hits` in `seconds` (model loading included)."""
+
+        bubble = False
+        hits: list[SearchHit]
+        checkpoint: str
+        seconds: float
+
+    @dataclass
+    class SearchFailed(Message):
+        """The search could not run; `error` says why and what to do."""
+
+        bubble = False
+        error: str
+
     HELP = ("Type words, or the path to a .jpg/.png or .wav file, and press Enter: what you type "
             "goes into the query wherever the focus is. Ctrl+T picks what to retrieve (auto: "
             "images for text and audio queries, captions for images).")
@@ -161,21 +182,23 @@ class SearchScreen(Screen[None]):
             searcher = self.searchers.get(self.checkpoint, self.run_ref)
             hits = searcher.query(text=query.text, image=query.image, audio=query.audio,
                                   target=target, k=RESULTS)
-        except (NlmmError, OSError) as exc:
+        except ACTION_ERRORS as exc:
             if not get_current_worker().is_cancelled:
-                self.app.call_from_thread(self._show_error, str(exc))
+                self.post_message(self.SearchFailed(str(exc)))
             return
         if get_current_worker().is_cancelled:
             return  # a newer search (another query or target) replaced this one
-        seconds = time.perf_counter() - started
-        self.app.call_from_thread(self._show_hits, hits, str(searcher.loaded.checkpoint_path), seconds)
+        self.post_message(self.Found(hits, str(searcher.loaded.checkpoint_path),
+                                     time.perf_counter() - started))
 
-    def _show_error(self, message: str) -> None:
-        self.query_one("#search-status", Label).update(message)
+    @on(SearchFailed)
+    def _show_error(self, message: SearchFailed) -> None:
+        self.query_one("#search-status", Label).update(message.error)
 
-    def _show_hits(self, hits: list[SearchHit], checkpoint: str, seconds: float) -> None:
-        self.hits = hits
-        self.query_one("#search-results", KeyedTable).sync([hit_row(hit) for hit in hits])
-        self.query_one("#search-model", Label).update(f"model: {checkpoint}")
+    @on(Found)
+    def _show_hits(self, message: Found) -> None:
+        self.hits = message.hits
+        self.query_one("#search-results", KeyedTable).sync([hit_row(hit) for hit in self.hits])
+        self.query_one("#search-model", Label).update(f"model: {message.checkpoint}")
         self.query_one("#search-status", Label).update(
-            f"{len(hits)} results in {seconds:.2f} s" if hits else "no results")
+            f"{len(self.hits)} results in {message.seconds:.2f} s" if self.hits else "no results")
