@@ -55,6 +55,9 @@ from nlmm.train.evaluate import embed_split, score_split
 from nlmm.train.loop import Trainer
 from nlmm.train.retrieval import retrieval_metrics
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_bench import stamp  # noqa: E402
+
 MODALITY = {"i": "image", "t": "text", "a": "audio"}
 SINGLE_QUERIES = 16  # per modality, for the one-at-a-time latency
 
@@ -270,6 +273,7 @@ def main() -> None:
         joint_cfg = resolve_config(args.config, args.set + ["ttt.enable=true"])
         plain_cfg = resolve_config(args.config, args.set + ["ttt.enable=false"])
         cache = prepare(root, joint_cfg.data, joint_cfg.vocab_size, progress=False)
+        print(stamp(args, joint_cfg))
         print(f"device {device}, torch threads {torch.get_num_threads()}, config {args.config} "
               f"{' '.join(args.set)}; {args.images} images with {args.objects} objects, "
               f"{len(cache.split_captions('train'))} train captions, "
