@@ -443,6 +443,17 @@ LEGACY_MODEL_DEFAULTS = {"conv_stems": False, "layer_scale_init": None,
                          "cms_gains": "level"}
 
 
+def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"train.lr": value, ...}, the keys `--set` takes."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def with_legacy_defaults(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored run or checkpoint config with the pre-existing behaviour filled in for every
     option it predates, so old checkpoints load into the model they were trained as."""

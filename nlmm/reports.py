@@ -289,21 +289,13 @@ def run_details(ref: str) -> Group:
     return Group(*parts)
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _settings(run: store.Run) -> dict[str, str]:
     """What a person compares runs by: every config value, the levels as they trained (the
     run's optimizer and lr options applied) instead of the raw cms_levels list."""
+    from nlmm.config import flat_keys
+
     flat = {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-            for k, v in _flat(json.loads(run.config)).items() if k != "cms_levels"}
+            for k, v in flat_keys(json.loads(run.config)).items() if k != "cms_levels"}
     flat["levels"] = _levels(run)
     return flat
 

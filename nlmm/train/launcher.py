@@ -29,10 +29,10 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from nlmm import store
-from nlmm.config import Config, config_from_dict, resolve_config, save_config, with_legacy_defaults
+from nlmm.config import (Config, config_from_dict, flat_keys, resolve_config, save_config,
+                         with_legacy_defaults)
 from nlmm.data.cache import PreparedCache, prepare
 from nlmm.data.corpora.base import CorpusSpec
 from nlmm.data.corpus_location import Notify, ensure_corpus_spec, prepare_corpus
@@ -297,7 +297,7 @@ def _continued_config(parent: store.Run, req: TrainRequest) -> Config:
     raw = {**stored, "train_steps": req.add_steps,
            "train": {**stored["train"], **({"epochs": req.add_epochs} if req.add_epochs else {})}}
     cfg = config_from_dict(raw, f"run {parent.name}", req.overrides)
-    before, after = _flat(kept.to_dict()), _flat(cfg.to_dict())
+    before, after = flat_keys(kept.to_dict()), flat_keys(cfg.to_dict())
     changed = [k for k in after if after[k] != before.get(k)
                and (not k.startswith(CONTINUED_MAY_CHANGE) or k == "train.optimizer")]
     if changed:
@@ -306,16 +306,6 @@ def _continued_config(parent: store.Run, req: TrainRequest) -> Config:
                         f"{before.get(changed[0])!r} to {after[changed[0]]!r}; leave it out, or "
                         f"train a new run.")
     return cfg
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 # Where a run records how it was started, so that `--resume` without --nproc starts as many
