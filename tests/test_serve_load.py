@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from test_inference_load import write_checkpoint
-from test_serve import nlmm_env
+# the module's runs folder, shared by this process and the server it starts
+from test_serve import isolated_store, nlmm_env, runs  # noqa: F401 (fixtures)
 
 from nlmm.data.cache import PreparedCache
 from nlmm.search import run_search
@@ -30,24 +30,6 @@ from serve_load import burst, ping, serve_process  # noqa: E402
 
 CLIENTS, QUERIES = 8, 5
 BEYOND_OLD_BACKLOG = 64  # socketserver's default backlog of 5 refused the 7th
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Torch on one thread, as the `nlmm serve` it starts (OMP_NUM_THREADS=1), so in-process
-    and served results are computed alike."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield tmp_path_factory.mktemp("load") / "runs"
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def isolated_store(runs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Replaces conftest's per-test store: the server and this process share the runs folder."""
-    monkeypatch.setenv("NLMM_RUNS_DIR", str(runs))
-    monkeypatch.delenv("NLMM_DB_URL", raising=False)
-    return runs
 
 
 @pytest.fixture(scope="module")
