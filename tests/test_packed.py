@@ -26,7 +26,8 @@ from PIL import Image
 from nlmm.config import DataConfig
 from nlmm.data.corpora.base import Caption, Corpus, Group
 from nlmm.data.features import load_image, load_log_mel, normalize_images
-from nlmm.data.packed import MANIFEST, pack, read_manifest, read_tokenizer, verify_pack
+from nlmm.data.pack_index import MANIFEST, read_manifest, read_tokenizer, verify_pack
+from nlmm.data.packed import pack
 from nlmm.data.stream import StreamTrainLoader, caption_choice, iter_split
 from nlmm.errors import NlmmError
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nlmm.data.packed import pack, read_manifest, verify_pack
+from nlmm.data.pack_index import read_manifest, verify_pack
+from nlmm.data.packed import pack
 from nlmm.data.stream import StreamTrainLoader, iter_split
 from nlmm.errors import NlmmError
 

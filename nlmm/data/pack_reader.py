@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from nlmm.data.packed import (INDEX, S3Store, corrupted_shard_error, open_store, sha256_file,
-                              store_error_context)
+from nlmm.data.pack_index import INDEX, corrupted_shard_error, sha256_file
+from nlmm.data.pack_store import S3Store, open_store, store_error_context
 from nlmm.errors import NlmmError
 
 OPEN_FILES = 64  # chunk files a process keeps open; more are reopened as needed

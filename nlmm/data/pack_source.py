@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nlmm.config import DataConfig
-from nlmm.data.packed import MANIFEST, check_features, read_manifest, read_tokenizer
+from nlmm.data.pack_index import MANIFEST, check_features, read_manifest, read_tokenizer
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
 

@@ -37,9 +37,11 @@ from torch.utils.data import DataLoader, Dataset
 from nlmm.config import DataConfig
 from nlmm.data.features import load_image, normalize_images
 from nlmm.data.loader import CROP_AREA, CROP_RATIO, resample_crops
-from nlmm.data.pack_reader import Shard, ShardError, ShardReader, split_shards
-from nlmm.data.packed import (caption_readings, check_features, corrupted_shard_error,
-                              open_store, read_manifest, read_tokenizer, store_error_context)
+from nlmm.data.pack_block import caption_readings
+from nlmm.data.pack_index import (check_features, corrupted_shard_error, read_manifest,
+                                  read_tokenizer)
+from nlmm.data.pack_reader import Shard, ShardReader, split_shards
+from nlmm.data.pack_store import open_store, store_error_context
 from nlmm.data.stream_order import EpochOrder, SplitOrder, mix, uniforms
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
@@ -203,7 +205,7 @@ class _Steps(Dataset):
             if self.reader.remote:
                 self._cache(step)
             return self.collate(self.reader.read(self.rows(step)))
-        except ShardError as exc:
+        except NlmmError as exc:  # a corrupted shard, an object store that refuses
             # returned, not raised: torch would wrap it in a worker traceback
             return {_ERROR: str(exc)}
 

@@ -4,10 +4,10 @@ batch, never of the number of ranks or loader workers.
 
 Training (EpochOrder). The epoch's stream is the split's chunks in an order shuffled by
 (seed, epoch), each chunk's samples in an order shuffled by (seed, epoch, chunk); a pack's
-chunks are already random samples of the corpus (nlmm.data.packed cuts blocks in hash order).
-The first steps x B samples of the stream make the epoch (B the global batch, steps =
-min(samples, samples_per_epoch) // B), cut into B lanes of `steps` consecutive samples: row l of
-global step k is sample l * steps + k. A rank of W takes lanes [r B/W, (r+1) B/W): its rows of
+chunks are already random samples of the corpus (nlmm.data.pack_plan cuts blocks in hash
+order). The first steps x B samples of the stream make the epoch (B the global batch, steps =
+min(samples, samples_per_epoch) // B), cut into B lanes of `steps` consecutive samples: row l
+of global step k is sample l * steps + k. A rank of W takes lanes [r B/W, (r+1) B/W): its rows of
 every step, and so a contiguous 1/W of the stream, its own chunks. The global batch of a step
 is the same for any W (its rows, rank after rank), so a run stopped after k steps resumes on
 any number of ranks and workers from k alone; each lane reads its chunk front to back, and a
