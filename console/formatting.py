@@ -45,10 +45,6 @@ def epoch_step(run: store.Run) -> str:
     return f"{epochs} · {compact_count(run.step or 0)}"
 
 
-def recall(value: float | None) -> str:
-    return "-" if value is None or value != value else f"{value:.1f}"
-
-
 def local_time(stamp: float | None) -> str:
     """`MM-DD HH:MM` in the local time zone; `-` when unset."""
     if stamp is None:

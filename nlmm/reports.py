@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rich.console import Group
@@ -14,7 +15,7 @@ from rich.text import Text
 from nlmm.metric_names import DIRECTIONS, KS, LOSS_KEYS
 from nlmm.store.progress import elapsed_seconds
 from nlmm.store.sqlite_reader import read_runs
-from nlmm.units import file_size, hms, size_on_disk
+from nlmm.units import file_size, hms, recall_cell, size_on_disk
 
 if TYPE_CHECKING:  # `runs ls` needs neither config machinery (yaml) nor SQLAlchemy, and `nlmm
     # search` through a server no store: each function imports what it uses
@@ -96,14 +97,22 @@ def device_text(run: store.Run) -> str:
     return f"{device} ×{run.processes}" if (run.processes or 1) > 1 else device
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1f}"
+def _cell(value: float | None) -> str:
+    return recall_cell(value, missing="n/a")
 
 
-def recall_table(metrics: dict[str, float], title: str = "Recall@K (%)",
-                 second: dict[str, float] | None = None, second_label: str = "TTT") -> Table:
-    """Rows = the six directions, columns = R@1/5/10 (and the same with TTT when given)."""
-    table = Table(title=title)
+def recall_table(metrics: Mapping[str, float], title: str = "Recall@K (%)",
+                 second: Mapping[str, float] | None = None, second_label: str = "TTT",
+                 compact: bool = False) -> Table:
+    """Rows = the six directions, columns = R@1/5/10 (and the same with TTT when given).
+    `compact` (the dash's panels): no box, left title, `-` for a missing figure, and a row for
+    every direction with any figure."""
+    if compact:
+        table = Table(title=title, title_justify="left", box=None, padding=(0, 1))
+        cell = recall_cell
+    else:
+        table = Table(title=title)
+        cell = _cell
     table.add_column("direction")
     labels = ["R@1", "R@5", "R@10"]
     for label in labels:
@@ -112,16 +121,16 @@ def recall_table(metrics: dict[str, float], title: str = "Recall@K (%)",
         for label in labels:
             table.add_column(f"{label} {second_label}", justify="right")
     for d in DIRECTIONS:
-        if f"{d}_r1" not in metrics:
+        if not any(f"{d}_r{k}" in metrics for k in (KS if compact else KS[:1])):
             continue
-        row = [ARROWS[d]] + [_pct(metrics.get(f"{d}_r{k}")) for k in KS]
+        row = [ARROWS[d]] + [cell(metrics.get(f"{d}_r{k}")) for k in KS]
         if second is not None:
-            row += [_pct(second.get(f"{d}_r{k}")) for k in KS]
+            row += [cell(second.get(f"{d}_r{k}")) for k in KS]
         table.add_row(*row)
     if "mean_r1" in metrics:
-        row = ["mean R@1", _pct(metrics["mean_r1"]), "", ""]
+        row = ["mean" if compact else "mean R@1", cell(metrics["mean_r1"]), "", ""]
         if second is not None:
-            row += [_pct(second.get("mean_r1")), "", ""]
+            row += [cell(second.get("mean_r1")), "", ""]
         table.add_row(*row, style="bold")
     return table
 

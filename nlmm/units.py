@@ -14,6 +14,11 @@ def hms(seconds: float | None) -> str:
     return f"{total // 3600}:{total // 60 % 60:02d}:{total % 60:02d}"
 
 
+def recall_cell(value: float | None, missing: str = "-") -> str:
+    """A Recall@K percentage to one decimal; `missing` when there is none (or it is NaN)."""
+    return missing if value is None or value != value else f"{value:.1f}"
+
+
 def file_size(nbytes: float | None) -> str:
     """`10.39 GB` from a gigabyte on, `721 MB`, `12 kB`, `512 B` below; `-` when unknown.
 

@@ -14,16 +14,15 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import Header, Static
 
-from console import formatting as fmt
 from console.checkpoints.more_epochs import MoreEpochsScreen
-from console.checkpoints.recall_grid import recall_grid
 from console.errors import ACTION_ERRORS
 from console.polling import PollingScreen
 from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm import store
 from nlmm.paths import checkpoint_home
-from nlmm.units import file_size, size_on_disk
+from nlmm.reports import recall_table
+from nlmm.units import file_size, recall_cell, size_on_disk
 
 COLUMNS = (("best", "★"), ("kind", "kind"), ("step", "step"), ("epoch", "epoch"),
            ("mean", "mean R@1"), ("i2t", "i2t R@1"), ("t2i", "t2i R@1"), ("size", "size"),
@@ -53,7 +52,7 @@ class Evaluation:
                               f"{Path(ckpt.path).name} again at step {ckpt.step}:",
                               style="yellow"))
         title = f"{self.result['split']} Recall@K (%) at step {self.step}"
-        return [*parts, recall_grid(self.result["metrics"], title=title)]
+        return [*parts, recall_table(self.result["metrics"], title=title, compact=True)]
 
 
 def checkpoint_row(ckpt: store.Checkpoint, size: int | None) -> Row:
@@ -64,8 +63,8 @@ def checkpoint_row(ckpt: store.Checkpoint, size: int | None) -> Row:
     return (ckpt.path, (
         Text("★", style="bold yellow") if ckpt.is_best else Text(""),
         ckpt.kind, str(ckpt.step), str(ckpt.epoch),
-        fmt.recall(metrics.get("mean_r1")), fmt.recall(metrics.get("i2t_r1")),
-        fmt.recall(metrics.get("t2i_r1")), "missing" if size is None else file_size(size),
+        recall_cell(metrics.get("mean_r1")), recall_cell(metrics.get("i2t_r1")),
+        recall_cell(metrics.get("t2i_r1")), "missing" if size is None else file_size(size),
         Path(ckpt.path).name))
 
 
@@ -171,7 +170,8 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
             return
         parts: list[Any] = [Text(ckpt.path, style="dim")]
         if ckpt.metrics:
-            parts.append(recall_grid(ckpt.metrics, title=f"dev Recall@K (%) at step {ckpt.step}"))
+            parts.append(recall_table(ckpt.metrics, compact=True,
+                                      title=f"dev Recall@K (%) at step {ckpt.step}"))
         evaluation = self.results.get(ckpt.path)
         if evaluation is not None:
             parts.extend(evaluation.show(ckpt))
@@ -225,7 +225,7 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
         self.results[ckpt.path] = Evaluation(ckpt.step, message.result)
         self._show_detail()
         mean = message.result["metrics"].get("mean_r1")
-        self.notify(f"test mean R@1 {fmt.recall(mean)} at step {ckpt.step}")
+        self.notify(f"test mean R@1 {recall_cell(mean)} at step {ckpt.step}")
 
     def action_export(self) -> None:
         ckpt = self._require()

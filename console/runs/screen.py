@@ -21,6 +21,7 @@ from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm import store
 from nlmm.reports import status_text
+from nlmm.units import recall_cell
 
 # what `f` cycles through, starting from all runs
 STATUS_FILTERS: tuple[store.RunStatus | None, ...] = (
@@ -57,7 +58,7 @@ def run_row(run: store.Run, now: float, marked: bool) -> Row:
         status_text(run.status),
         fmt.percent(fmt.progress_fraction(run)),
         fmt.epoch_step(run),
-        fmt.recall(run.best_metric),
+        recall_cell(run.best_metric),
         fmt.duration(store.elapsed_seconds(run, now)),
         run.device or "-",
         fmt.local_time(run.created_at),  # the first start: a resume moves started_at
