@@ -69,6 +69,13 @@ def tiny_corpus(root: Path, n: int = 36, seed: int = 0, write: bool = True) -> C
     return Corpus(root, "handmade", groups, captions, [])
 
 
+@pytest.fixture(autouse=True)
+def pack_cache(tmp_path, monkeypatch) -> Path:
+    """Remote chunks and sha256 memos of each test in its own folder, never in ~/.cache."""
+    monkeypatch.setenv("NLMM_PACK_CACHE", str(tmp_path / "pack-cache"))
+    return tmp_path / "pack-cache"
+
+
 def shard_hashes(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file() and ".pack" not in p.parts}
@@ -375,6 +382,22 @@ def test_corrupted_shard_is_named_in_one_sentence_and_repaired_alone(packed, tmp
     assert changed == ["chunk-00002.bin"] and report.blocks_done_before > 0
     assert shard_hashes(out) == shard_hashes(ref)
     assert len(list(loader(out))) == 6
+
+
+def test_a_chunk_is_hashed_once_per_machine_until_it_changes(packed, monkeypatch) -> None:
+    import nlmm.data.pack_reader as pack_reader
+
+    _, out = packed
+    hashed = []
+    real = pack_reader.sha256_file
+    monkeypatch.setattr(pack_reader, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    first = ids(loader(out))
+    shards = len(list((out / "train").glob("chunk-*.bin")))
+    assert sorted(hashed) == sorted({*hashed}) and len(hashed) == shards
+    assert ids(loader(out)) == first and len(hashed) == shards  # the memos say: checked
+    changed = out / "train" / "chunk-00001.bin"
+    os.utime(changed, ns=(time.time_ns(), time.time_ns()))  # same bytes, another file state
+    assert ids(loader(out)) == first and hashed[shards:] == [changed.name]
 
 
 KILL_SCRIPT = """

@@ -35,6 +35,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def pack_cache(tmp_path, monkeypatch) -> None:
+    """Remote chunks and sha256 memos of each test in its own folder, never in ~/.cache."""
+    monkeypatch.setenv("NLMM_PACK_CACHE", str(tmp_path / "pack-cache"))
+
+
 @pytest.fixture(scope="module")
 def s3_endpoint():
     server = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))

@@ -8,17 +8,21 @@ litdata's item loader (the typed fields of the format it wrote). Nothing is memo
 process holds the samples it is working on, whatever the size of the pack.
 
 A pack on object storage is downloaded chunk by chunk into a local cache folder (one per pack
-fingerprint, split and rank), each chunk under a file lock so that the loader workers of a rank
-fetch it once; the order says when a rank is done with a chunk and it is deleted then, so the
-cache holds about one chunk per lane of the rank. Every process checks a chunk's sha256 against
-nlmm_pack.json before its first read from it (a local pack's file in place, a remote one's as
-downloaded), and a mismatch is an error that names the shard.
+fingerprint, split and rank, under $NLMM_PACK_CACHE, default ~/.cache/nlmm/packs), each chunk
+under a file lock so that the loader workers of a rank fetch it once; the order says when a
+rank is done with a chunk and it is deleted then, so the cache holds about one chunk per lane of
+the rank. A chunk's sha256 is checked against nlmm_pack.json before it is read (a local pack's
+file in place, a remote one's as downloaded), once per machine while the file is unchanged: a
+memo in the cache folder keyed by the file's size, times and inode records the check, so the
+workers of every epoch do not hash the whole pack again. A mismatch is an error that names the
+shard.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -33,6 +37,7 @@ from nlmm.data.pack_store import S3Store, open_store, store_error_context
 from nlmm.errors import NlmmError
 
 OPEN_FILES = 64  # chunk files a process keeps open; more are reopened as needed
+CACHE_ENV = "NLMM_PACK_CACHE"  # where remote chunks and the sha256 memos go
 
 
 class ShardError(NlmmError):
@@ -69,9 +74,11 @@ class ShardReader:
         self.url, self.split, self.shards = url.rstrip("/"), split, shards
         self.storage_options, self.verify = storage_options, verify
         self.remote = "://" in self.url
-        root = Path(cache_dir or Path.home() / ".cache" / "nlmm" / "packs")
+        root = Path(cache_dir or os.environ.get(CACHE_ENV)
+                    or Path.home() / ".cache" / "nlmm" / "packs") / fingerprint[:16] / split
         # per rank: ranks on one machine never delete a chunk another rank still reads
-        self.cache = root / fingerprint[:16] / split / f"rank{rank}"
+        self.cache = root / f"rank{rank}"
+        self.memos = root / "checked"
         self._pid: int | None = None
 
     # ------------------------------------------------------------------ per process
@@ -133,7 +140,8 @@ class ShardReader:
                 tmp.unlink()
                 raise self._corrupted(chunk)
             os.replace(tmp, path)
-            self._checked.add(chunk)
+            if self.verify:
+                self._remember(chunk, path)
 
     def release(self, chunk: int) -> None:
         """Delete a remote chunk from the cache: the rank has read all it needs of it."""
@@ -161,9 +169,7 @@ class ShardReader:
             return self._files[chunk]
         path = self._path(chunk)
         if self.verify and chunk not in self._checked:
-            if sha256_file(path) != self.shards[chunk].sha256:
-                raise self._corrupted(chunk)
-            self._checked.add(chunk)
+            self._check(chunk, path)
         fd = os.open(path, os.O_RDONLY)
         head = os.pread(fd, 4, 0)
         count = int.from_bytes(head, "little") if len(head) == 4 else -1
@@ -175,6 +181,38 @@ class ShardReader:
         while len(self._files) > OPEN_FILES:
             os.close(self._files.popitem(last=False)[1][0])
         return self._files[chunk]
+
+    def _check(self, chunk: int, path: Path) -> None:
+        """Raise unless the file's sha256 is the manifest's; hashed only when no memo says this
+        very file (size, times, inode) was checked, and under the memo's lock, so that the
+        workers of a rank hash a chunk once."""
+        memo = self._memo(chunk)
+        with _locked(memo):
+            try:
+                done = json.loads(memo.read_text()) == self._stamp(chunk, path)
+            except (OSError, ValueError):
+                done = False
+            if not done:
+                if sha256_file(path) != self.shards[chunk].sha256:
+                    raise self._corrupted(chunk)
+                self._remember(chunk, path)
+        self._checked.add(chunk)
+
+    def _memo(self, chunk: int) -> Path:
+        self.memos.mkdir(parents=True, exist_ok=True)
+        return self.memos / f"{self.shards[chunk].name}.json"
+
+    def _stamp(self, chunk: int, path: Path) -> dict[str, Any]:
+        st = path.stat()  # an atomic replace or an edit in place changes one of these
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+                "inode": st.st_ino, "sha256": self.shards[chunk].sha256}
+
+    def _remember(self, chunk: int, path: Path) -> None:
+        memo = self._memo(chunk)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self._stamp(chunk, path)))
+        os.replace(tmp, memo)
+        self._checked.add(chunk)
 
     def _close(self, chunk: int) -> None:
         if chunk in self._files:
