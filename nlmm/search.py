@@ -33,7 +33,8 @@ from nlmm.data.corpora.base import SPLITS
 from nlmm.data.loader import iter_modality, modality_rows
 from nlmm.embed import autocast_for, embed_input, file_input, text_input
 from nlmm.errors import NlmmError
-from nlmm.inference import LoadedModel, checkpoint_for, load_for_inference, require_cache
+from nlmm.inference import (LoadedModel, checkpoint_for, load_for_inference, require_cache,
+                            training_pack)
 from nlmm.paths import checkpoint_home, prune_least_recent, run_folder_of
 from nlmm.weights_cache import read_unreplaced
 from nlmm.search_types import SearchHit, SearchRequest, SearchResults  # re-exported here
@@ -183,10 +184,20 @@ class Searcher:
         self.max_memory_bytes = max_memory_bytes
         self.loaded, self.checkpoint_key = _load_consistent(checkpoint_for(checkpoint), device,
                                                                data)
-        self.cache: PreparedCache = require_cache(self.loaded)
         self.index_dir = index_dir_for(self.loaded.checkpoint_path)
         self.indexes: dict[tuple[str, str], GalleryIndex] = {}
         self.builds = 0  # gallery encodings done by this searcher (tests check reuse)
+        # a model that streamed its data searches its pack unless --data names a corpus
+        pack = training_pack(self.loaded) if self.loaded.cache is None else None
+        self.pack = None
+        if pack is not None:
+            from nlmm.search_pack import PackGallery
+
+            self.pack = PackGallery(pack, self.index_dir, self.loaded.cfg.data,
+                                    self.loaded.tokenizer)
+            self._first_caption: dict[int, int] = {}
+            return
+        self.cache: PreparedCache = require_cache(self.loaded)
         # image row -> its first caption row (captions are stored grouped by image)
         images, first = np.unique(self.cache.caption_image(np.arange(self.cache.n_captions)),
                                   return_index=True)
@@ -195,11 +206,15 @@ class Searcher:
     # ------------------------------------------------------------------ gallery
 
     def index_path(self, split: str, modality: str) -> Path:
+        data_key = self.pack.key if self.pack is not None else self.cache.key
         return self.index_dir / (f"{modality}-{split}-{self.checkpoint_key[:16]}-"
-                                 f"{self.cache.key}-v{INDEX_VERSION}.npy")
+                                 f"{data_key}-v{INDEX_VERSION}.npy")
 
     def gallery_rows(self, split: str, modality: str) -> np.ndarray:
-        """Cache rows of the gallery, in index order (for `all`: train, dev, test)."""
+        """Cache rows of the gallery, in index order (for `all`: train, dev, test); for a
+        pack, its dense group or caption indices."""
+        if self.pack is not None:
+            return self.pack.rows(split, modality)
         splits = SPLITS if split == "all" else (split,)
         return np.concatenate([modality_rows(self.cache, s, modality) for s in splits])
 
@@ -280,13 +295,23 @@ class Searcher:
         filled = 0
         with Progress(console=self.console, transient=True, disable=self.console is None) as bar:
             task = bar.add_task(f"indexing {len(out)} {modality} items ({split})", total=len(out))
-            for s in splits:
-                for x, mask, rows in iter_modality(self.cache, s, modality, ENCODE_BATCH, device):
+            if self.pack is not None:
+                def encode(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
                     with torch.no_grad(), self._autocast():
-                        emb = model.encode(modality, x, mask)
-                    out[filled:filled + len(rows)] = emb.float().cpu().numpy()
-                    filled += len(rows)
-                    bar.advance(task, len(rows))
+                        return model.encode(modality, x.to(device),
+                                            None if mask is None else mask.to(device))
+
+                self.pack.embed_into(out, split, modality, encode,
+                                     lambda n: bar.advance(task, n))
+            else:
+                for s in splits:
+                    for x, mask, rows in iter_modality(self.cache, s, modality, ENCODE_BATCH,
+                                                       device):
+                        with torch.no_grad(), self._autocast():
+                            emb = model.encode(modality, x, mask)
+                        out[filled:filled + len(rows)] = emb.float().cpu().numpy()
+                        filled += len(rows)
+                        bar.advance(task, len(rows))
         self.builds += 1
         return out
 
@@ -331,6 +356,8 @@ class Searcher:
                 for rank, (s, i) in enumerate(zip(scores[0].tolist(), idx[0].tolist()))]
 
     def _hit(self, rank: int, score: float, modality: str, row: int) -> SearchHit:
+        if self.pack is not None:
+            return self.pack.hit(rank, score, modality, row)
         cache = self.cache
         if modality == "image":
             name = cache.image_file(row)

@@ -25,6 +25,12 @@ from nlmm.train.loop import Trainer
 STEPS = 8
 
 
+@pytest.fixture(autouse=True)
+def pack_cache(tmp_path, monkeypatch) -> None:
+    """Remote chunks and sha256 memos of each test in its own folder, never in ~/.cache."""
+    monkeypatch.setenv("NLMM_PACK_CACHE", str(tmp_path / "pack-cache"))
+
+
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("stream")
@@ -111,6 +117,14 @@ def test_pack_stream_train_eval_from_the_command_line(tmp_path: Path) -> None:
     assert results["coverage"]["n_images"] == written.count("test")
     assert {k[:3] for k in results["metrics"] if k.endswith("_r1") and k != "mean_r1"} == \
         {"i2t", "t2i"}
+    # search needs no --data: the run's pack is the gallery (test split, images by group id)
+    found = nlmm("search", "a dog on a beach", "--run", "streamed", "--json", "-k", "3",
+                 "--device", "cpu", "--no-server")
+    assert found.returncode == 0, found.stderr
+    hits = [json.loads(line) for line in found.stdout.splitlines()]
+    assert [h["rank"] for h in hits] == [1, 2, 3] and all(h["modality"] == "image" for h in hits)
+    test_groups = {g for g, split in written.groups.items() if split == "test"}
+    assert {h["item"] for h in hits} <= test_groups and hits[0]["caption"]
     # two gloo ranks, each reading its own share of the shards
     out = nlmm("train", "--data", str(packed), *run, "--nproc", "2", "--name", "two")
     assert out.returncode == 0, out.stdout + out.stderr

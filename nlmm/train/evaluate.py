@@ -92,10 +92,12 @@ def evaluate_split(model: NLMM, cache: PreparedCache, split: str, device: torch.
 def evaluate_packed(model: NLMM, url: str, split: str, device: torch.device, data_cfg: Any,
                     tokenizer: Any, batch_size: int = 32) -> dict[str, float]:
     """`evaluate_split` of a packed split, streamed: embeddings are computed chunk by chunk
-    (memory holds embeddings, never the split's pixels or audio), then scored exactly as a
-    prepared cache's. A group's clip is one audio item; spoken captions keep the strict
-    caption-level directions."""
+    (memory holds embeddings, never the split's pixels or audio), then scored as a prepared
+    cache's: exactly, or through faiss for a gallery of FAISS_MIN_GALLERY items or more (the
+    same figures, faiss_recall.py). A group's clip is one audio item; spoken captions keep the
+    strict caption-level directions."""
     from nlmm.data.stream import iter_split
+    from nlmm.train.faiss_recall import gallery_recall
 
     model.eval()
     towers = getattr(model, "modalities", MODALITIES)
@@ -132,7 +134,7 @@ def evaluate_packed(model: NLMM, url: str, split: str, device: torch.device, dat
     if "audio" in emb_t and all_own and text_caption:
         caption_rows = {"text": torch.cat(text_caption).to(device),
                         "audio": torch.cat(audio_caption).to(device)}
-    metrics = retrieval_metrics(emb_t, owner_t, caption_rows=caption_rows)
+    metrics = retrieval_metrics(emb_t, owner_t, caption_rows=caption_rows, recall=gallery_recall)
     for modality, key in COVERAGE_KEYS.items():
         metrics[key] = float(len(emb_t[modality])) if modality in emb_t else 0.0
     return metrics

@@ -11,6 +11,8 @@ usual signs of a broken model, would score a perfect recall.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from nlmm.metric_names import DIRECTIONS, KS
@@ -60,19 +62,23 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, query_owner: torch.T
     return {k: 100.0 * int((ranks < k).sum()) / len(ranks) for k in ks}
 
 
+Recall = Callable[..., dict[int, float]]  # recall_at_k's signature
+
+
 def _recall_if_scorable(emb: dict[str, torch.Tensor], owner: dict[str, torch.Tensor], q: str,
-                        g: str, ks: tuple[int, ...]) -> dict[int, float]:
-    """recall_at_k from modality q to modality g, or {} when the pair cannot be scored."""
+                        g: str, ks: tuple[int, ...], recall: Recall) -> dict[int, float]:
+    """`recall` from modality q to modality g, or {} when the pair cannot be scored."""
     if any(m not in emb or m not in owner or len(emb[m]) == 0 for m in (q, g)):
         return {}
     if not bool(torch.isin(owner[q], owner[g]).any()):
         return {}
-    return recall_at_k(emb[q], emb[g], owner[q], owner[g], ks)
+    return recall(emb[q], emb[g], owner[q], owner[g], ks)
 
 
 def retrieval_metrics(emb: dict[str, torch.Tensor], owner: dict[str, torch.Tensor],
                       ks: tuple[int, ...] = KS,
-                      caption_rows: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+                      caption_rows: dict[str, torch.Tensor] | None = None,
+                      recall: Recall = recall_at_k) -> dict[str, float]:
     """All directions between the modalities present in `emb`, as `i2t_r1`, ..., plus `mean_r1`.
 
     `emb[m]` holds L2-normalised embeddings of modality m ("image", "text", "audio") and
@@ -82,12 +88,13 @@ def retrieval_metrics(emb: dict[str, torch.Tensor], owner: dict[str, torch.Tenso
 
     With `caption_rows` (the caption row of each "text" and "audio" embedding), the strict
     caption-level `t2a_own_rK` and `a2t_own_rK` are added too, where a caption's only positive
-    is its own reading and vice versa; they are not part of `mean_r1`.
+    is its own reading and vice versa; they are not part of `mean_r1`. `recall` scores one
+    direction (nlmm.train.faiss_recall.gallery_recall for large galleries).
     """
     out: dict[str, float] = {}
     for direction in DIRECTIONS:
         q, g = _MODALITY[direction[0]], _MODALITY[direction[2]]
-        for k, value in _recall_if_scorable(emb, owner, q, g, ks).items():
+        for k, value in _recall_if_scorable(emb, owner, q, g, ks, recall).items():
             out[f"{direction}_r{k}"] = value
     r1 = [out[f"{d}_r1"] for d in DIRECTIONS if f"{d}_r1" in out]
     if r1:
@@ -95,6 +102,6 @@ def retrieval_metrics(emb: dict[str, torch.Tensor], owner: dict[str, torch.Tenso
     if caption_rows is not None:
         for direction in OWN_DIRECTIONS:
             q, g = _MODALITY[direction[0]], _MODALITY[direction[2]]
-            for k, value in _recall_if_scorable(emb, caption_rows, q, g, ks).items():
+            for k, value in _recall_if_scorable(emb, caption_rows, q, g, ks, recall).items():
                 out[f"{direction}_r{k}"] = value
     return out
