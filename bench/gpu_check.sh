@@ -14,7 +14,7 @@
 #                every logged loss finite, dev and test Recall@K in the store and the table
 #                printed
 #   search       bench/search_bench.py: `nlmm search` latency over a 40,000-item gallery
-#   sysmon       nvidia-smi samples (sysmon/nvidia-smi.csv, one a second) and nlmm.sysmon's NVML
+#   sysmon       nvidia-smi samples (sysmon/nvidia-smi.csv, one a second) and nlmm.train.sysmon's NVML
 #                rows (sysmon/nvml.jsonl, what the dash's GPU panel shows) over the whole check,
 #                and each CLI run's samples from the store
 # status.tsv lists each part's outcome and seconds, logs/ their output, summary.md the figures.

@@ -57,10 +57,10 @@ def cmd_device(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- NVML samples
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    """nlmm.sysmon rows (what the dash's GPU panel shows) as JSON lines until SIGTERM."""
+    """nlmm.train.sysmon rows (what the dash's GPU panel shows) as JSON lines until SIGTERM."""
     import psutil
 
-    from nlmm.sysmon import sample_system
+    from nlmm.train.sysmon import sample_system
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
@@ -98,7 +98,7 @@ def cmd_check_sysmon(args: argparse.Namespace) -> None:
     write_json(folder / "check.json", summary)
     print(f"sysmon: {summary}")
     if not hosts:
-        fail("no nlmm.sysmon samples were written")
+        fail("no nlmm.train.sysmon samples were written")
     if args.device == "cuda":
         if not gpus:
             fail("NVML gave no GPU rows on a CUDA run")

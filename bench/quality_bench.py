@@ -69,7 +69,7 @@ from nlmm.data.loader import TrainLoader  # noqa: E402
 from nlmm.data.synth import synth_corpus  # noqa: E402
 from nlmm.devices import resolve_device  # noqa: E402
 from nlmm.metric_names import DIRECTIONS  # noqa: E402
-from nlmm.train.evaluate import evaluate_split  # noqa: E402
+from nlmm.eval.evaluate import evaluate_split  # noqa: E402
 from nlmm.train.loop import Trainer, lr_factor  # noqa: E402
 
 ABLATIONS: dict[str, Callable[[Config], list[str]]] = {

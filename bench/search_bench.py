@@ -4,7 +4,7 @@
                                            [--threads N] [--device cpu|cuda] [--json FILE]
 
 Prints, for one query against `--items` unit embeddings of the config's width:
-  - top-k p50/p99 of the exact path held in memory (nlmm.search.top_k), of the exact path
+  - top-k p50/p99 of the exact path held in memory (nlmm.search.engine.top_k), of the exact path
     scanning a memory-mapped index file, and of faiss.IndexFlatIP (skipped when faiss-cpu is
     absent), with the ratio exact / faiss;
   - a text query end to end on a loaded Searcher (tokenize, encode, top-k, hits) with the
@@ -37,8 +37,8 @@ from nlmm.data.cache import prepare
 from nlmm.data.synth import synth_corpus
 from nlmm.devices import resolve_device
 from nlmm.model import NLMM
-from nlmm.search import GalleryIndex, SearchRequest, Searcher, read_index, run_search, top_k
-from nlmm.train.checkpoint import save_checkpoint
+from nlmm.search.engine import GalleryIndex, SearchRequest, Searcher, read_index, run_search, top_k
+from nlmm.inference.checkpoint import save_checkpoint
 
 K = 10
 FIGURES: dict[str, dict[str, float]] = {}  # label -> p50/p99 or median/max (ms), for --json
@@ -105,7 +105,7 @@ def bench_top_k(gallery: np.ndarray, queries: np.ndarray, folder: Path,
     row_major = on_device
     q = torch.from_numpy(queries).to(device)
     fns: dict[str, Callable[[int], object]] = {
-        "exact, in memory (nlmm.search.top_k)": lambda i: top_k(q[i:i + 1], in_memory, K)[1].cpu(),
+        "exact, in memory (nlmm.search.engine.top_k)": lambda i: top_k(q[i:i + 1], in_memory, K)[1].cpu(),
         "exact, (N, d) row-major tensor (for comparison)":
             lambda i: top_k(q[i:i + 1], row_major, K)[1].cpu(),
     }

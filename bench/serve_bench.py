@@ -36,10 +36,10 @@ import torch
 from search_bench import latencies, make_checkpoint, pct, show, unit_rows
 
 from nlmm.config import resolve_config
-from nlmm.search import GalleryIndex, read_index
-from nlmm.search_types import SearchRequest
-from nlmm.serve import SearchService, serving_in_thread
-from nlmm.serve_client import ask_server
+from nlmm.search.engine import GalleryIndex, read_index
+from nlmm.search.types import SearchRequest
+from nlmm.search.serve import SearchService, serving_in_thread
+from nlmm.search.client import ask_server
 
 NLMM = Path(sys.executable).with_name("nlmm")
 

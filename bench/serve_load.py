@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nlmm.search_types import SearchRequest, SearchResults
-from nlmm.serve_client import Address, ask_server, connect, exchange, server_address
+from nlmm.search.types import SearchRequest, SearchResults
+from nlmm.search.client import Address, ask_server, connect, exchange, server_address
 
 NLMM = Path(sys.executable).with_name("nlmm")
 START_TIMEOUT_S = 120

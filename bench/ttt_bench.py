@@ -13,11 +13,11 @@ in at evaluation without retraining) is scored on the DEV split; the setting wit
 mean R@1 is the one selected. Every setting is then scored on the TEST split, and the plain
 model is scored with the selected setting too (TTT without joint training, as it was before).
 
-Scoring is `nlmm.train.evaluate`'s (`evaluate_split` = `embed_split` + `score_split`; the two
+Scoring is `nlmm.eval.evaluate`'s (`evaluate_split` = `embed_split` + `score_split`; the two
 halves are called here so each embedding pass is timed and reused). Two TTT protocols:
   all    every item adapted on its own loss, queries and gallery (what `nlmm eval` reports)
   query  adapted queries against the plain gallery (what `nlmm search` does), each direction
-         scored by `nlmm.train.retrieval.retrieval_metrics`
+         scored by `nlmm.eval.recall.retrieval_metrics`
 Every mean covers all six directions: a setting where one cannot be scored stops the bench
 instead of averaging fewer.
 Query-time cost, measured in this run for both: ms per item when a split is embedded in
@@ -51,9 +51,9 @@ from nlmm.devices import resolve_device
 from nlmm.metric_names import DIRECTIONS
 from nlmm.model import NLMM
 from nlmm.model.ttt import LowRankAdapter
-from nlmm.train.evaluate import embed_split, score_split
+from nlmm.eval.evaluate import embed_split, score_split
 from nlmm.train.loop import Trainer
-from nlmm.train.retrieval import retrieval_metrics
+from nlmm.eval.recall import retrieval_metrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_bench import stamp  # noqa: E402

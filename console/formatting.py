@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from nlmm import store
-from nlmm.reports import epoch_text
+from nlmm.cli.reports import epoch_text
 from nlmm.units import hms
 
 

@@ -22,8 +22,8 @@ from nlmm.data.cache import prepare
 from nlmm.data.check import check_corpus
 from nlmm.data.corpora.base import CorpusSpec
 from nlmm.errors import NlmmError
-from nlmm.search import Searcher
-from nlmm.train.evaluate import evaluate_target
+from nlmm.search.engine import Searcher
+from nlmm.eval.evaluate import evaluate_target
 from nlmm.train.launcher import check_splits, fit_modalities
 from nlmm.train.loop import Trainer
 

@@ -31,7 +31,7 @@ from nlmm.data.loader import TrainLoader, iter_modality
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
 from nlmm.model.losses import ContrastiveLoss
-from nlmm.train.checkpoint import load_checkpoint
+from nlmm.inference.checkpoint import load_checkpoint
 from nlmm.train.loop import Trainer
 
 DATA = DataConfig(image_size=64, max_audio_seconds=2.0, text_max_len=16)
@@ -306,7 +306,7 @@ def small_synth(tmp_path_factory):
 
 def test_training_on_cached_features_then_search_queries_go_through_the_backbone(
         small_synth, weights, tmp_path):
-    from nlmm.search import Searcher
+    from nlmm.search.engine import Searcher
 
     cfg = backbone_cfg(weights, "train.epochs=2", "train.eval_every=2")
     cache = prepare(small_synth, cfg.data, cfg.vocab_size, workers=1, progress=False,

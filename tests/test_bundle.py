@@ -18,17 +18,17 @@ import torch
 from PIL import Image
 
 import nlmm
-from nlmm.bundle import Bundle
+from nlmm.inference.bundle import Bundle
 from nlmm.config import resolve_config
 from nlmm.data.cache import PreparedCache
 from nlmm.data.corpora.base import SPLITS
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
-from nlmm.export import export_bundle
+from nlmm.inference.export import export_bundle
 from nlmm.model import NLMM
-from nlmm.search import SearchRequest, Searcher
-from nlmm.search_types import SearchResults
-from nlmm.train.checkpoint import save_checkpoint
+from nlmm.search.engine import SearchRequest, Searcher
+from nlmm.search.types import SearchResults
+from nlmm.inference.checkpoint import save_checkpoint
 from nlmm.train.loop import Trainer
 
 # For the hand-written corpus of conftest (13 images of 64x48 px, clips of 0.5-0.7 s). The

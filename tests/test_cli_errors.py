@@ -14,7 +14,7 @@ import pytest
 import typer.main
 
 from nlmm import store
-from nlmm.cli import app
+from nlmm.cli.app import app
 
 NLMM = [sys.executable, "-m", "nlmm.cli"]
 # Names of the parser's exception classes, and its own "Error:" prefix: never shown to a user.
@@ -217,7 +217,7 @@ def test_runs_ls_imports_neither_torch_nor_sqlalchemy(env):
     assert "quick" in probe.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in probe.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert "nlmm.reports" in imported  # the probe saw the command's own imports
+    assert "nlmm.cli.reports" in imported  # the probe saw the command's own imports
     heavy = sorted(m for m in imported if m.split(".")[0] in (
         "torch", "torchvision", "torchaudio", "matplotlib", "yaml", "sqlalchemy", "sqlmodel"))
     assert not heavy, heavy

@@ -140,7 +140,7 @@ def test_the_follower_draws_a_bar_on_a_terminal_and_picks_the_exit_code(isolated
 
     from rich.console import Console
 
-    from nlmm.cli_follow import follow
+    from nlmm.cli.follow import follow
 
     run = store.create_run("shown", {}, "data", "cpu", epochs_total=2, steps_total=10)
     with store.MetricWriter(run.id) as writer:

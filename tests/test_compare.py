@@ -6,7 +6,7 @@ from rich.console import Console
 
 from nlmm import store
 from nlmm.config import resolve_config
-from nlmm.reports import compare_table
+from nlmm.cli.reports import compare_table
 
 
 def _run(name: str, overrides: list[str], dev_r1: float, test_r1: float, loss: float) -> None:

@@ -92,7 +92,7 @@ def test_continuing_on_another_corpus_makes_a_child_run(continued, monkeypatch):
     assert b.data != a.data and Path(b.data).is_relative_to(corpus_b)
     # the parent is left as it was; the child trained on B with A's tokenizer
     assert {p.name: p.read_bytes() for p in (runs / "a").rglob("*.pt")} == before
-    from nlmm.train.checkpoint import load_checkpoint
+    from nlmm.inference.checkpoint import load_checkpoint
 
     child = load_checkpoint(runs / "b" / "checkpoints" / "last.pt")
     parent = load_checkpoint(runs / "a" / "checkpoints" / "last.pt")

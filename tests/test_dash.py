@@ -46,7 +46,7 @@ from console.widgets.keyed_table import KeyedTable
 from nlmm import store
 from nlmm.errors import NlmmError
 from nlmm.metric_names import DIRECTIONS, KS
-from nlmm.search import SearchHit
+from nlmm.search.engine import SearchHit
 
 T0 = 1_700_000_000.0  # 2023-11-14 22:13:20 UTC: every stored time is fixed relative to it
 OTHER_HOST = "gpu-node-7"  # runs "running" elsewhere are never marked lost by this host
@@ -578,7 +578,7 @@ async def test_a_path_typed_after_ctrl_t_and_tab_searches_and_fires_no_shortcut(
 
 async def test_test_results_stay_when_the_worker_saves_the_checkpoint_again(dash_store,
                                                                             monkeypatch):
-    import nlmm.train.evaluate
+    import nlmm.eval.evaluate
 
     run = add_run("training", "running", steps=200)
     last = Path(run.log_path).parent / "checkpoints" / "last.pt"
@@ -590,7 +590,7 @@ async def test_test_results_stay_when_the_worker_saves_the_checkpoint_again(dash
         return {"checkpoint": target, "split": split, "metrics": eval_values(250)}
 
     # The evaluation itself is exercised with a real checkpoint in the worker test below.
-    monkeypatch.setattr(nlmm.train.evaluate, "evaluate_target", evaluate_target)
+    monkeypatch.setattr(nlmm.eval.evaluate, "evaluate_target", evaluate_target)
     app = make_app()
     async with app.run_test(size=(100, 40)) as pilot:
         app.push_screen(CheckpointsScreen(run.id))

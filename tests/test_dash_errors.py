@@ -44,14 +44,14 @@ async def test_a_failed_resume_is_one_titled_error_and_the_screen_stays(dash_sto
 
 
 async def test_a_failed_export_is_one_titled_error_and_frees_the_screen(dash_store, monkeypatch):
-    import nlmm.export
+    import nlmm.inference.export
 
     run = add_run("exported", "finished", steps=400)
 
     def export_bundle(target: str, out: Path, force: bool = False) -> Path:
         raise OSError(f"[Errno 28] No space left on device: '{out}'")
 
-    monkeypatch.setattr(nlmm.export, "export_bundle", export_bundle)
+    monkeypatch.setattr(nlmm.inference.export, "export_bundle", export_bundle)
     app = make_app()
     async with app.run_test(size=(100, 40)) as pilot:
         app.push_screen(CheckpointsScreen(run.id))

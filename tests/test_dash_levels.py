@@ -13,7 +13,7 @@ from test_dash import add_run, dash_store, make_app, plain, screen_lines, settle
 from console.run.screen import RunScreen
 from console.widgets.chart import MetricChart
 from nlmm import store
-from nlmm.reports import run_details
+from nlmm.cli.reports import run_details
 
 LEVELS = [{"name": "fast", "chunk_size": 1}, {"name": "mid", "chunk_size": 4},
           {"name": "slow", "chunk_size": 16}]

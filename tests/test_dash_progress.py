@@ -16,9 +16,9 @@ from test_dash import T0, add_run, dash_store, make_app, plain, settle, table_ro
 from console.checkpoints.screen import CheckpointsScreen
 from console.run.screen import RunScreen
 from nlmm import store
-from nlmm.cli_follow import progress_info
+from nlmm.cli.follow import progress_info
 from nlmm.config import Config
-from nlmm.reports import epoch_text, run_details
+from nlmm.cli.reports import epoch_text, run_details
 from nlmm.units import file_size
 
 BATCH = Config().train.batch_size

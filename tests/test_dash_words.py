@@ -11,10 +11,10 @@ from test_dash import T0, add_run, dash_store, make_app, plain, settle  # noqa: 
 
 from console.run.screen import RunScreen
 from nlmm import store
-from nlmm.cli_follow import _summary, for_the_terminal
+from nlmm.cli.follow import _summary, for_the_terminal
 from nlmm.errors import NlmmError
-from nlmm.reports import eval_table, run_details
-from nlmm.train.checkpoint import load_checkpoint, save_checkpoint
+from nlmm.cli.reports import eval_table, run_details
+from nlmm.inference.checkpoint import load_checkpoint, save_checkpoint
 
 REASON = ("training diverged: 5 steps in a row had a non-finite loss or gradient; lower the "
           "learning rate (--lr) or set train.grad_clip, then start the run again.")

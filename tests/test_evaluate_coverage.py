@@ -11,7 +11,7 @@ import pytest
 import torch
 from test_retrieval import partly_spoken_set
 
-from nlmm.train.evaluate import embed_split, evaluate_split, score_split
+from nlmm.eval.evaluate import embed_split, evaluate_split, score_split
 
 
 class RowsOnlyCache:

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from nlmm.bundle import CONFIG, META, TOKENIZER, WEIGHTS, load_bundle
+from nlmm.inference.bundle import CONFIG, META, TOKENIZER, WEIGHTS, load_bundle
 from nlmm.config import resolve_config
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
-from nlmm.export import export_bundle
+from nlmm.inference.export import export_bundle
 from nlmm.model import NLMM
-from nlmm.train.checkpoint import save_checkpoint
+from nlmm.inference.checkpoint import save_checkpoint
 
 BUNDLE_FILES = (WEIGHTS, CONFIG, TOKENIZER, META)
 

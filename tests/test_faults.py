@@ -122,7 +122,7 @@ def committed_rows(run_id: int) -> dict[tuple[str, int], float | None]:
 
 
 def assert_store_points_at_complete_files(run_id: int) -> None:
-    from nlmm.train.checkpoint import load_checkpoint
+    from nlmm.inference.checkpoint import load_checkpoint
 
     checkpoints = store.list_checkpoints(run_id)
     assert checkpoints
@@ -207,7 +207,7 @@ def test_killed_worker_is_lost_within_10s_and_resumes_without_losing_rows(synth_
 # ---- a crash between a checkpoint's write and its rename ---------------------------------------
 
 def test_crash_before_checkpoint_rename_keeps_the_previous_one(tiny_root, env, tmp_path):
-    from nlmm.train.checkpoint import load_checkpoint
+    from nlmm.inference.checkpoint import load_checkpoint
 
     faulty = with_fault(env, tmp_path, "kill-before-rename")
     out = nlmm("train", "flickr8k", "--data", str(tiny_root), "--name", "crash", "--epochs", "3",
@@ -236,7 +236,7 @@ def test_crash_before_checkpoint_rename_keeps_the_previous_one(tiny_root, env, t
 
 def test_disk_full_while_checkpointing_fails_clearly_and_keeps_the_last_good_one(tiny_root, env,
                                                                                   tmp_path):
-    from nlmm.train.checkpoint import load_checkpoint
+    from nlmm.inference.checkpoint import load_checkpoint
 
     faulty = with_fault(env, tmp_path, "disk-full")
     out = nlmm("train", "flickr8k", "--data", str(tiny_root), "--name", "full", "--epochs", "3",
@@ -413,7 +413,7 @@ def test_four_writers_and_a_reader_for_60s_lose_nothing_and_never_lock(isolated_
 def test_a_damaged_checkpoint_alone_in_its_folder_points_to_no_other_file(tmp_path, name):
     # which other file is suggested when one opens: tests/test_dash_words.py
     from nlmm.errors import NlmmError
-    from nlmm.train.checkpoint import load_checkpoint
+    from nlmm.inference.checkpoint import load_checkpoint
 
     path = tmp_path / "checkpoints" / name
     path.parent.mkdir()

@@ -13,15 +13,15 @@ import torch
 from conftest import TINY_VOCAB
 from safetensors.torch import load_file
 
-import nlmm.train.checkpoint
+import nlmm.inference.checkpoint
 from nlmm.config import Config, resolve_config
 from nlmm.data.cache import PreparedCache
-from nlmm.inference import load_for_inference
+from nlmm.inference.load import load_for_inference
 from nlmm.model import NLMM
 from nlmm.paths import run_folder_of
-from nlmm.search import index_dir_for
-from nlmm.train.checkpoint import load_checkpoint, save_checkpoint
-from nlmm.weights_cache import checkpoint_key, weights_dir_for
+from nlmm.search.engine import index_dir_for
+from nlmm.inference.checkpoint import load_checkpoint, save_checkpoint
+from nlmm.inference.weights_cache import checkpoint_key, weights_dir_for
 
 CAPTION = "a red circle on a blue background"
 
@@ -117,7 +117,7 @@ def test_first_load_writes_a_weights_copy_that_later_loads_map(checkpoint: Path,
     def no_unpickling(*args, **kwargs):
         raise AssertionError("the checkpoint was read again")
 
-    monkeypatch.setattr(nlmm.train.checkpoint, "load_checkpoint", no_unpickling)
+    monkeypatch.setattr(nlmm.inference.checkpoint, "load_checkpoint", no_unpickling)
     second = load_for_inference(str(checkpoint), device="cpu")
     assert torch.equal(embed(second.model, second.tokenizer), embed(first.model, first.tokenizer))
     monkeypatch.undo()
@@ -180,10 +180,10 @@ def test_a_text_search_imports_no_image_audio_or_store_library(checkpoint: Path)
     script = f"""
 import sys
 from pathlib import Path
-import nlmm.serve_client
+import nlmm.search.client
 assert "torch" not in sys.modules and "numpy" not in sys.modules, "client imports torch"
-from nlmm.search import Searcher
-from nlmm.search_types import SearchRequest
+from nlmm.search.engine import Searcher
+from nlmm.search.types import SearchRequest
 request = SearchRequest(text="a red circle", checkpoint=Path({str(checkpoint)!r}), device="cpu")
 hits = Searcher(request.checkpoint, device="cpu").answer(request).hits
 assert hits, "no hits"

@@ -158,7 +158,7 @@ def test_muon_orthogonalises_only_the_matrices_the_model_does_not_exclude():
 def test_logged_test_figures_are_what_nlmm_eval_prints_for_best_pt(tiny_cache, tmp_path):
     """`test/…` is the dev-selected best model, scored exactly as `nlmm eval` scores best.pt;
     `test_last/…` is the last model."""
-    from nlmm.train.evaluate import evaluate_target
+    from nlmm.eval.evaluate import evaluate_target
 
     sink = ListSink()
     trainer = Trainer(_small("train.epochs=3", "train.eval_every=1"), tiny_cache,

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from nlmm.config import resolve_config
 from nlmm.model.info import TYPICAL_SPEECH_SECONDS, model_info
-from nlmm.reports import model_info_table
+from nlmm.cli.reports import model_info_table
 
 
 def rendered(cfg) -> str:

@@ -288,8 +288,8 @@ def test_eval_follows_the_checkpoint_config_and_no_ttt_overrides_it(checkpoint_w
 
     from typer.testing import CliRunner
 
-    from nlmm.cli import app
-    from nlmm.train.evaluate import evaluate_target
+    from nlmm.cli.app import app
+    from nlmm.eval.evaluate import evaluate_target
 
     results = evaluate_target(str(checkpoint_with_ttt), split="test", device=device.type)
     assert results["ttt"] is True and "metrics_ttt" in results
@@ -315,7 +315,7 @@ def test_eval_follows_the_checkpoint_config_and_no_ttt_overrides_it(checkpoint_w
 
 def test_search_follows_the_checkpoint_config_and_ttt_false_overrides_it(checkpoint_with_ttt,
                                                                          ttt_calls, device):
-    from nlmm.search import Searcher
+    from nlmm.search.engine import Searcher
 
     searcher = Searcher(checkpoint_with_ttt, device=device.type)
     searcher.query(text="a red circle", target="image", k=2)  # as the dash's search calls it

@@ -15,7 +15,7 @@ from matplotlib.colors import to_rgba
 
 from nlmm import store
 from nlmm.metric_names import DIRECTIONS
-from nlmm.plots import PANELS, build_figure
+from nlmm.cli.plots import PANELS, build_figure
 
 LOSSES = ("loss", "loss_i2t", "loss_i2a", "loss_t2a")
 R1_KEYS = tuple(f"{d}_r1" for d in DIRECTIONS)

@@ -16,9 +16,9 @@ from PIL import Image
 
 from tiny import tiny_config
 from nlmm.data.tokenizer import TextTokenizer
-from nlmm.export import export_bundle
+from nlmm.inference.export import export_bundle
 from nlmm.model import NLMM
-from nlmm.train.checkpoint import save_checkpoint
+from nlmm.inference.checkpoint import save_checkpoint
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # After a block: no tensor it left behind may carry gradients (embedding needs none).

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import nlmm.export
+import nlmm.inference.export
 from tiny import tiny_config
 from nlmm import store
 from nlmm.train.loop import Trainer
@@ -59,8 +59,8 @@ def test_eval_json_export_snippet_plot_and_compare(trained_run, isolated_store, 
     assert run_cli("export", "done", "--out", str(bundle), env=env).returncode == 0
     assert {p.name for p in bundle.iterdir()} >= {"model.safetensors", "config.yaml",
                                                   "tokenizer.json", "bundle.json"}
-    # the loading snippet documented in nlmm.export runs as written, in a fresh process
-    snippet = re.search(r"Loading a bundle.*?\n\n(.*?)\n\"\"\"", nlmm.export.__doc__ + '\n"""',
+    # the loading snippet documented in nlmm.inference.export runs as written, in a fresh process
+    snippet = re.search(r"Loading a bundle.*?\n\n(.*?)\n\"\"\"", nlmm.inference.export.__doc__ + '\n"""',
                         re.S)
     code = "import torch\n" + "\n".join(line[4:] for line in snippet.group(1).splitlines())
     code = code.replace('"bundle/"', repr(str(bundle)))

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from nlmm.train.retrieval import best_positive_rank, recall_at_k, retrieval_metrics
+from nlmm.eval.recall import best_positive_rank, recall_at_k, retrieval_metrics
 
 
 def reference_recall(q, g, q_own, g_own, k):

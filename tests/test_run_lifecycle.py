@@ -72,7 +72,7 @@ def test_a_copied_runs_folder_resumes_and_evaluates_its_own_files(trained, tmp_p
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert files_of(original) == before, "the copy wrote into the original runs folder"
     assert files_of(template) == template_before, "the copy wrote into the first runs folder"
-    from nlmm.train.checkpoint import load_checkpoint
+    from nlmm.inference.checkpoint import load_checkpoint
 
     last = copy / "fin" / "checkpoints" / "last.pt"
     assert load_checkpoint(last)["progress"]["global_step"] == 2 * STEPS_PER_EPOCH

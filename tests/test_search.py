@@ -25,9 +25,9 @@ from nlmm.data.cache import PreparedCache
 from nlmm.data.features import normalize_images
 from nlmm.data.loader import gather_images
 from nlmm.errors import NlmmError
-from nlmm.weights_cache import checkpoint_key
-from nlmm.search import SearchRequest, Searcher, prune_indexes, run_search, top_k
-from nlmm.train.checkpoint import load_checkpoint, save_checkpoint
+from nlmm.inference.weights_cache import checkpoint_key
+from nlmm.search.engine import SearchRequest, Searcher, prune_indexes, run_search, top_k
+from nlmm.inference.checkpoint import load_checkpoint, save_checkpoint
 from nlmm.train.loop import CheckpointEvent, Trainer
 
 NLMM = Path(sys.executable).with_name("nlmm")
@@ -488,8 +488,8 @@ def test_eval_on_another_corpus_tokenizes_it_with_the_models_tokenizer(trained: 
     from nlmm.data.corpora import read_corpus
     from nlmm.data.synth import synth_corpus
     from nlmm.data.tokenizer import TextTokenizer
-    from nlmm.inference import load_for_inference
-    from nlmm.train.evaluate import evaluate_target
+    from nlmm.inference.load import load_for_inference
+    from nlmm.eval.evaluate import evaluate_target
 
     other = tmp_path / "other"
     synth_corpus(other, n_images=60, seed=7, progress=False, engine="builtin")

@@ -23,14 +23,14 @@ import torch
 from rich.console import Console
 from test_inference_load import replace_checkpoint, scale_weights, write_checkpoint
 
-import nlmm.serve_client
+import nlmm.search.client
 from nlmm.data.cache import PreparedCache
 from nlmm.errors import NlmmError
-from nlmm.search import run_search
-from nlmm.search_types import SearchRequest
-from nlmm.serve import SearchService, listening, serving_in_thread
-from nlmm.serve_client import ask_server, search, server_address
-from nlmm.serve_protocol import SOCKET_NAME, TCP_PORT_NAME
+from nlmm.search.engine import run_search
+from nlmm.search.types import SearchRequest
+from nlmm.search.serve import SearchService, listening, serving_in_thread
+from nlmm.search.client import ask_server, search, server_address
+from nlmm.search.protocol import SOCKET_NAME, TCP_PORT_NAME
 
 NLMM = Path(sys.executable).with_name("nlmm")
 START_TIMEOUT_S = 120
@@ -132,7 +132,7 @@ def test_errors_come_back_as_the_in_process_sentence(served: SearchService,
         in_process(SearchRequest(text="a dog", run="nosuch"))
     assert str(served_error.value) == str(own_error.value)
     # A client of another store is not served: it searches in its own process.
-    monkeypatch.setattr(nlmm.serve_client, "default_db_url", lambda: "sqlite:////else/nlmm.db")
+    monkeypatch.setattr(nlmm.search.client, "default_db_url", lambda: "sqlite:////else/nlmm.db")
     assert ask_server(SearchRequest(text="a dog", run="nosuch")) is None
     assert served.answered == 0
 
@@ -223,11 +223,11 @@ def serve_process(runs: Path, *args: str) -> Iterator[subprocess.Popen]:
 
 def ping(runs: Path) -> dict | None:
     address = server_address(runs)
-    conn = nlmm.serve_client.connect(address) if address is not None else None
+    conn = nlmm.search.client.connect(address) if address is not None else None
     if conn is None:
         return None
     with conn:
-        return nlmm.serve_client.exchange(conn, {"op": "ping"})
+        return nlmm.search.client.exchange(conn, {"op": "ping"})
 
 
 @pytest.mark.parametrize(("transport", "stop"), [("unix", signal.SIGINT),
@@ -254,7 +254,7 @@ def test_a_server_killed_mid_request_leaves_the_client_an_answer(runs: Path, mod
                                                                  monkeypatch: pytest.MonkeyPatch):
     req = requests(model_a, tiny_cache)[0]
     sent = threading.Event()
-    connect = nlmm.serve_client.connect
+    connect = nlmm.search.client.connect
 
     class Watched:
         """The client's connection, telling the test when the request is on its way."""
@@ -279,7 +279,7 @@ def test_a_server_killed_mid_request_leaves_the_client_an_answer(runs: Path, mod
         conn = connect(address)
         return None if conn is None else Watched(conn)
 
-    monkeypatch.setattr(nlmm.serve_client, "connect", watched_connect)
+    monkeypatch.setattr(nlmm.search.client, "connect", watched_connect)
     notes = io.StringIO()
     with serve_process(runs) as proc:
         proc.send_signal(signal.SIGSTOP)  # it accepts no more work, yet its socket stays open
@@ -306,7 +306,7 @@ def test_a_server_killed_mid_request_leaves_the_client_an_answer(runs: Path, mod
 
 
 def test_json_lines_protocol_answers_ping_and_refuses_garbage(served: SearchService, runs: Path):
-    conn = nlmm.serve_client.connect(str(runs / SOCKET_NAME))
+    conn = nlmm.search.client.connect(str(runs / SOCKET_NAME))
     with conn:
         conn.sendall(b"not json\n" + json.dumps({"op": "ping"}).encode() + b"\n")
         with conn.makefile("rb") as reader:
@@ -318,7 +318,7 @@ def test_json_lines_protocol_answers_ping_and_refuses_garbage(served: SearchServ
 def test_a_log_reader_that_stops_reading_never_holds_up_an_answer():
     """`nlmm serve | reader` where the reader stops: the log thread waits, callers do not, and
     what does not fit is counted."""
-    from nlmm.serve import LOG_QUEUE, BackgroundLog
+    from nlmm.search.serve import LOG_QUEUE, BackgroundLog
 
     entered, release, written = threading.Event(), threading.Event(), []
 

@@ -20,10 +20,10 @@ from test_inference_load import write_checkpoint
 from test_serve import isolated_store, nlmm_env, runs  # noqa: F401 (fixtures)
 
 from nlmm.data.cache import PreparedCache
-from nlmm.search import run_search
-from nlmm.search_types import SearchRequest
-from nlmm.serve import listen_backlog
-from nlmm.serve_client import connect, exchange, server_address
+from nlmm.search.engine import run_search
+from nlmm.search.types import SearchRequest
+from nlmm.search.serve import listen_backlog
+from nlmm.search.client import connect, exchange, server_address
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 from serve_load import burst, ping, serve_process  # noqa: E402

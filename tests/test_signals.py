@@ -62,7 +62,7 @@ def test_a_piped_run_stops_with_a_checkpoint_on_a_signal(synth_root: Path, tmp_p
 
 
 def test_a_failure_reaches_a_piped_terminal_as_one_sentence() -> None:
-    from nlmm.cli_follow import without_tracebacks
+    from nlmm.cli.follow import without_tracebacks
 
     log = ["training boom on cpu: 34 steps", "Traceback (most recent call last):",
            '  File "loop.py", line 1, in fit', "nlmm.errors.NlmmError: training diverged", "",

@@ -334,7 +334,7 @@ def test_run_lifecycle_and_lookup(engine):
 def test_run_statuses_have_one_definition(engine, db_path):
     """Every status is either active or ended, the column holds the plain string a member
     equals, and the CLI and the dash style every status."""
-    from nlmm.reports import STATUS_STYLE
+    from nlmm.cli.reports import STATUS_STYLE
 
     assert set(ACTIVE_STATUSES) | set(ENDED_STATUSES) == set(RunStatus)
     assert not set(ACTIVE_STATUSES) & set(ENDED_STATUSES)

@@ -13,10 +13,10 @@ import torch
 from nlmm.data.packed import pack
 from nlmm.data.stream import iter_split
 from nlmm.model import NLMM
-from nlmm.search_pack import read_items
+from nlmm.search.pack import read_items
 from nlmm.train import faiss_recall
-from nlmm.train.evaluate import evaluate_packed
-from nlmm.train.retrieval import recall_at_k
+from nlmm.eval.evaluate import evaluate_packed
+from nlmm.eval.recall import recall_at_k
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_packed import CFG, CHUNK, VOCAB, tiny_corpus  # noqa: E402

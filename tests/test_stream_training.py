@@ -18,7 +18,7 @@ from nlmm.config import resolve_config
 from nlmm.data.corpora import read_corpus
 from nlmm.data.pack_source import PackedSource
 from nlmm.data.packed import pack
-from nlmm.train.checkpoint import load_checkpoint
+from nlmm.inference.checkpoint import load_checkpoint
 from nlmm.train.launcher import fit_modalities
 from nlmm.train.loop import Trainer
 

@@ -7,7 +7,7 @@ import psutil
 import pynvml
 
 from nlmm.store import create_run, get_engine, system_samples
-from nlmm.sysmon import NO_GPU_NOTE, SystemMonitor, gpu_available, sample_system
+from nlmm.train.sysmon import NO_GPU_NOTE, SystemMonitor, gpu_available, sample_system
 
 
 def _nvml_gpu_count() -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny import ListSink, SMALL_MODEL, TINY_DATA, tiny_config
-from nlmm.train.checkpoint import load_checkpoint
+from nlmm.inference.checkpoint import load_checkpoint
 from nlmm.train.loop import Trainer, lr_factor, short_run_warmup
 
 

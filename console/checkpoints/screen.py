@@ -21,7 +21,7 @@ from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm import store
 from nlmm.paths import checkpoint_home
-from nlmm.reports import recall_table
+from nlmm.cli.reports import recall_table
 from nlmm.units import file_size, recall_cell, size_on_disk
 
 COLUMNS = (("best", "★"), ("kind", "kind"), ("step", "step"), ("epoch", "epoch"),
@@ -209,7 +209,7 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
 
     @work(thread=True, group="ckpt-action")
     def _evaluate(self, ckpt: store.Checkpoint) -> None:
-        from nlmm.train.evaluate import evaluate_target
+        from nlmm.eval.evaluate import evaluate_target
 
         try:
             result = evaluate_target(ckpt.path, split="test")
@@ -235,7 +235,7 @@ class CheckpointsScreen(PollingScreen[CheckpointsSnapshot]):
 
     @work(thread=True, group="ckpt-action")
     def _export(self, ckpt: store.Checkpoint) -> None:
-        from nlmm.export import export_bundle
+        from nlmm.inference.export import export_bundle
 
         try:
             # the folder is this checkpoint's own (kind and step): exporting it again rewrites

@@ -9,7 +9,7 @@ from textual.widgets import Label, ProgressBar, Static
 
 from console import formatting as fmt
 from nlmm import store
-from nlmm.reports import device_text, epoch_text, error_sentence, started_text, status_text
+from nlmm.cli.reports import device_text, epoch_text, error_sentence, started_text, status_text
 
 
 def summary_line(run: store.Run, test_r1: float | None = None) -> Text:

@@ -12,7 +12,7 @@ from textual.containers import Vertical
 from textual.widgets import Static
 
 from console.widgets.chart import MetricChart, Points
-from nlmm.reports import LevelMotion
+from nlmm.cli.reports import LevelMotion
 
 TITLE = "relative update ‖Δθ‖/‖θ‖ per CMS level (log scale)"
 BARELY_MOVES = "barely moves"

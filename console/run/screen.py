@@ -28,7 +28,7 @@ from console.widgets.key_footer import KeyFooter
 from nlmm import store
 from nlmm.config import MODALITIES
 from nlmm.metric_names import DIRECTIONS, KS, LOSS_KEYS
-from nlmm.reports import LevelMotion, level_motion, level_names, still_key
+from nlmm.cli.reports import LevelMotion, level_motion, level_names, still_key
 
 MAX_POINTS = 300
 # Samples read for the system panel: the sparkline history for up to 8 GPUs and the host.

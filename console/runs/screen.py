@@ -20,7 +20,7 @@ from console.run.screen import RunScreen
 from console.widgets.key_footer import KeyFooter
 from console.widgets.keyed_table import KeyedTable, Row
 from nlmm import store
-from nlmm.reports import status_text
+from nlmm.cli.reports import status_text
 from nlmm.units import recall_cell
 
 # what `f` cycles through, starting from all runs

@@ -1,6 +1,6 @@
 """Query a trained checkpoint with text, an image file or a WAV file and list what it retrieves.
 
-Queries go through `nlmm.search.Searcher.query`, the function behind `nlmm search`; the app's
+Queries go through `nlmm.search.engine.Searcher.query`, the function behind `nlmm search`; the app's
 SearcherCache keeps the last loaded Searcher so only the first query of a checkpoint pays for
 loading the model.
 """
@@ -28,7 +28,7 @@ from nlmm.errors import NlmmError
 
 if TYPE_CHECKING:
     from console.search.searchers import SearcherCache
-    from nlmm.search import SearchHit
+    from nlmm.search.engine import SearchHit
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 AUDIO_SUFFIXES = (".wav",)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nlmm.search import Searcher
+    from nlmm.search.engine import Searcher
 
 
 class SearcherCache:
@@ -24,9 +24,9 @@ class SearcherCache:
 
     def get(self, checkpoint: Path | None, run: str | None) -> Searcher:
         """A Searcher for `checkpoint`, or for the best checkpoint of `run` when it is None."""
-        from nlmm.inference import checkpoint_for
-        from nlmm.search import Searcher
-        from nlmm.weights_cache import checkpoint_key
+        from nlmm.inference.load import checkpoint_for
+        from nlmm.search.engine import Searcher
+        from nlmm.inference.weights_cache import checkpoint_key
 
         path = (checkpoint or checkpoint_for(run)).resolve()
         with self._lock:

@@ -423,3 +423,17 @@ def system_samples(run_id: int | None = None, since: float | None = None, limit:
         query = query.where(SystemSample.time >= since)
     with read_session(engine) as session:
         return list(reversed(session.exec(query).all()))
+
+
+def lineage(run: Run) -> tuple[list[Run], str | None]:
+    """The runs `run` descends from, the first one first, and `run` last; with the name of an
+    ancestor that was removed from the store (the chain stops below it), else None."""
+    chain = [run]
+    while chain[0].parent:
+        parent = find_run(chain[0].parent)
+        if parent is None:
+            return chain, chain[0].parent
+        if any(r.id == parent.id for r in chain):  # a removed parent's name taken by a descendant
+            break
+        chain.insert(0, parent)
+    return chain, None

@@ -42,7 +42,7 @@ from nlmm.data.cache import PreparedCache
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
 from nlmm.model.gather import gather_ragged
-from nlmm.train.evaluate import embed_split, score_split
+from nlmm.eval.evaluate import embed_split, score_split
 
 # Long enough for rank 0 to write a large checkpoint or evaluate while the others wait.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)

@@ -40,7 +40,7 @@ from nlmm.data.pack_source import PackedSource, is_pack
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.devices import resolve_device
 from nlmm.errors import NlmmError
-from nlmm.train.checkpoint import load_checkpoint
+from nlmm.inference.checkpoint import load_checkpoint
 from nlmm.train.distributed import DistContext, check_batch_size
 from nlmm.train.lineage import save_run_config
 from nlmm.train.plan import Extension

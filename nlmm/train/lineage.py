@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nlmm import store
 from nlmm.config import Config, save_config
 
 
@@ -22,17 +21,3 @@ def save_run_config(cfg: Config, path: Path, parent: str | None) -> None:
         path.write_text(f"# continues run {parent} on another corpus: its model, tokenizer and "
                         f"optimizer state (nlmm runs forgetting shows both corpora)\n"
                         + path.read_text())
-
-
-def lineage(run: store.Run) -> tuple[list[store.Run], str | None]:
-    """The runs `run` descends from, the first one first, and `run` last; with the name of an
-    ancestor that was removed from the store (the chain stops below it), else None."""
-    chain = [run]
-    while chain[0].parent:
-        parent = store.find_run(chain[0].parent)
-        if parent is None:
-            return chain, chain[0].parent
-        if any(r.id == parent.id for r in chain):  # a removed parent's name taken by a descendant
-            break
-        chain.insert(0, parent)
-    return chain, None

@@ -28,7 +28,7 @@ from nlmm.errors import NlmmError
 from nlmm.metric_names import LOSS_KEYS
 from nlmm.model import NLMM
 from nlmm.model.losses import ContrastiveLoss
-from nlmm.train.checkpoint import model_snapshot, save_checkpoint
+from nlmm.inference.checkpoint import model_snapshot, save_checkpoint
 from nlmm.train.distributed import (
     SINGLE,
     DistContext,
@@ -39,7 +39,7 @@ from nlmm.train.distributed import (
     sync_context,
     wrap_model,
 )
-from nlmm.train.evaluate import evaluate_packed, evaluate_split
+from nlmm.eval.evaluate import evaluate_packed, evaluate_split
 from nlmm.units import file_size, hms
 from nlmm.train.speed import (
     NOT_COMPILE_FAILURES,
@@ -585,7 +585,7 @@ class Trainer:
         best = self.best_weights
         path = self.run_dir / "checkpoints" / "best.pt"
         if best is None and path.is_file():  # resumed: the best model is only on disk
-            from nlmm.train.checkpoint import load_checkpoint
+            from nlmm.inference.checkpoint import load_checkpoint
             best = load_checkpoint(path)["model"]
         if best is None or self.best_step == p.global_step:
             test = last

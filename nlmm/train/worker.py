@@ -32,7 +32,7 @@ from nlmm.data.pack_source import PackedSource, is_pack
 from nlmm.devices import resolve_device
 from nlmm.errors import NlmmError
 from nlmm.train import distributed
-from nlmm.train.checkpoint import discard_partial_writes, load_checkpoint
+from nlmm.inference.checkpoint import discard_partial_writes, load_checkpoint
 from nlmm.train.distributed import DistContext
 from nlmm.train.lineage import save_run_config
 from nlmm.train.loop import CheckpointEvent, Progress, Trainer
@@ -224,7 +224,7 @@ def _run_main(run_id: int, ctx: DistContext, device: torch.device, ext: Extensio
 
             sink = TeeSink(writer, build_mirrors(cfg.train.mirrors, run.name, run_dir,
                                                  cfg.to_dict()))
-        from nlmm.sysmon import SystemMonitor
+        from nlmm.train.sysmon import SystemMonitor
 
         monitor = SystemMonitor(run.id)
         monitor.start()

@@ -1,6 +1,6 @@
 """Load a trained model for evaluation, search or export: by run (its best checkpoint) or file.
 
-The weights come from the checkpoint's weights-only copy (`nlmm.weights_cache`), derived on the
+The weights come from the checkpoint's weights-only copy (`nlmm.inference.weights_cache`), derived on the
 first load and memory-mapped on every later one, into a model built without random
 initialisation: every weight is overwritten by the loaded state dict anyway, and initialising a
 177M-parameter model takes seconds on a CPU.
@@ -20,7 +20,7 @@ import torch
 from nlmm.config import Config, config_from_dict, with_legacy_defaults
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
-from nlmm.weights_cache import (checkpoint_key, read_unreplaced, read_weights, small_payload,
+from nlmm.inference.weights_cache import (checkpoint_key, read_unreplaced, read_weights, small_payload,
                                 weights_path, write_weights)
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ def build_model(cfg: Config, state: dict[str, torch.Tensor], device: torch.devic
 def _derive(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, Any], str | None]:
     """(weights, small payload, key) read from the checkpoint itself, and written as its
     weights-only copy, filed under the key of the very bytes read."""
-    from nlmm.train.checkpoint import load_checkpoint
+    from nlmm.inference.checkpoint import load_checkpoint
 
     payload, key = read_unreplaced(path, lambda: load_checkpoint(path, map_location="cpu"))
     small = small_payload(payload)

@@ -31,13 +31,13 @@ from nlmm.config import MODALITIES
 from nlmm.data.cache import PreparedCache
 from nlmm.data.corpora.base import SPLITS
 from nlmm.data.loader import iter_modality, modality_rows
-from nlmm.embed import autocast_for, embed_input, file_input, text_input
+from nlmm.inference.embed import autocast_for, embed_input, file_input, text_input
 from nlmm.errors import NlmmError
-from nlmm.inference import (LoadedModel, checkpoint_for, load_for_inference, require_cache,
+from nlmm.inference.load import (LoadedModel, checkpoint_for, load_for_inference, require_cache,
                             training_pack)
 from nlmm.paths import checkpoint_home, prune_least_recent, run_folder_of
-from nlmm.weights_cache import read_unreplaced
-from nlmm.search_types import SearchHit, SearchRequest, SearchResults  # re-exported here
+from nlmm.inference.weights_cache import read_unreplaced
+from nlmm.search.types import SearchHit, SearchRequest, SearchResults  # re-exported here
 
 INDEX_VERSION = 2
 BACKENDS = ("exact", "faiss")
@@ -191,7 +191,7 @@ class Searcher:
         pack = training_pack(self.loaded) if self.loaded.cache is None else None
         self.pack = None
         if pack is not None:
-            from nlmm.search_pack import PackGallery
+            from nlmm.search.pack import PackGallery
 
             self.pack = PackGallery(pack, self.index_dir, self.loaded.cfg.data,
                                     self.loaded.tokenizer)

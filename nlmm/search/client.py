@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import nlmm
 from nlmm.errors import NlmmError
 from nlmm.paths import default_db_url, runs_dir
-from nlmm.search_types import SearchRequest, SearchResults
-from nlmm.serve_protocol import (PROTOCOL, SOCKET_NAME, TCP_PORT_NAME, decode, encode,
+from nlmm.search.types import SearchRequest, SearchResults
+from nlmm.search.protocol import (PROTOCOL, SOCKET_NAME, TCP_PORT_NAME, decode, encode,
                                  request_to_json, results_from_json)
 
 if TYPE_CHECKING:
@@ -160,6 +160,6 @@ def search(req: SearchRequest, console: Console | None = None,
         else:
             if answer is not None:
                 return answer.results
-    from nlmm.search import run_search
+    from nlmm.search.engine import run_search
 
     return run_search(req, console=console)

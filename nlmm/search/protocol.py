@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
-from nlmm.search_types import SearchHit, SearchRequest, SearchResults
+from nlmm.search.types import SearchHit, SearchRequest, SearchResults
 
 PROTOCOL = 1
 SOCKET_NAME = ".serve.sock"

@@ -16,7 +16,7 @@ from typing import Any
 # the exceptions its parser raises.
 from typer._click import exceptions as parser
 
-from nlmm.cli_help import metavar_of
+from nlmm.cli.help import metavar_of
 from nlmm.errors import NlmmError
 
 USAGE_EXIT = 2  # click's status for command-line mistakes, kept for scripts that test it

@@ -27,7 +27,7 @@ from nlmm.data.pack_index import read_manifest
 from nlmm.data.pack_reader import ShardReader, split_shards
 from nlmm.data.stream import iter_split
 from nlmm.data.stream_order import SplitOrder
-from nlmm.search_types import SearchHit
+from nlmm.search.types import SearchHit
 
 ENCODE_BATCH = 64  # groups per batch; a batch holds their images and every caption's log-mel
 
@@ -72,7 +72,7 @@ def read_items(url: str, split: str, modality: str) -> PackItems:
 
 
 class PackGallery:
-    """The gallery of a streamed run's pack, for nlmm.search.Searcher."""
+    """The gallery of a streamed run's pack, for nlmm.search.engine.Searcher."""
 
     def __init__(self, url: str, index_dir: Path, data_cfg: Any, tokenizer: Any) -> None:
         self.url, self.index_dir = url, index_dir

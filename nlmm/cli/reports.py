@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from rich.console import Group
@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # `runs ls` needs neither config machinery (yaml) nor SQLAlch
     # search` through a server no store: each function imports what it uses
     from nlmm import store
     from nlmm.config import Config
-    from nlmm.search_types import SearchResults
+    from nlmm.eval.forgetting import Forgetting
+    from nlmm.search.types import SearchResults
 
 STATUS_STYLE = {"running": "green", "queued": "cyan", "finished": "bold green",
                 "stopped": "yellow", "failed": "bold red", "lost": "magenta"}
@@ -488,4 +489,32 @@ def search_table(results: SearchResults) -> Table | Text:
     for hit in results.hits:
         table.add_row(str(hit.rank), f"{hit.score:.3f}",
                       *(getattr(hit, field) or "" for _, field in columns))
+    return table
+
+
+def forgetting_table(report: Forgetting) -> Table:
+    """One block of rows per corpus, one row per checkpoint of the lineage, oldest first; Δ is
+    the change in mean R@1 from the checkpoint above."""
+    directions = [k for k in DIRECTIONS if any(f"{k}_r1" in s.metrics for s in report.scores)]
+    table = Table(title=f"Recall@1 (%) on each corpus's {report.split} split, at the end of each "
+                        f"run of {' → '.join(report.lineage)}")
+    for col in ("corpus", "run (last.pt)", "step", "mean R@1", "Δ"):
+        table.add_column(col, justify="right" if col in ("step", "mean R@1", "Δ") else "left")
+    for k in directions:
+        table.add_column(ARROWS[k], justify="right")
+    for i, corpus in enumerate(report.corpora):
+        rows = [s for s in report.scores if s.corpus == i]
+        before = None
+        for n, s in enumerate(rows):
+            mean = s.metrics.get("mean_r1", float("nan"))
+            delta = Text("") if before is None else \
+                Text(f"{mean - before:+.1f}", style="red" if mean < before else "green")
+            run = Text(s.run, style="bold") if s.trained_on else Text(s.run)
+            if s.trained_on:
+                run.append(" (trained on it)", style="dim")
+            table.add_row(corpus.label if n == 0 else "", run, str(s.step), f"{mean:.1f}", delta,
+                          *(f"{s.metrics[f'{k}_r1']:.1f}" if f"{k}_r1" in s.metrics else "-"
+                            for k in directions),
+                          end_section=n == len(rows) - 1)
+            before = mean
     return table

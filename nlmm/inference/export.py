@@ -1,5 +1,5 @@
 """Self-contained inference bundles: safetensors weights, config and tokenizer in one folder
-(`nlmm.bundle` reads them and embeds texts, images and speech with them).
+(`nlmm.inference.bundle` reads them and embeds texts, images and speech with them).
 
 Loading a bundle needs only `nlmm` installed (no store, no run folder, no data cache):
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 import nlmm
-from nlmm.bundle import CONFIG, META, TOKENIZER, WEIGHTS
+from nlmm.inference.bundle import CONFIG, META, TOKENIZER, WEIGHTS
 from nlmm.config import save_config
 from nlmm.errors import NlmmError
 
@@ -29,7 +29,7 @@ def export_bundle(target: str, out: Path, force: bool = False) -> Path:
     A folder that holds anything already is refused unless `force`, which overwrites the
     bundle's files there and leaves any other file alone.
     """
-    from nlmm.inference import load_for_inference
+    from nlmm.inference.load import load_for_inference
 
     out = Path(out)
     if out.exists() and not out.is_dir():

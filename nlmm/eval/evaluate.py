@@ -13,7 +13,7 @@ from nlmm.data.cache import PreparedCache
 from nlmm.data.loader import iter_modality, modality_rows, owner_images
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
-from nlmm.train.retrieval import retrieval_metrics
+from nlmm.eval.recall import retrieval_metrics
 
 # Keys of the coverage counts, so a partly covered split shows on how many items it was scored.
 COVERAGE_KEYS = {"image": "n_images", "text": "n_captions", "audio": "n_wavs"}
@@ -97,7 +97,7 @@ def evaluate_packed(model: NLMM, url: str, split: str, device: torch.device, dat
     same figures, faiss_recall.py). A group's clip is one audio item; spoken captions keep the
     strict caption-level directions."""
     from nlmm.data.stream import iter_split
-    from nlmm.train.faiss_recall import gallery_recall
+    from nlmm.eval.faiss_recall import gallery_recall
 
     model.eval()
     towers = getattr(model, "modalities", MODALITIES)
@@ -196,7 +196,7 @@ def evaluate_target(target: str, split: str = "test", ttt: bool | None = None,
     "ttt" says whether it was used, and "ttt_settings" with which eta / max_steps / rank. A
     cache of several corpora adds "sources": each corpus's own figures on the same split.
     """
-    from nlmm.inference import load_for_inference, require_cache, training_pack
+    from nlmm.inference.load import load_for_inference, require_cache, training_pack
 
     loaded = load_for_inference(target, device=device, data=data)
     pack = training_pack(loaded) if data is None else None

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nlmm.metric_names import KS
-from nlmm.train.retrieval import recall_at_k
+from nlmm.eval.recall import recall_at_k
 
 FAISS_MIN_GALLERY = 20_000  # faiss is ~2x faster from here on (bench/STREAM_NOTES.md)
 SEARCH_CHUNK = 16384  # queries per faiss search call: bounds the result arrays

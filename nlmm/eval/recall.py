@@ -89,7 +89,7 @@ def retrieval_metrics(emb: dict[str, torch.Tensor], owner: dict[str, torch.Tenso
     With `caption_rows` (the caption row of each "text" and "audio" embedding), the strict
     caption-level `t2a_own_rK` and `a2t_own_rK` are added too, where a caption's only positive
     is its own reading and vice versa; they are not part of `mean_r1`. `recall` scores one
-    direction (nlmm.train.faiss_recall.gallery_recall for large galleries).
+    direction (nlmm.eval.faiss_recall.gallery_recall for large galleries).
     """
     out: dict[str, float] = {}
     for direction in DIRECTIONS:

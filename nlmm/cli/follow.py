@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.text import Text
 
 from nlmm import store
-from nlmm.reports import epoch_text, error_sentence, summary_table
+from nlmm.cli.reports import epoch_text, error_sentence, summary_table
 from nlmm.train.launcher import log_lines, stop, wait, watch
 
 

@@ -14,13 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-from rich.text import Text
-
-from nlmm.metric_names import DIRECTIONS
-from nlmm.reports import ARROWS
-from nlmm.train.lineage import lineage
-
 
 @dataclass
 class Corpus:
@@ -72,7 +65,7 @@ def _open(data: str, loaded: Any) -> Any:
 
 def _recall_at_1(loaded: Any, corpus: Any, split: str) -> dict[str, float]:
     from nlmm.data.pack_source import PackedSource
-    from nlmm.train.evaluate import evaluate_packed, evaluate_split
+    from nlmm.eval.evaluate import evaluate_packed, evaluate_split
 
     if isinstance(corpus, PackedSource):
         metrics = evaluate_packed(loaded.model, corpus.path, split, loaded.device,
@@ -95,10 +88,10 @@ def forgetting(ref: str, split: str = "test", device: str = "auto") -> Forgettin
     """Score the final checkpoint of `ref` and of each of its ancestors on `split` of every
     corpus they trained on."""
     from nlmm import store
-    from nlmm.inference import load_for_inference
+    from nlmm.inference.load import load_for_inference
 
     store.mark_lost()
-    runs, missing = lineage(store.get_run(ref))
+    runs, missing = store.lineage(store.get_run(ref))
     corpora: list[Corpus] = []
     for r in runs:
         if r.data not in [c.data for c in corpora]:
@@ -121,31 +114,3 @@ def forgetting(ref: str, split: str = "test", device: str = "auto") -> Forgettin
             report.scores.append(Score(i, r.name, str(last), step, c.data == r.data,
                                        _recall_at_1(loaded, opened[c.data], split)))
     return report
-
-
-def forgetting_table(report: Forgetting) -> Table:
-    """One block of rows per corpus, one row per checkpoint of the lineage, oldest first; Δ is
-    the change in mean R@1 from the checkpoint above."""
-    directions = [k for k in DIRECTIONS if any(f"{k}_r1" in s.metrics for s in report.scores)]
-    table = Table(title=f"Recall@1 (%) on each corpus's {report.split} split, at the end of each "
-                        f"run of {' → '.join(report.lineage)}")
-    for col in ("corpus", "run (last.pt)", "step", "mean R@1", "Δ"):
-        table.add_column(col, justify="right" if col in ("step", "mean R@1", "Δ") else "left")
-    for k in directions:
-        table.add_column(ARROWS[k], justify="right")
-    for i, corpus in enumerate(report.corpora):
-        rows = [s for s in report.scores if s.corpus == i]
-        before = None
-        for n, s in enumerate(rows):
-            mean = s.metrics.get("mean_r1", float("nan"))
-            delta = Text("") if before is None else \
-                Text(f"{mean - before:+.1f}", style="red" if mean < before else "green")
-            run = Text(s.run, style="bold") if s.trained_on else Text(s.run)
-            if s.trained_on:
-                run.append(" (trained on it)", style="dim")
-            table.add_row(corpus.label if n == 0 else "", run, str(s.step), f"{mean:.1f}", delta,
-                          *(f"{s.metrics[f'{k}_r1']:.1f}" if f"{k}_r1" in s.metrics else "-"
-                            for k in directions),
-                          end_section=n == len(rows) - 1)
-            before = mean
-    return table

@@ -1,7 +1,7 @@
 """The request and results of one search: plain data, free of torch and numpy.
 
-`nlmm.search` answers them in-process; `nlmm serve` answers them for the `nlmm search` client,
-which must build them without paying for importing torch (see nlmm.serve_protocol).
+`nlmm.search.engine` answers them in-process; `nlmm serve` answers them for the `nlmm search` client,
+which must build them without paying for importing torch (see nlmm.search.protocol).
 """
 
 from __future__ import annotations

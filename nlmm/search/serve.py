@@ -2,7 +2,7 @@
 
 The server listens on the Unix socket `<runs>/.serve.sock` (or on 127.0.0.1 with `--tcp`), and
 `nlmm search` in the same runs folder uses it on its own; the messages are described in
-`nlmm.serve_protocol`. A request is answered by the same `Searcher` code as an in-process
+`nlmm.search.protocol`. A request is answered by the same `Searcher` code as an in-process
 search, so its results are the same, byte for byte (with the same torch thread settings). The
 Unix socket takes connections from its owner only (its file mode); a TCP port from every local
 user.
@@ -41,14 +41,14 @@ from typing import Any
 import nlmm
 from nlmm.devices import resolve_device
 from nlmm.errors import NlmmError
-from nlmm.inference import checkpoint_for
+from nlmm.inference.load import checkpoint_for
 from nlmm.paths import default_db_url, runs_dir
-from nlmm.search import Searcher, check_request
-from nlmm.search_types import SearchRequest
-from nlmm.serve_client import connect
-from nlmm.serve_protocol import (MAX_REQUEST_BYTES, PROTOCOL, SOCKET_NAME, TCP_PORT_NAME, decode,
+from nlmm.search.engine import Searcher, check_request
+from nlmm.search.types import SearchRequest
+from nlmm.search.client import connect
+from nlmm.search.protocol import (MAX_REQUEST_BYTES, PROTOCOL, SOCKET_NAME, TCP_PORT_NAME, decode,
                                  encode, request_from_json, results_to_json)
-from nlmm.weights_cache import checkpoint_key
+from nlmm.inference.weights_cache import checkpoint_key
 
 DEFAULT_MAX_MODELS = 2
 UNIX_PATH_MAX = 107  # bytes of a Unix socket path, sun_path less its terminating NUL

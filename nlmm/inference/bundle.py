@@ -9,7 +9,7 @@ only `nlmm` installed (no store, run folder or data cache):
     images = bundle.embed_images(["photo.jpg"])  # decoded, resized and cropped as in training
     scores = text @ images.T
 
-Files go through `nlmm.embed`, the path `nlmm search` embeds its queries with, so a bundle
+Files go through `nlmm.inference.embed`, the path `nlmm search` embeds its queries with, so a bundle
 gives the embeddings and scores that `nlmm search` gives for the checkpoint it was exported from.
 """
 
@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from nlmm.config import Config, config_from_dict, with_legacy_defaults
 from nlmm.data.tokenizer import TextTokenizer
-from nlmm.embed import embed_input, file_input, text_input
+from nlmm.inference.embed import embed_input, file_input, text_input
 from nlmm.errors import NlmmError
 from nlmm.model import NLMM
 
@@ -104,7 +104,7 @@ def load_bundle(path: PathLike, device: str = "cpu") -> Bundle:
     """The bundle that `nlmm export` wrote in the folder `path`, its model on `device`
     (`cpu`, `cuda`, `cuda:1`, or `auto`: the GPU when there is one)."""
     from nlmm.devices import resolve_device
-    from nlmm.inference import build_model
+    from nlmm.inference.load import build_model
 
     path = Path(path)
     missing = [n for n in (WEIGHTS, CONFIG, TOKENIZER) if not (path / n).is_file()]

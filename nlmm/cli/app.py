@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 import nlmm
-from nlmm.cli_errors import describe, help_instead
-from nlmm.cli_help import use_readable_help
+from nlmm.cli.errors import describe, help_instead
+from nlmm.cli.help import use_readable_help
 from nlmm.errors import NlmmError
 
 console = Console()
@@ -340,7 +340,7 @@ def train(
                                                               "node can reach.")] = None,
 ) -> None:
     """Prepare the corpus if needed, start a training run as a subprocess and follow it."""
-    from nlmm.cli_follow import follow
+    from nlmm.cli.follow import follow
     from nlmm.train.launcher import join, launch, launch_nproc
     from nlmm.train.request import TrainRequest
 
@@ -397,7 +397,7 @@ def runs_ls(
     status: Annotated[Optional[str], typer.Option(help="Only runs with this status.")] = None,
 ) -> None:
     """List runs with status, progress and best mean R@1."""
-    from nlmm.reports import runs_table
+    from nlmm.cli.reports import runs_table
 
     console.print(runs_table(status=status))
 
@@ -405,7 +405,7 @@ def runs_ls(
 @runs_app.command("show")
 def runs_show(run: Annotated[str, typer.Argument(metavar="RUN", help="Run name or id.")]) -> None:
     """Show a run: status, config summary, latest metrics, checkpoints."""
-    from nlmm.reports import run_details
+    from nlmm.cli.reports import run_details
 
     console.print(run_details(run))
 
@@ -455,7 +455,8 @@ def runs_forgetting(
 
     RUN and the runs it continues (`nlmm train --resume PARENT --data NEW`) are scored at their
     last.pt on each corpus: what training on a new corpus cost on the earlier ones."""
-    from nlmm.forgetting import forgetting, forgetting_table
+    from nlmm.cli.reports import forgetting_table
+    from nlmm.eval.forgetting import forgetting
 
     report = forgetting(run, split=split.value, device=device.value)
     if as_json:
@@ -469,7 +470,7 @@ def runs_forgetting(
 @runs_app.command("compare")
 def runs_compare(runs: Annotated[list[str], typer.Argument(metavar="RUN", help="Run names or ids.")]) -> None:
     """Best retrieval figures of several runs side by side."""
-    from nlmm.reports import compare_table
+    from nlmm.cli.reports import compare_table
 
     console.print(compare_table(runs))
 
@@ -484,7 +485,7 @@ def model_info(
 ) -> None:
     """Parameters per part and per CMS level, FLOPs per triple, memory at a batch size."""
     from nlmm.config import resolve_config
-    from nlmm.reports import model_info_table
+    from nlmm.cli.reports import model_info_table
 
     console.print(model_info_table(resolve_config(config, set_ or []), batch_size))
 
@@ -509,8 +510,8 @@ def eval_(
 ) -> None:
     """Recall@1/5/10 in every direction the model has, on a split or under a test protocol
     (with and without TTT), beside the number of images, captions and audio items scored."""
-    from nlmm.reports import eval_table
-    from nlmm.train.evaluate import evaluate_target
+    from nlmm.cli.reports import eval_table
+    from nlmm.eval.evaluate import evaluate_target
 
     results = evaluate_target(target, split=split.value, ttt=ttt, device=device.value,
                               data=_corpus_specs(data, format_, columns), protocol=protocol)
@@ -543,9 +544,9 @@ def search(
 ) -> None:
     """Retrieve images, captions or spoken captions with a trained checkpoint (through a running
     `nlmm serve` when there is one)."""
-    from nlmm.reports import search_shortfall, search_table
-    from nlmm.search_types import SearchRequest
-    from nlmm.serve_client import search as search_anywhere
+    from nlmm.cli.reports import search_shortfall, search_table
+    from nlmm.search.types import SearchRequest
+    from nlmm.search.client import search as search_anywhere
 
     request = SearchRequest(text=query, image=image, audio=audio, run=run, checkpoint=checkpoint,
                             target=in_.value if in_ else None, k=k, split=split.value, data=data,
@@ -571,7 +572,7 @@ def serve(
                                             "the least recently used goes first.")] = 2,
 ) -> None:
     """Keep models and gallery indexes loaded and answer `nlmm search` from them, until Ctrl-C."""
-    from nlmm.serve import serve as serve_forever
+    from nlmm.search.serve import serve as serve_forever
 
     def log(line: str) -> None:  # plain text, one line per event however long its paths
         console.print(line, markup=False, highlight=False, soft_wrap=True)
@@ -587,7 +588,7 @@ def export(
                                         "is not empty.")] = False,
 ) -> None:
     """Write a self-contained inference bundle (safetensors weights, config, tokenizer)."""
-    from nlmm.export import export_bundle
+    from nlmm.inference.export import export_bundle
 
     path = export_bundle(target, out, force=force)
     meta = json.loads((path / "bundle.json").read_text())
@@ -604,7 +605,7 @@ def plot(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="FILE", help="PNG file to write.")] = Path("training_progress.png"),
 ) -> None:
     """Plot losses and Recall@K curves of runs into a PNG (the guide's results plots)."""
-    from nlmm.plots import plot_runs
+    from nlmm.cli.plots import plot_runs
 
     path = plot_runs(runs, out)
     console.print(f"[green]wrote[/] {path}")
