@@ -12,11 +12,11 @@ import torch
 
 from nlmm.data.packed import pack
 from nlmm.data.stream import iter_split
-from nlmm.model import NLMM
-from nlmm.search.pack import read_items
-from nlmm.train import faiss_recall
+from nlmm.eval import faiss_recall
 from nlmm.eval.evaluate import evaluate_packed
 from nlmm.eval.recall import recall_at_k
+from nlmm.model import NLMM
+from nlmm.search.pack import read_items
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_packed import CFG, CHUNK, VOCAB, tiny_corpus  # noqa: E402
