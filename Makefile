@@ -17,8 +17,9 @@ install: $(STAMP)
 train: $(STAMP)
 	$(BIN)/nlmm train flickr8k $(ARGS)
 
+# Two workers: most tests wait on a subprocess or a small tensor op; one thread each (conftest).
 test: $(STAMP)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 2 $(ARGS)
 
 SYNTH := data/synth
 

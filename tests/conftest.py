@@ -13,6 +13,12 @@ from nlmm.config import DataConfig
 TINY_VOCAB = 300
 DEVICES = ("cpu", "cuda")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on CI's two cores: one thread each, for the processes the
+    # tests start too, and threads that sleep while they wait instead of spinning.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default=os.environ.get("NLMM_TEST_DEVICE", "cpu"),
@@ -23,6 +29,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "device: runs on the --device of the session (set for "
                                        "every test that takes the `device` fixture)")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
