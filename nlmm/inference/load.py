@@ -181,11 +181,8 @@ def training_pack(loaded: LoadedModel) -> str | None:
 
 def require_cache(loaded: LoadedModel) -> PreparedCache:
     if loaded.cache is None:
+        # (a model that streamed from a pack never gets here: search and eval read the pack)
         where = loaded.payload.get("data", {}).get("cache", "?")
-        if training_pack(loaded):
-            raise NlmmError(f"this model streamed its data from the pack {where}, which has no "
-                            f"gallery to search; pass --data with a corpus folder (the pack's "
-                            f"source, say) to search it.")
         raise NlmmError(f"the data cache this model was trained on ({where}) is gone; pass --data "
                         "with the corpus folder to rebuild it.")
     return loaded.cache
