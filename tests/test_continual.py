@@ -16,7 +16,6 @@ import torch
 from corpus_factory import write_public_corpus
 
 from nlmm import store
-from nlmm.train.lineage import lineage
 from nlmm.train.worker import continued_start
 from test_faults import NLMM, SMALL, TINY_DATA
 
@@ -46,9 +45,9 @@ def test_a_continued_run_starts_at_step_0_from_the_weights_its_parent_was_tested
 def test_lineage_follows_parents_and_names_a_removed_one():
     for name, parent in (("a", None), ("b", "a"), ("c", "b"), ("orphan", "gone")):
         store.create_run(name, {}, "data", "cpu", 1, None, parent=parent)
-    runs, missing = lineage(store.get_run("c"))
+    runs, missing = store.lineage(store.get_run("c"))
     assert [r.name for r in runs] == ["a", "b", "c"] and missing is None
-    runs, missing = lineage(store.get_run("orphan"))
+    runs, missing = store.lineage(store.get_run("orphan"))
     assert [r.name for r in runs] == ["orphan"] and missing == "gone"
 
 
@@ -101,6 +100,14 @@ def test_continuing_on_another_corpus_makes_a_child_run(continued, monkeypatch):
     assert (runs / "b" / "config.yaml").read_text().startswith("# continues run a ")
     log = (runs / "b" / "train.log").read_text()
     assert "continuing run a on this corpus" in log and "at step 0 of this run" in log
+    from rich.console import Console
+
+    from nlmm.cli.reports import run_details
+
+    shown = Console(width=200, record=True)
+    shown.print(run_details("b"))
+    assert "continues  a on another corpus (`nlmm runs forgetting b` scores both)" in \
+        shown.export_text()
 
 
 @pytest.mark.slow

@@ -262,8 +262,11 @@ def run_details(ref: str) -> Group:
             ("started", started_text(run, lambda t: time.strftime("%Y-%m-%d %H:%M",
                                                                     time.localtime(t)))),
             ("elapsed", _elapsed(run, now) + (f", ETA {store.hms(eta)}" if eta is not None else "")),
-            ("data", run.data or "-"), ("log", run.log_path or "-"),
-            ("model", f"towers {', '.join(towers)}; d_model {cfg.get('d_model')}, heads "
+            ("data", run.data or "-"), ("log", run.log_path or "-")]
+    if run.parent:
+        rows.append(("continues", f"{run.parent} on another corpus (`nlmm runs forgetting "
+                                  f"{run.name}` scores both)"))
+    rows += [("model", f"towers {', '.join(towers)}; d_model {cfg.get('d_model')}, heads "
                       f"{cfg.get('n_heads')}, depth "
                       f"{ {m: d for m, d in (cfg.get('depth') or {}).items() if m in towers} }, "
                       f"mixer {cfg.get('mixer')}"),
