@@ -346,8 +346,8 @@ def result_table(runs: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------ the run
 
 def best(runs: list[dict[str, Any]], name: str) -> Setting:
-    """The setting of `name`'s arms with the best dev mean R@1."""
-    mine = [r for r in runs if r["arm"].name == name]
+    """The setting of `name`'s search arms with the best dev mean R@1."""
+    mine = [r for r in runs if r["arm"].name == name and r["grid"]]
     return max(mine, key=lambda r: r["metrics"]["dev_mean_r1"])["arm"].setting
 
 
