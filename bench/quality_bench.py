@@ -18,7 +18,8 @@ Nothing is chosen on the test split:
 recorded there, with the ablations: a corpus that took no part in choosing anything.
 `--models` splits the work over processes, `--reuse` keeps arms measured before, and
 `--report FILE...` prints the tables of several `--json` files together (picks on dev over all
-of their arms).
+of their arms) and, with `--json`, writes them as one file, an arm per line: `bench/results/`
+holds those behind the tables of RESULTS.md.
 
 Budget: every arm trains for `--cpu-seconds` of this process's CPU time (`time.process_time`:
 data loading included, evaluation excluded) on `--threads` torch threads, default 1. Unlike wall
@@ -503,9 +504,20 @@ def main() -> None:
         stamps, runs, picks = read_results(args.report)
         if args.picks_from:
             picks = read_results(args.picks_from)[2]
-        else:
-            picks.update({name: best(runs, name) for name in picks})
-        print(report(stamps, runs, picks, ablations, tuned_here=not args.picks_from))
+        else:  # picks recorded by a --picks-from run stand; searched ones are re-made
+            picks.update({name: best(runs, name) for name in picks
+                          if any(r["arm"].name == name and r["grid"] for r in runs)})
+        tuned_here = not args.picks_from and any(r["grid"] for r in runs)
+        print(report(stamps, runs, picks, ablations, tuned_here))
+        if args.json:
+            # one file for the record: every arm's dev and test figures, one arm per line,
+            # with the first file's arguments (corpus, config and budget, which all share)
+            lines = ",\n".join(json.dumps(to_json(r)) for r in runs)
+            Path(args.json).write_text(
+                f'{{"stamp": {json.dumps(chr(10).join(dict.fromkeys(stamps)))},\n'
+                f'"args": {json.dumps(json.loads(args.report[0].read_text())["args"])},\n'
+                f'"picks": {json.dumps({k: dataclasses.asdict(v) for k, v in picks.items()})},\n'
+                f'"runs": [\n{lines}\n]}}\n')
         return
     optimizer_lrs = parse_optimizer_lrs(args.optimizer_lrs)
     models = [m for m in args.models.split(",") if m]
