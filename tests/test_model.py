@@ -383,13 +383,14 @@ def test_model_info_matches_a_counted_training_step(mixer, image_stem):
     torch.manual_seed(0)
     model = NLMM(cfg)
     batch = {"text": torch.randint(4, 64, (4, 12)), "image": torch.randn(4, 3, 32, 32),
-             "audio": torch.randn(4, 1, N_MELS, 40), "image_ids": torch.arange(4)}
+             # 0.4 s at a 10 ms hop: 1 + 6400 // 160 = 41 frames, as the cache computes them
+             "audio": torch.randn(4, 1, N_MELS, 41), "image_ids": torch.arange(4)}
     # the math backend decomposes attention into counted matmuls
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         outputs = training_losses(model, batch)
         outputs["loss"].backward()
     assert info["flops_per_step"] == pytest.approx(counter.get_total_flops(), rel=0.05)
-    assert info["tokens_per_triple"] == {"text": 12, "image": 16, "audio": 10}
+    assert info["tokens_per_triple"] == {"text": 12, "image": 16, "audio": 11}
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parts = info["params"]
