@@ -19,7 +19,8 @@ tiny_cpu is already CPU-sized and keeps its tokens and batch.
 
 Each recipe trains in-process with the real step (`Trainer.train_step`: warmup + cosine, the
 level optimizer with its chunk rule, clipping, skipped non-finite steps), then applies every open
-CMS chunk (`flush`, as the end of `fit` does) and scores the dev split with nlmm's evaluation.
+CMS chunk (`flush`, as the end of `fit` does) and scores the dev split with nlmm's evaluation
+(also just before the flush: at 60 steps a level with C > 60 moves only there).
 No checkpoint is written (a universal_anderson last.pt at these widths is ~11 GB).
 
 Recorded per recipe: the first step's loss, the final train loss (mean of the last
@@ -50,6 +51,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import stamp  # noqa: E402
 from quality_bench import NullSink  # noqa: E402
 
 from nlmm.backbones import BackboneSpec, build_full_network, named_weights_url  # noqa: E402
@@ -144,6 +146,9 @@ def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> 
             print(f"  {name} step {len(losses)}: loss {statistics.mean(window):.3f} "
                   f"({(time.perf_counter() - started) / len(losses):.1f} s/step)", flush=True)
     trained = time.perf_counter() - started
+    # what the slow levels' open chunks do when applied: at --steps < C the flush is the only
+    # update of the slow weights, all the run's per-step updates at once
+    unflushed = trainer.evaluate("dev")["mean_r1"]
     trainer.optimizer.flush()  # the open chunks are part of what the run learned (Eq. 31)
     dev = trainer.evaluate("dev")
     n_dev = len(cache.split_images("dev"))
@@ -159,6 +164,7 @@ def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> 
         "lr": cfg.cms_levels[0].lr, "batch": batch, "steps": len(losses), "skipped": skipped,
         "warmup": trainer.warmup_steps, "first": losses[0] if losses else math.nan,
         "final": final, "ln_batch": math.log(batch), "dev": dev, "chance": chance,
+        "unflushed": unflushed,
         "prepare_s": prepared, "s_per_step": trained / max(1, len(losses) + skipped),
         "diverged": diverged,
         "passed": (not diverged and final < LOSS_MARK * math.log(batch)
@@ -169,13 +175,14 @@ def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| recipe | d / depth t/i/a | optimizer, fast lr | batch | steps (warmup) | "
              "first loss | final loss | ln(batch) | dev mean R@1 | chance | × chance | "
-             "s / step | verdict |", "|" + "---|" * 13]
+             "before the flush | s / step | verdict |", "|" + "---|" * 14]
     for r in rows:
         lines.append(
             f"| `{r['recipe']}` | {r['d_model']} / {r['depth']} | {r['optimizer']}, {r['lr']:g} | "
             f"{r['batch']} | {r['steps']} ({r['warmup']}) | {r['first']:.3f} | {r['final']:.3f} | "
             f"{r['ln_batch']:.3f} | {r['dev']['mean_r1']:.1f} | {r['chance']:.1f} | "
-            f"{r['dev']['mean_r1'] / r['chance']:.1f} | {r['s_per_step']:.2f} | "
+            f"{r['dev']['mean_r1'] / r['chance']:.1f} | {r['unflushed']:.1f} | "
+            f"{r['s_per_step']:.2f} | "
             f"{'pass' if r['passed'] else 'FAIL'} |")
     lines += ["", "| recipe | " + " | ".join(DIRECTIONS) + " | mean R@1 (dev) |",
               "|" + "---|" * (len(DIRECTIONS) + 2)]
@@ -208,10 +215,10 @@ def main() -> None:
     for item in args.set:
         recipe, _, override = item.partition(":")
         SCALE[recipe] = [*SCALE.get(recipe, TOKENS), override]
-    print(f"# recipes_bench: {args.images} synthetic images "
+    print(f"# recipes_bench: {stamp()} · configs {config_hash(names)}")
+    print(f"{args.images} synthetic images "
           f"({f'{args.objects}-object grid' if args.objects else '1-2 objects'}), {args.steps} "
-          f"steps, seed {args.seed}, torch threads {args.threads}, configs {config_hash(names)}",
-          flush=True)
+          f"steps, seed {args.seed}, torch threads {args.threads}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="nlmm-recipes-") as tmp_name:
         tmp = Path(tmp_name)
