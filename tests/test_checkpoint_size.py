@@ -16,10 +16,10 @@ import torch
 from tiny import NullSink
 from nlmm.config import resolve_config
 from nlmm.errors import NlmmError
-from nlmm.inference import load_for_inference
+from nlmm.inference.load import load_for_inference
 from nlmm.model.info import checkpoint_bytes
 from nlmm.optim.levels import level_settings
-from nlmm.train.checkpoint import MODEL_KEYS, load_checkpoint, save_checkpoint
+from nlmm.inference.checkpoint import MODEL_KEYS, load_checkpoint, save_checkpoint
 from nlmm.train.loop import Trainer
 
 # the hand-written corpus of conftest: 30 training captions, 3 steps per epoch at batch 8
@@ -59,7 +59,7 @@ def test_best_is_a_model_snapshot_and_sizes_match_the_estimate(tiny_cache, tmp_p
 def test_model_info_prints_the_checkpoint_footprint():
     from rich.console import Console
 
-    from nlmm.reports import file_size, model_info_table
+    from nlmm.cli.reports import file_size, model_info_table
 
     cfg = resolve_config("flickr8k")
     console = Console(width=200, record=True, file=io.StringIO())
@@ -75,7 +75,7 @@ def test_model_info_prints_the_checkpoint_footprint():
 
 def test_the_readme_recipe_table_shows_the_computed_checkpoint_sizes():
     from nlmm.model.info import parameter_counts
-    from nlmm.reports import file_size
+    from nlmm.cli.reports import file_size
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = re.findall(r"^\| `(\w+)` \|(.*)\|$", readme, re.M)
