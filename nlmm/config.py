@@ -138,8 +138,10 @@ class TrainConfig:
                                                        "of training since the last one (0: only at "
                                                        "epoch ends and stops)")
     seed: int = _f(0)
-    num_workers: int = _f(0, min=0, help="batches the loader thread prepares ahead (0: 2); "
-                                         "for a pack, decoding worker processes (0: 2)")
+    prefetch_batches: int = _f(0, min=0, help="batches the prepared cache's loader thread "
+                                              "gathers ahead (0: 2)")
+    loader_workers: int = _f(0, min=0, help="processes per rank that decode a pack's samples "
+                                            "(0: 2); the prepared cache needs none")
     samples_per_epoch: int | None = _f(None, min=1, help="a pack's epoch as a sample budget, so "
                                                           "a 3M-sample corpus reports and "
                                                           "checkpoints every N samples (null: "
@@ -457,7 +459,16 @@ def flat_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def with_legacy_defaults(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored run or checkpoint config with the pre-existing behaviour filled in for every
     option it predates, so old checkpoints load into the model they were trained as."""
-    return {**LEGACY_MODEL_DEFAULTS, **stored}
+    out = {**LEGACY_MODEL_DEFAULTS, **stored}
+    train = out.get("train")
+    if isinstance(train, dict) and "num_workers" in train:
+        # one key once meant both the cache's prefetch depth and a pack's decoding processes
+        train = dict(train)
+        workers = train.pop("num_workers")
+        train.setdefault("prefetch_batches", workers)
+        train.setdefault("loader_workers", workers)
+        out["train"] = train
+    return out
 
 
 def config_from_dict(raw: dict[str, Any] | None, source: str = "<config>",

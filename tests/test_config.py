@@ -76,3 +76,16 @@ def test_missing_file_and_bad_yaml(tmp_path):
     broken.write_text("d_model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_config(broken)
+
+
+def test_a_stored_config_with_the_old_num_workers_key_loads_into_both_loader_keys():
+    """train.num_workers once meant the cache's prefetch depth and a pack's decoding processes;
+    runs and checkpoints that stored it still load, with the value in both keys."""
+    from nlmm.config import config_from_dict, resolve_config, with_legacy_defaults
+
+    stored = resolve_config("tiny_cpu").to_dict()
+    del stored["train"]["prefetch_batches"], stored["train"]["loader_workers"]
+    stored["train"]["num_workers"] = 3
+    cfg = config_from_dict(with_legacy_defaults(stored), "an old run")
+    assert (cfg.train.prefetch_batches, cfg.train.loader_workers) == (3, 3)
+    assert "num_workers" in stored["train"]  # the stored dict itself is left alone

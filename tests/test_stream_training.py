@@ -46,7 +46,7 @@ def config(source: PackedSource, *extra: str):
                                       "depth={text: 1, image: 1, audio: 1}", "data.image_size=32",
                                       "train.batch_size=8", "train.epochs=3",
                                       "train.warmup_steps=2", "train.log_every=1",
-                                      "train.num_workers=1", "data.augment=true", *extra])
+                                      "train.loader_workers=1", "data.augment=true", *extra])
     return fit_modalities(cfg, source.modalities(), None)
 
 

@@ -308,9 +308,10 @@ def train(
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA.")] = None,
     grad_checkpointing: Annotated[Optional[bool], typer.Option("--grad-checkpointing/--no-grad-checkpointing")] = None,
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", "--num_workers", min=0,
-                                                       help="Batches prepared ahead by the "
-                                                            "loader thread (the cache makes "
-                                                            "worker processes unnecessary).")] = None,
+                                                       help="Processes per rank that decode a "
+                                                            "pack's samples (train.loader_"
+                                                            "workers); the prepared cache "
+                                                            "needs none.")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="A short run of at most this many "
                                                  "optimizer steps: the lr warmup (cut to a tenth "
                                                  "of the run) and the cosine fit it; the epochs "
@@ -355,7 +356,7 @@ def train(
                        ("train.seed", seed), ("train.eval_every", eval_every),
                        ("train.accumulate", accumulate), ("data.image_size", image_size),
                        ("train.grad_checkpointing", grad_checkpointing),
-                       ("train.num_workers", num_workers),
+                       ("train.loader_workers", num_workers),
                        ("train_steps", None if resume else steps)):
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")

@@ -258,7 +258,7 @@ class Trainer:
                            crop=cfg.data.augment.crop, flip=cfg.data.augment.flip,
                            max_audio_frames=max_frames,
                            start_batch=start_batch,
-                           prefetch_depth=cfg.train.num_workers or PREFETCH_DEPTH,
+                           prefetch_depth=cfg.train.prefetch_batches or PREFETCH_DEPTH,
                            modalities=tuple(cfg.modalities))
 
     def _stream_loader(self, epoch: int, start_batch: int) -> StreamedBatches:
@@ -271,7 +271,7 @@ class Trainer:
             self.cache.path, "train", batch_size=cfg.train.batch_size // self.dist.world_size,
             seed=cfg.train.seed, epoch=epoch, data_cfg=cfg.data, tokenizer=self.cache.tokenizer,
             rank=self.dist.rank, world_size=self.dist.world_size,
-            num_workers=cfg.train.num_workers or 2, samples_per_epoch=cfg.train.samples_per_epoch,
+            num_workers=cfg.train.loader_workers or 2, samples_per_epoch=cfg.train.samples_per_epoch,
             crop=cfg.data.augment.crop, flip=cfg.data.augment.flip,
             start_batch=0 if resume else start_batch)
         if resume:
