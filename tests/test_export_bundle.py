@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny import tiny_config
 from nlmm.inference.bundle import CONFIG, META, TOKENIZER, WEIGHTS, load_bundle
-from nlmm.config import resolve_config
 from nlmm.data.tokenizer import TextTokenizer
 from nlmm.errors import NlmmError
 from nlmm.inference.export import export_bundle
@@ -27,8 +27,7 @@ BUNDLE_FILES = (WEIGHTS, CONFIG, TOKENIZER, META)
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained tiny model saved as a checkpoint whose data cache is gone: export needs
     neither training nor data."""
-    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                      "depth={text: 1, image: 1, audio: 1}"])
+    cfg = tiny_config()
     tokenizer = TextTokenizer.train(["a red circle on a blue background",
                                      "a green square on a white background"], cfg.vocab_size)
     folder = tmp_path_factory.mktemp("ckpt")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import corpus_layouts as layouts
+from tiny import tiny_config
 from nlmm.config import resolve_config
 from nlmm.data.corpora import read_corpus
 from nlmm.data.pack_source import PackedSource
@@ -42,11 +43,9 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(source: PackedSource, *extra: str):
-    cfg = resolve_config("tiny_cpu", ["d_model=32", "embed_dim=32", "n_heads=2", "L_mem=2",
-                                      "depth={text: 1, image: 1, audio: 1}", "data.image_size=32",
-                                      "train.batch_size=8", "train.epochs=3",
-                                      "train.warmup_steps=2", "train.log_every=1",
-                                      "train.loader_workers=1", "data.augment=true", *extra])
+    cfg = tiny_config("data.image_size=32", "train.batch_size=8", "train.epochs=3",
+                      "train.warmup_steps=2", "train.log_every=1", "train.loader_workers=1",
+                      "data.augment=true", *extra)
     return fit_modalities(cfg, source.modalities(), None)
 
 
