@@ -29,8 +29,8 @@ against chance (100 / the number of dev images: each direction's query has one p
 among that many), and a verdict. A recipe passes when its final loss is under
 `LOSS_MARK` x ln(batch) and its dev mean R@1 exceeds 5x chance.
 
-    .venv/bin/python bench/recipes_bench.py        # every recipe; on the shared 2-core box (load
-                                                   # ~15) a d512 step takes 10-25 s: ~1.5 h
+    .venv/bin/python bench/recipes_bench.py        # every recipe: 35 min on the 2-core box at
+                                                   # load 1-5, ~1.5 h at load 10-16
     .venv/bin/python bench/recipes_bench.py --recipes flickr8k --steps 5   # time one recipe
 """
 
