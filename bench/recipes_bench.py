@@ -1,6 +1,6 @@
 """Every shipped recipe learns (issue 24, item 2): each config in `configs/` trained on a synthetic
 corpus at its own widths, depths, CMS levels, optimizers, lrs and schedule shape, with fewer
-tokens, a smaller batch and 60 steps (`--steps`) so that it fits a CPU.
+tokens, a smaller batch and 200 steps (`--steps`) so that it fits a CPU.
 
 What is scaled, per recipe (`SCALE`; everything else is the recipe as shipped):
   tokens   data.image_size (224 px -> 32 px: 4 image tokens at patch 16; 64 px for ResNet-50,
@@ -11,6 +11,11 @@ What is scaled, per recipe (`SCALE`; everything else is the recipe as shipped):
            step; the pass mark moves with it (ln(batch), below)
   steps    `train_steps` = --steps, as `nlmm train --steps` does: the cosine fits the run and a
            warmup longer than 10 % of it is cut to 10 % (Trainer's short_run_warmup)
+  chunks   a CMS level's chunk_size is cut to steps / --level-updates (default 4) when longer,
+           so that every level is applied a few times within the run, as in the full run the
+           recipe plans (flickr8k: 28k steps, the slow level's 512-step chunk applied 54 times);
+           `--level-updates 0` keeps the shipped chunks (a level with C > steps then moves only
+           at the final flush)
   backbones (flickr8k_pretrained only) ResNet-50 and HuBERT base use their named weights when
            torch.hub's cache already holds them; otherwise they keep their architecture and
            layer but start from random weights saved to local files: the ImageNet / LibriSpeech
@@ -20,25 +25,29 @@ tiny_cpu is already CPU-sized and keeps its tokens and batch.
 Each recipe trains in-process with the real step (`Trainer.train_step`: warmup + cosine, the
 level optimizer with its chunk rule, clipping, skipped non-finite steps), then applies every open
 CMS chunk (`flush`, as the end of `fit` does) and scores the dev split with nlmm's evaluation
-(also just before the flush: at 60 steps a level with C > 60 moves only there).
+(also just before the flush, where the last open chunk of each slow level is still unapplied).
 No checkpoint is written (a universal_anderson last.pt at these widths is ~11 GB).
 
 Recorded per recipe: the first step's loss, the final train loss (mean of the last
 `--tail` steps) against ln(batch) (the loss of embeddings that tell nothing apart), dev mean R@1
 against chance (100 / the number of dev images: each direction's query has one positive group
-among that many), and a verdict. A recipe passes when its final loss is under
-`LOSS_MARK` x ln(batch) and its dev mean R@1 exceeds 5x chance.
+among that many), each CMS level's number of applied updates, its last relative update
+‖Δθ‖/‖θ‖ and mean |LayerScale gain| (the figures `runs show` prints per level), and a verdict.
+A recipe passes when its final loss is under `LOSS_MARK` x ln(batch) and its dev mean R@1
+exceeds 5x chance. Rows go to `bench/results/recipes.json` (by recipe: a rerun of one recipe
+replaces its row and keeps the others), and the tables printed are the whole file's.
 
-    .venv/bin/python bench/recipes_bench.py        # every recipe: 35 min on the 2-core box at
-                                                   # load 1-5, ~1.5 h at load 10-16
+    .venv/bin/python bench/recipes_bench.py        # every recipe: ~2 h on the 2-core box
     .venv/bin/python bench/recipes_bench.py --recipes flickr8k --steps 5   # time one recipe
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
+import json
 import math
 import statistics
 import sys
@@ -61,6 +70,7 @@ from nlmm.data.cache import PreparedCache, prepare  # noqa: E402
 from nlmm.data.synth import synth_corpus  # noqa: E402
 from nlmm.errors import NlmmError  # noqa: E402
 from nlmm.metric_names import DIRECTIONS  # noqa: E402
+from nlmm.model.cms import level_gain_means  # noqa: E402
 from nlmm.train.loop import Trainer  # noqa: E402
 
 # the CPU-sized data of the full-size recipes (tiny_cpu keeps its own)
@@ -76,6 +86,7 @@ SCALE: dict[str, list[str]] = {
 COMMON = ["train.checkpoint_minutes=0", "train.eval_every=1000"]
 LOSS_MARK = 0.8
 R1_MARK = 5.0
+RESULTS = Path(__file__).resolve().parent / "results" / "recipes.json"
 
 
 def recipes() -> list[str]:
@@ -109,14 +120,27 @@ def offline_backbone_weights(cfg: Config, folder: Path) -> list[str]:
     return overrides
 
 
+def chunk_caps(name: str, steps: int, level_updates: int) -> list[str]:
+    """Overrides cutting each level's chunk to steps // level_updates where it is longer."""
+    if not level_updates:
+        return []
+    levels = resolve_config(name).cms_levels
+    cap = max(1, steps // level_updates)
+    if all(lvl.chunk_size <= cap for lvl in levels):
+        return []
+    cut = [{**dataclasses.asdict(lvl), "chunk_size": min(lvl.chunk_size, cap)} for lvl in levels]
+    return ["cms_levels=" + json.dumps(cut)]
+
+
 def batches(trainer: Trainer) -> Iterator[dict[str, torch.Tensor]]:
     for epoch in itertools.count():
         yield from trainer.loader(epoch)
 
 
 def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    overrides = [*SCALE.get(name, TOKENS), *COMMON, f"train_steps={args.steps}",
-                 f"train.seed={args.seed}"]
+    shipped = {lvl.name: lvl.chunk_size for lvl in resolve_config(name).cms_levels}
+    overrides = [*SCALE.get(name, TOKENS), *chunk_caps(name, args.steps, args.level_updates),
+                 *COMMON, f"train_steps={args.steps}", f"train.seed={args.seed}"]
     cfg = resolve_config(name, overrides)
     random_weights = offline_backbone_weights(cfg, tmp)
     cfg = resolve_config(name, overrides + random_weights)
@@ -149,7 +173,15 @@ def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> 
     # what the slow levels' open chunks do when applied: at --steps < C the flush is the only
     # update of the slow weights, all the run's per-step updates at once
     unflushed = trainer.evaluate("dev")["mean_r1"]
+    steps_done = trainer.progress.global_step
+    levels = [{"name": lvl.name, "shipped_chunk": shipped[lvl.name], "chunk": lvl.chunk_size,
+               "updates": steps_done // lvl.chunk_size} for lvl in cfg.cms_levels]
+    ratios = trainer.optimizer.update_ratios()  # the last update applied during the run
     trainer.optimizer.flush()  # the open chunks are part of what the run learned (Eq. 31)
+    gains = level_gain_means(trainer.model)
+    for level in levels:
+        level["update_ratio"] = ratios.get(level["name"], math.nan)
+        level["gain"] = gains.get(level["name"], math.nan)
     dev = trainer.evaluate("dev")
     n_dev = len(cache.split_images("dev"))
     batch = cfg.train.batch_size
@@ -157,8 +189,11 @@ def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> 
     chance = 100.0 / n_dev
     return {
         "recipe": name,
-        "scaled": " ".join(SCALE.get(name, TOKENS) + ["random backbones"] * bool(random_weights))
-        or "–",
+        "scaled": " ".join(SCALE.get(name, TOKENS) + ["random backbones"] * bool(random_weights)
+                           + [f"chunks {shipped[lvl['name']]} -> {lvl['chunk']}" for lvl in levels
+                              if lvl["chunk"] != lvl["shipped_chunk"]]) or "–",
+        "stamp": stamp(), "configs": config_hash([name]), "seed": args.seed, "images": args.images,
+        "levels": levels,
         "d_model": cfg.d_model, "depth": f"{cfg.depth.text}/{cfg.depth.image}/{cfg.depth.audio}",
         "optimizer": "/".join(sorted({lvl.optimizer for lvl in cfg.cms_levels})),
         "lr": cfg.cms_levels[0].lr, "batch": batch, "steps": len(losses), "skipped": skipped,
@@ -189,7 +224,24 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = " | ".join(f"{r['dev'][f'{d}_r1']:.1f}" for d in DIRECTIONS)
         lines.append(f"| `{r['recipe']}` | {cells} | {r['dev']['mean_r1']:.1f} |")
+    lines += ["", "| recipe | level | chunk (shipped) | updates in the run | last ‖Δθ‖/‖θ‖ | "
+              "mean \\|gain\\| after the flush |", "|" + "---|" * 6]
+    for r in rows:
+        for lvl in r["levels"]:
+            lines.append(f"| `{r['recipe']}` | {lvl['name']} | {lvl['chunk']} "
+                         f"({lvl['shipped_chunk']}) | {lvl['updates']} | "
+                         f"{lvl['update_ratio']:.2e} | {lvl['gain']:.3f} |")
     return "\n".join(lines)
+
+
+def merged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This run's rows over RESULTS' (a recipe run again replaces its row), written back."""
+    kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
+    fresh = {r["recipe"] for r in rows}
+    out = sorted([r for r in kept if r["recipe"] not in fresh] + rows, key=lambda r: r["recipe"])
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    return out
 
 
 def main() -> None:
@@ -198,7 +250,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=240, help="synthetic corpus size")
     parser.add_argument("--objects", type=int, default=None,
                         help="synthetic grid corpus with this many objects per image (harder)")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--level-updates", type=int, default=4,
+                        help="cut chunks longer than steps / N (0: the shipped chunks)")
     parser.add_argument("--tail", type=int, default=10, help="steps averaged for the final loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=10,
@@ -218,7 +272,8 @@ def main() -> None:
     print(f"# recipes_bench: {stamp()} · configs {config_hash(names)}")
     print(f"{args.images} synthetic images "
           f"({f'{args.objects}-object grid' if args.objects else '1-2 objects'}), {args.steps} "
-          f"steps, seed {args.seed}, torch threads {args.threads}", flush=True)
+          f"steps, seed {args.seed}, torch threads {args.threads}, chunks cut to steps / "
+          f"{args.level_updates}" if args.level_updates else "shipped chunks", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="nlmm-recipes-") as tmp_name:
         tmp = Path(tmp_name)
@@ -232,9 +287,11 @@ def main() -> None:
                   f"dev mean R@1 {row['dev']['mean_r1']:.1f} (chance {row['chance']:.1f}), "
                   f"prepare {row['prepare_s']:.0f} s: {'pass' if row['passed'] else 'FAIL'}"
                   + (f" ({row['diverged']})" if row["diverged"] else ""), flush=True)
-    print()
+    rows = merged(rows)
+    print(f"\n{RESULTS} (every recipe run so far):\n")
     print(table(rows))
     print("\nscaled: " + "; ".join(f"{r['recipe']}: {r['scaled']}" for r in rows))
+    print("runs: " + "; ".join(f"{r['recipe']}: {r['stamp']}" for r in rows))
 
 
 if __name__ == "__main__":
