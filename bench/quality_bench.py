@@ -52,7 +52,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +61,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from reference_model import REFERENCE_LOSS, ReferenceEncoder  # noqa: E402
 
-import nlmm.optim.factory as optim_factory  # noqa: E402
 from nlmm.config import OPTIMIZERS, Config, resolve_config  # noqa: E402
 from nlmm.data.backbone_features import ensure_features  # noqa: E402
 from nlmm.data.cache import PreparedCache, prepare  # noqa: E402
@@ -113,20 +111,6 @@ class NullSink:
         pass
 
 
-@contextmanager
-def adam_beta2(beta2: float | None) -> Iterator[None]:
-    """NL-MM's Adam-family optimizers with another β2 while they are built. nlmm ships β2 as a
-    constant (`nlmm.optim.factory.ADAM_BETAS`), read when an optimizer is made, so the grid
-    swaps it for the construction only."""
-    saved = optim_factory.ADAM_BETAS
-    if beta2 is not None:
-        optim_factory.ADAM_BETAS = (saved[0], beta2)
-    try:
-        yield
-    finally:
-        optim_factory.ADAM_BETAS = saved
-
-
 def timed_training(batches: Iterator[Any], step: Callable[[Any], None], budgets_s: list[float],
                    score: Callable[[], dict[str, float]],
                    on_calibrated: Callable[[float], None] | None = None,
@@ -174,8 +158,10 @@ def run_nlmm(cfg: Config, cache: PreparedCache, device: torch.device, budgets_s:
     """NL-MM as `cfg` says, its schedule (warmup, then `train.schedule`) sized to the largest
     budget; `beta2` replaces the Adam β2 nlmm ships."""
     cache = ensure_features(cache, cfg.encoders, device, progress=False)
-    with adam_beta2(beta2):
-        trainer = Trainer(cfg, cache, device, folder, NullSink(), log=lambda m: None)
+    if beta2 is not None:
+        cfg = dataclasses.replace(cfg, cms_levels=[dataclasses.replace(lvl, beta2=beta2)
+                                                   for lvl in cfg.cms_levels])
+    trainer = Trainer(cfg, cache, device, folder, NullSink(), log=lambda m: None)
     trainer.model.load_pretrained_backbones(progress=False)
     acc = cfg.train.accumulate
 
@@ -368,9 +354,9 @@ def parse_optimizer_lrs(items: list[str]) -> dict[str, list[float]]:
 
 
 def shipped_setting(cfg: Config) -> Setting:
-    """The config's own lr, schedule and batch, with nlmm's β2."""
+    """The config's own lr, schedule, batch and β2 (its fastest level's)."""
     fastest = min(cfg.cms_levels, key=lambda lvl: lvl.chunk_size)
-    return Setting(cfg.train.lr or fastest.lr, optim_factory.ADAM_BETAS[1], cfg.train.schedule,
+    return Setting(cfg.train.lr or fastest.lr, fastest.beta2, cfg.train.schedule,
                    cfg.train.batch_size)
 
 

@@ -64,6 +64,11 @@ class CMSLevel:
     lr: float = _f(1e-3, min=0.0, help="learning rate of this level")
     optimizer: str = _f("adamw", choices=OPTIMIZERS)
     weight_decay: float = _f(0.01, min=0.0)
+    # CLIP's β2: the second-moment estimate follows the gradient scale within ~50 steps instead
+    # of ~1000, which keeps early contrastive training (fast-changing gradient scales) stable
+    beta2: float = _f(0.98, min=0.0, max=0.99999,
+                      help="Adam β2 of this level's adamw, muon or universal_anderson "
+                           "(sgd and dmgd have none)")
 
 
 @dataclass

@@ -281,6 +281,16 @@ def test_per_level_settings_without_overrides() -> None:
     assert [lvl.chunk_size for lvl in optimizer.levels] == [1, 8, 32]
 
 
+def test_each_level_s_beta2_reaches_its_adam_family_optimizer() -> None:
+    cfg = make_config()
+    cfg.cms_levels[0].beta2 = 0.999
+    cfg.cms_levels[1].optimizer, cfg.cms_levels[1].beta2 = "muon", 0.95
+    cfg.cms_levels[2].optimizer = "universal_anderson"  # the default β2
+    optimizer = LevelOptimizer.from_config(Chain().level_params(), cfg)
+    betas = {lvl.name: {g["betas"] for g in lvl.optimizer.param_groups} for lvl in optimizer.levels}
+    assert betas == {"fast": {(0.9, 0.999)}, "mid": {(0.9, 0.95)}, "slow": {(0.9, 0.98)}}
+
+
 def test_train_optimizer_overrides_every_level_and_empty_levels_are_skipped() -> None:
     cfg = make_config(train={"optimizer": "sgd"})
     model = Chain()

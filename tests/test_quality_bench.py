@@ -1,6 +1,6 @@
 """The quality bench's protocol: picks are made on dev by search arms only, the coordinate search
-visits every value from the best so far, a budget stops a run on its own clock, the β2 swap is
-undone, and the TTT bench scores all six directions or none."""
+visits every value from the best so far, a budget stops a run on its own clock, and the TTT bench scores all six
+directions or none."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import quality_bench as qb  # noqa: E402
 import ttt_bench  # noqa: E402
-
-import nlmm.optim.factory as optim_factory  # noqa: E402
 
 
 def arm_run(lr: float, dev: float, test: float, grid: bool = True, name: str = "nlmm") -> dict:
@@ -54,13 +52,6 @@ def test_a_budget_is_spent_on_its_own_clock_and_calibrates_the_schedule():
                                 estimates.append, clock=lambda: now[0])
     assert results[10.0]["steps"] == 20 and len(steps) == 20
     assert estimates == [0.5, 0.5]  # at steps 8 and 16
-
-
-def test_the_beta2_swap_is_undone():
-    shipped = optim_factory.ADAM_BETAS
-    with qb.adam_beta2(0.999):
-        assert optim_factory.ADAM_BETAS == (shipped[0], 0.999)
-    assert optim_factory.ADAM_BETAS == shipped
 
 
 def test_ttt_scores_all_six_directions_or_none():

@@ -43,31 +43,33 @@ class SGDW(torch.optim.SGD):
         return super().step(closure)
 
 
-# CLIP's β2: the second-moment estimate follows the gradient scale within ~50 steps instead of
-# ~1000, which keeps early contrastive training (fast-changing gradient scales) stable.
-ADAM_BETAS = (0.9, 0.98)
+BETA1 = 0.9
 
 
-def _adamw(params: list[dict[str, Any]], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _adamw(params: list[dict[str, Any]], lr: float, weight_decay: float,
+           beta2: float) -> torch.optim.Optimizer:
     fused = all(p.is_cuda and p.is_floating_point() for g in params for p in g["params"])
-    return torch.optim.AdamW(params, lr=lr, betas=ADAM_BETAS, weight_decay=weight_decay,
+    return torch.optim.AdamW(params, lr=lr, betas=(BETA1, beta2), weight_decay=weight_decay,
                              fused=fused or None)
 
 
-_BUILDERS: dict[str, Callable[[list[dict[str, Any]], float, float], torch.optim.Optimizer]] = {
+_BUILDERS: dict[str, Callable[[list[dict[str, Any]], float, float, float],
+                              torch.optim.Optimizer]] = {
     "adamw": _adamw,
-    "sgd": lambda params, lr, wd: SGDW(params, lr=lr, momentum=0.9, weight_decay=wd),
-    "dmgd": lambda params, lr, wd: DMGD(params, lr=lr, weight_decay=wd),
-    "muon": lambda params, lr, wd: Muon(params, lr=lr, weight_decay=wd, betas=ADAM_BETAS),
-    "universal_anderson": lambda params, lr, wd: UniversalAnderson(params, lr=lr, weight_decay=wd,
-                                                                   betas=ADAM_BETAS),
+    "sgd": lambda params, lr, wd, _: SGDW(params, lr=lr, momentum=0.9, weight_decay=wd),
+    "dmgd": lambda params, lr, wd, _: DMGD(params, lr=lr, weight_decay=wd),
+    "muon": lambda params, lr, wd, b2: Muon(params, lr=lr, weight_decay=wd, betas=(BETA1, b2)),
+    "universal_anderson": lambda params, lr, wd, b2: UniversalAnderson(
+        params, lr=lr, weight_decay=wd, betas=(BETA1, b2)),
 }
 
 
 def build_optimizer(name: str, params: list[Parameter], lr: float, weight_decay: float,
-                    no_decay: Collection[Parameter] = ()) -> torch.optim.Optimizer:
-    """The optimizer called `name` over `params` with this learning rate and decoupled weight
-    decay; the parameters in `no_decay` form a second group without decay."""
+                    no_decay: Collection[Parameter] = (), beta2: float = 0.98
+                    ) -> torch.optim.Optimizer:
+    """The optimizer called `name` over `params` with this learning rate, decoupled weight
+    decay and (Adam family) β2; the parameters in `no_decay` form a second group without
+    decay."""
     builder = _BUILDERS.get(name)
     if builder is None:
         raise NlmmError(f"unknown optimizer {name!r}; use one of: {', '.join(OPTIMIZERS)}.")
@@ -78,4 +80,4 @@ def build_optimizer(name: str, params: list[Parameter], lr: float, weight_decay:
     skip = {id(p) for p in no_decay}
     groups = [{"params": [p for p in params if id(p) not in skip], "weight_decay": weight_decay},
               {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
-    return builder([g for g in groups if g["params"]], lr, weight_decay)
+    return builder([g for g in groups if g["params"]], lr, weight_decay, beta2)

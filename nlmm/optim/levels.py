@@ -91,6 +91,7 @@ class LevelSetting:
     optimizer: str
     lr: float  # before warmup and decay
     weight_decay: float
+    beta2: float
 
 
 def level_settings(cfg: Config, extra_levels: Sequence[CMSLevel] = ()) -> list[LevelSetting]:
@@ -113,7 +114,8 @@ def level_settings(cfg: Config, extra_levels: Sequence[CMSLevel] = ()) -> list[L
     for spec in [*cfg.cms_levels, *extra_levels]:
         name = cfg.train.optimizer or spec.optimizer
         lr = spec.lr * factor * chunk_lr_scale(spec.chunk_size, name, cfg.cms_lr_scaling)
-        settings.append(LevelSetting(spec.name, spec.chunk_size, name, lr, spec.weight_decay))
+        settings.append(LevelSetting(spec.name, spec.chunk_size, name, lr, spec.weight_decay,
+                                     spec.beta2))
     return settings
 
 
@@ -211,7 +213,7 @@ class LevelOptimizer:
             if not params:
                 continue
             optimizer = build_optimizer(setting.optimizer, params, setting.lr,
-                                        setting.weight_decay, no_decay)
+                                        setting.weight_decay, no_decay, setting.beta2)
             levels.append(Level(setting.name, setting.chunk_size, optimizer))
         if not levels:
             raise NlmmError("no CMS level has trainable parameters; check that the model assigns "
