@@ -9,15 +9,15 @@ whose colour names are moved on by one (`renamed_colours`: an object called red 
 ...). Grid scenes and longer captions alone were no shift at all: training on them raised R_A
 (plain, 100 + 100 steps: 78.2 -> 80.6); with the colours renamed, B's images contradict A's
 words while its text and speech still agree, as when a new corpus uses words differently.
-Every run: tiny_cpu, a constant lr (10 warm-up steps on A, none on B), `--steps-a` then
+Every run: tiny_nlmm, a constant lr (10 warm-up steps on A, none on B), `--steps-a` then
 `--steps-b` optimizer steps, the dev split scored once at the end.
 
 Arms (one A run serves both plain arms):
   plain            one CMS level, no shared memory (the README's plain transformer)
   plain lr/4 on B the same A run, B at a quarter of the lr: the trivial way to forget less
-  NL-MM still      tiny_cpu with the level rule before issue 24 item 1 (one step on a chunk's
+  NL-MM still      tiny_nlmm with the level rule before issue 24 item 1 (one step on a chunk's
                    summed gradient, each gain in its own level): slow levels that barely move
-  NL-MM            tiny_cpu as shipped: every level moves by the sum of its per-step updates
+  NL-MM            tiny_nlmm as shipped: every level moves by the sum of its per-step updates
                    (Eq. 31), the gains stepped with the fast level
 
 Reported per arm, mean over seeds of test mean R@1: R_A after A, R_A after B, forgetting (their
@@ -53,7 +53,7 @@ ARMS = {
     "NL-MM still": (STILL, []),
     "NL-MM": ([], []),
 }
-COMMON = ["--config", "tiny_cpu", "--device", "cpu", "--epochs", "1000", "--eval-every", "1000",
+COMMON = ["--config", "tiny_nlmm", "--device", "cpu", "--epochs", "1000", "--eval-every", "1000",
           "--set", "train.schedule=constant", "--set", "train.checkpoint_minutes=0"]
 
 
@@ -97,8 +97,8 @@ def corpora(work: Path) -> tuple[Path, Path]:
 
 
 def config_hash() -> str:
-    """The trained configurations: tiny_cpu's file and every arm's and run's options."""
-    text = (Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml").read_text()
+    """The trained configurations: tiny_nlmm's file and every arm's and run's options."""
+    text = (Path(__file__).resolve().parents[1] / "configs" / "tiny_nlmm.yaml").read_text()
     return hashlib.sha256(json.dumps([text, ARMS, COMMON]).encode()).hexdigest()[:12]
 
 

@@ -3,7 +3,7 @@ chunk rule before (one optimizer step on the chunk's summed gradient), the lr sc
 mend it, and Nested Learning's Eq. 31 (the sum of the chunk's per-step updates, the shipped rule);
 and which start lets the slow levels' LayerScale gains act.
 
-A tiny NL-MM (tiny_cpu at d_model 64, 3 CMS levels with chunks 1 / 4 / 16, AdamW at
+A tiny NL-MM (tiny_nlmm at d_model 64, 3 CMS levels with chunks 1 / 4 / 16, AdamW at
 1e-3 / 5e-4 / 2.5e-4, as tests/test_train.py trains) is trained `--steps` steps with the real loop
 (`Trainer.fit`) on the offline synthetic corpus (`synth_corpus` + `prepare`), once per arm:
 
@@ -74,7 +74,7 @@ class NullSink:
 
 def trainer_for(cache, overrides: list[str], steps: int, seed: int, run_dir: Path,
                 log_every: int) -> Trainer:
-    cfg = resolve_config("tiny_cpu", [*BASE, f"train_steps={steps}", f"train.seed={seed}",
+    cfg = resolve_config("tiny_nlmm", [*BASE, f"train_steps={steps}", f"train.seed={seed}",
                                       f"train.log_every={log_every}", *overrides])
     return Trainer(cfg, cache, torch.device("cpu"), run_dir, NullSink(), log=lambda m: None)
 
@@ -198,10 +198,10 @@ def main() -> None:
         tmp = Path(tmp_name)
         synth_corpus(tmp / "corpus", n_images=args.images, seed=0, engine="builtin", progress=False,
                      objects=args.objects)
-        cfg = resolve_config("tiny_cpu")
+        cfg = resolve_config("tiny_nlmm")
         cache = prepare(tmp / "corpus", cfg.data, cfg.vocab_size, progress=False)
         corpus = f"{args.objects}-object grid" if args.objects else "1-2 object"
-        print(f"# levels_bench: tiny_cpu at d_model 64, {args.images} synthetic images ({corpus}), {args.steps} "
+        print(f"# levels_bench: tiny_nlmm at d_model 64, {args.images} synthetic images ({corpus}), {args.steps} "
               f"steps, seeds {seeds}, torch threads {args.threads}\n", flush=True)
 
         if args.timing_steps:

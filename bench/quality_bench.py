@@ -455,7 +455,7 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=None,
                         help="objects per synthetic image on a 3x3 grid (default: 1-2, free)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic corpus seed")
-    parser.add_argument("--config", default="tiny_cpu", help="NL-MM config name or YAML path")
+    parser.add_argument("--config", default="tiny_nlmm", help="NL-MM config name or YAML path")
     parser.add_argument("--set", action="append", default=[], help="extra NL-MM config override")
     parser.add_argument("--cpu-seconds", type=float, default=45.0, help="budget of every arm")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")

@@ -1,7 +1,7 @@
 """Test-time training: retrieval with and without TTT, after joint training with its auxiliary loss.
 
 Writes a synthetic corpus (grid mode, `--objects` per image), prepares it, and trains NL-MM
-(`--config`, default tiny_cpu) twice for the same `--steps` optimizer steps with the real
+(`--config`, default tiny_nlmm) twice for the same `--steps` optimizer steps with the real
 `Trainer.train_step`:
   joint  ttt.enable true: contrastive loss + ttt.aux_weight x the self-supervised loss that TTT
          adapts on at test time (nlmm.model.ttt.ssl_loss)
@@ -250,7 +250,7 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=3, help="objects per synthetic image")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per model")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--config", default="tiny_cpu", help="NL-MM config name or YAML path")
+    parser.add_argument("--config", default="tiny_nlmm", help="NL-MM config name or YAML path")
     parser.add_argument("--set", action="append", default=[], help="extra config override")
     parser.add_argument("--settings", default="0.1:3,0.3:1,0.3:3,1:1,1:3",
                         help="eta:max_steps pairs swept at the config's adapter rank")

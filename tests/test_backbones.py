@@ -67,7 +67,7 @@ def weights(tmp_path_factory) -> WeightFiles:
 
 
 def backbone_cfg(files: WeightFiles, *extra: str):
-    return resolve_config("tiny_cpu", [
+    return resolve_config("tiny_nlmm", [
         "d_model=32", "embed_dim=32", "n_heads=2", "L_mem=4", "ffn_mult=2",
         "depth={text: 1, image: 1, audio: 1}", "data.image_size=64", "data.max_audio_seconds=2.0",
         "data.text_max_len=16", "train.batch_size=16", "train.log_every=1",

@@ -297,13 +297,13 @@ def test_level_gain_means_and_gains_stepped_with_the_fast_level() -> None:
     from nlmm.model.cms import ContinuumMemory, level_gain_means
 
     small = ["d_model=32", "embed_dim=32", "L_mem=2", "n_heads=2"]
-    model = NLMM(resolve_config("tiny_cpu", small))
+    model = NLMM(resolve_config("tiny_nlmm", small))
     assert level_gain_means(model) == {"fast": 0.0, "mid": 0.0, "slow": 0.0}
     memories = [m for m in model.modules() if isinstance(m, ContinuumMemory)]
     with torch.no_grad():
         memories[0].levels[2].scale.gain.fill_(-0.3)      # one of 3 encoders' slow gains
     assert level_gain_means(model)["slow"] == pytest.approx(0.1)
-    assert level_gain_means(NLMM(resolve_config("tiny_cpu", ["layer_scale_init=null"]))) == {}
+    assert level_gain_means(NLMM(resolve_config("tiny_nlmm", ["layer_scale_init=null"]))) == {}
 
     # shipped (cms_gains fast): every CMS level's gain is stepped with the fastest level
     gains = {id(m.levels[i].scale.gain) for m in memories for i in range(3)}
@@ -311,7 +311,7 @@ def test_level_gain_means_and_gains_stepped_with_the_fast_level() -> None:
     assert gains <= {id(p) for p in groups["fast"]}
     assert not gains & {id(p) for n in ("mid", "slow") for p in groups[n]}
     # cms_gains level: each gain in its own level's group (the placement before issue 24)
-    own_model = NLMM(resolve_config("tiny_cpu", [*small, "cms_gains=level"]))
+    own_model = NLMM(resolve_config("tiny_nlmm", [*small, "cms_gains=level"]))
     own_memories = [m for m in own_model.modules() if isinstance(m, ContinuumMemory)]
     own = own_model.level_params()
     for i, name in enumerate(("fast", "mid", "slow")):
@@ -321,7 +321,7 @@ def test_level_gain_means_and_gains_stepped_with_the_fast_level() -> None:
 
 
 def test_the_shipped_config_sums_updates_and_steps_the_gains_with_the_fast_level() -> None:
-    cfg = resolve_config("tiny_cpu")
+    cfg = resolve_config("tiny_nlmm")
     assert cfg.cms_chunk_rule == "updates" and cfg.cms_lr_scaling == "none" and cfg.cms_gains == "fast"
     from nlmm.model import NLMM
 

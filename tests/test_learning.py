@@ -118,7 +118,7 @@ def test_a_streak_of_non_finite_steps_fails_the_run_with_one_sentence(tiny_cache
 
 
 def test_weight_decay_skips_vectors_and_lookup_tables():
-    model = NLMM(resolve_config("tiny_cpu"))
+    model = NLMM(resolve_config("tiny_nlmm"))
     optimizer = model.configure_optimizers(model.cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     decay_of = {}
@@ -145,7 +145,7 @@ def test_weight_decay_skips_vectors_and_lookup_tables():
 def test_muon_orthogonalises_only_the_matrices_the_model_does_not_exclude():
     from nlmm.optim.muon import takes_muon_path
 
-    model = NLMM(resolve_config("tiny_cpu", ["train.optimizer=muon"]))
+    model = NLMM(resolve_config("tiny_nlmm", ["train.optimizer=muon"]))
     excluded = model.no_muon()
     assert "memory.slots" in excluded and any(n.endswith("head.weight") for n in excluded)
     assert any(n.endswith("tokens.weight") for n in excluded)

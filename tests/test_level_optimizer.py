@@ -345,7 +345,7 @@ def test_cms_lr_scaling_multiplies_normalised_levels_only(rule, factor):
     from nlmm.model import NLMM
 
     for optimizer, expected in (("adamw", factor), ("sgd", 1.0)):
-        cfg = resolve_config("tiny_cpu", [f"cms_lr_scaling={rule}", f"train.optimizer={optimizer}"])
+        cfg = resolve_config("tiny_nlmm", [f"cms_lr_scaling={rule}", f"train.optimizer={optimizer}"])
         lrs = NLMM(cfg).configure_optimizers(cfg).lrs()
         slow = next(level for level in cfg.cms_levels if level.chunk_size == 16)
         assert lrs[slow.name] == pytest.approx(slow.lr * expected), (rule, optimizer)

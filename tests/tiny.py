@@ -13,8 +13,9 @@ TINY_DATA = ("data.image_size=32", "data.max_audio_seconds=2.0", "data.text_max_
 
 
 def tiny_config(*extra: str, model: tuple[str, ...] = TINY_MODEL) -> Config:
-    """`tiny_cpu` with `model`'s settings, then `extra` overrides."""
-    return resolve_config("tiny_cpu", [*model, *extra])
+    """`tiny_nlmm` (three CMS levels and memory: every part the tests exercise) with `model`'s
+    settings, then `extra` overrides."""
+    return resolve_config("tiny_nlmm", [*model, *extra])
 
 
 def cli_sets(*overrides: str) -> list[str]:
