@@ -19,14 +19,16 @@ and two Flickr8k baselines read by the flickr8k adapter:
    csv are compared with flickr8k-it; audiocaps decodes audio, not images, so it is compared
    with the whole flickr8k prepare and with that prepare less its image stage (the stage time
    prepare records in the cache manifest: the flickr8k reader cannot skip its images).
-2. Quality: test mean R@1 of the `--config` NL-MM (towers fitted to the corpus by
-   `fit_modalities`) against the plain reference of bench/reference_model.py cut to the same
-   two towers, each trained for `--minutes` of wall time (data loading included, evaluation
-   excluded; `quality_bench.timed_training`), on karpathy (image-text) and audiocaps
-   (text-audio). Test only, nothing selected on it.
+2. Quality: test mean R@1 of each `--configs` NL-MM (towers fitted to the corpus by
+   `fit_modalities`; default tiny_cpu, the shipped default, and tiny_nlmm, the same with three
+   CMS levels and memory) against the reference of bench/reference_model.py cut to the same two
+   towers at its dev pick from quality_bench (`REFERENCE_PICK`: lr 1e-3, β2 0.98, a cosine,
+   batch 32, the configs' 20 warmup steps), each trained for `--minutes` of the process's CPU
+   time on one torch thread (data loading included, evaluation excluded;
+   `quality_bench.timed_training`: CPU time does not stretch with the box's load), on karpathy
+   (image-text) and audiocaps (text-audio). Test only, nothing selected on it.
 
     .venv/bin/python bench/corpus_bench.py
-    .venv/bin/python bench/corpus_bench.py --threads 1          # on a box shared with other work
     .venv/bin/python bench/corpus_bench.py --skip-quality --repeats 9
     .venv/bin/python bench/corpus_bench.py --images 400 --repeats 1 --minutes 0.5
 """
@@ -48,6 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
 import quality_bench  # noqa: E402
 from quality_bench import run_nlmm  # noqa: E402
 from reference_model import ReferenceEncoder  # noqa: E402
@@ -259,29 +262,39 @@ class BiModalReference(ReferenceEncoder):
                              logit_scale_value(self.logit_scale))
 
 
+# The reference's pick on corpus B's dev split (bench/RESULTS.md, "Learning quality"): lr, β2,
+# schedule and batch searched as carefully as NL-MM's.
+REFERENCE_PICK = quality_bench.Setting(lr=1e-3, beta2=0.98, schedule="cosine", batch=32)
+
+
 def run_reference(cfg: Config, cache: PreparedCache, device: torch.device,
-                  budgets_s: list[float], batch_size: int = 128) -> dict[float, dict[str, float]]:
-    """quality_bench.run_reference with the reference cut to the corpus's two modalities."""
+                  budgets_s: list[float]) -> dict[float, dict[str, float]]:
+    """quality_bench.run_reference at REFERENCE_PICK, cut to the corpus's two modalities."""
+    pick = REFERENCE_PICK
     return quality_bench.run_reference(
-        cfg, cache, device, budgets_s, batch_size,
+        cfg, cache, device, budgets_s, pick.batch,
         build=lambda: BiModalReference(cache.tokenizer.vocab_size, cfg.data.n_mels,
-                                       cache.modalities()))
+                                       cache.modalities()),
+        lr=pick.lr, beta2=pick.beta2, schedule=pick.schedule, warmup=cfg.train.warmup_steps,
+        clock=time.process_time)
 
 
-def quality(caches: dict[str, PreparedCache], config: str, overrides: list[str],
+def quality(caches: dict[str, PreparedCache], configs: list[str], overrides: list[str],
             budget_s: float, device: torch.device, folder: Path
             ) -> dict[str, dict[str, dict[str, float]]]:
     results: dict[str, dict[str, dict[str, float]]] = {}
     for name, cache in caches.items():
-        base = resolve_config(config, overrides)
-        cfg = fit_modalities(base, cache.modalities(), None)
+        fitted = {c: fit_modalities(resolve_config(c, overrides), cache.modalities(), None)
+                  for c in configs}
         results[name] = {}
-        for arm in ("reference", "nlmm"):
+        for arm in ("reference", *configs):
             start = time.perf_counter()
-            if arm == "reference":
+            cfg = fitted[configs[0] if arm == "reference" else arm]
+            if arm == "reference":  # the first config's data settings, seed and warmup
                 by_budget = run_reference(cfg, cache, device, [budget_s])
             else:
-                by_budget = run_nlmm(cfg, cache, device, [budget_s], folder / f"nlmm-{name}")
+                by_budget = run_nlmm(cfg, cache, device, [budget_s], folder / f"{arm}-{name}",
+                                     clock=time.process_time)
             m = results[name][arm] = by_budget[budget_s]
             print(f"{name} ({'+'.join(cfg.modalities)}) {arm}: mean R@1 {m['mean_r1']:.1f} after "
                   f"{m['steps']} steps ({time.perf_counter() - start:.0f} s with evaluation; "
@@ -298,10 +311,10 @@ def quality_table(results: dict[str, dict[str, dict[str, float]]], budget_s: flo
         cache = caches[name]
         for arm, m in arms.items():
             dirs = ", ".join(f"{d} {m[f'{d}_r1']:.1f}" for d in DIRECTIONS if f"{d}_r1" in m)
-            label = "**nlmm**" if arm == "nlmm" else arm
+            label = arm if arm == "reference" else f"`{arm}`"
             lines.append(f"| {name} | {'+'.join(cache.modalities())} | "
                          f"{len(cache.split_groups('test'))} | {label} "
-                         f"({budget_s / 60:g} min) | {m['steps']} | {dirs} | {m['mean_r1']:.1f} | "
+                         f"({budget_s / 60:g} CPU min) | {m['steps']} | {dirs} | {m['mean_r1']:.1f} | "
                          f"{m['mean_r1'] / ref:.2f} |")
     return "\n".join(lines)
 
@@ -315,27 +328,31 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timed prepares per layout")
     parser.add_argument("--workers", type=int, default=2, help="prepare's worker processes")
-    parser.add_argument("--config", default="tiny_cpu", help="NL-MM config name or YAML path")
+    parser.add_argument("--configs", default="tiny_cpu,tiny_nlmm",
+                        help="NL-MM config names or YAML paths, comma-separated")
     parser.add_argument("--set", action="append", default=[], help="extra NL-MM config override")
-    parser.add_argument("--minutes", type=float, default=3.0, help="training budget per arm")
+    parser.add_argument("--minutes", type=float, default=3.0,
+                        help="training budget per arm, in CPU minutes of this process")
     parser.add_argument("--skip-quality", action="store_true")
-    parser.add_argument("--threads", type=int, help="torch threads for training (default: "
-                        "torch's); 1 on a box shared with other work, where two OpenMP threads "
-                        "on two busy cores stall each other for seconds per step")
+    # one thread: a CPU-time budget is only equal compute when no arm runs threads that wait on
+    # each other (two OpenMP threads on two busy cores stall each other for seconds per step)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = resolve_config(args.config, args.set)
+    torch.set_num_threads(args.threads)
+    configs = [c for c in args.configs.split(",") if c]
+    cfg = resolve_config(configs[0], args.set)
+    print(f"# corpus_bench: {harness.stamp()} · {args.images} images, {args.objects} objects, "
+          f"seed {args.seed}, {args.minutes:g} CPU min per arm", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="nlmm-corpus-") as tmp:
         folder = Path(tmp)
         os.environ.setdefault("NLMM_RUNS_DIR", str(folder / "runs"))
         specs = write_layouts(folder, args.images, args.seed, args.objects)
         prepared = time_prepares(specs, cfg, args.repeats, args.workers)
-        print(f"\nprepare, {args.workers} workers, min of {args.repeats} (config {args.config}: "
+        print(f"\nprepare, {args.workers} workers, min of {args.repeats} (config {configs[0]}: "
               f"{cfg.data.image_size} px, {cfg.data.max_audio_seconds:g} s audio)")
         print(throughput_table(prepared), flush=True)
         out: dict = {"throughput": {n: {"seconds": p.seconds, "samples": p.samples,
@@ -345,8 +362,9 @@ def main() -> None:
             caches = {name: prepared[name].cache for name in QUALITY}
             budget = 60.0 * args.minutes
             print(f"\ndevice {device}, torch threads {torch.get_num_threads()}, config "
-                  f"{args.config} {' '.join(args.set)}", flush=True)
-            results = quality(caches, args.config, args.set, budget, device, folder)
+                  f"{', '.join(configs)} {' '.join(args.set)}; reference at {REFERENCE_PICK}",
+                  flush=True)
+            results = quality(caches, configs, args.set, budget, device, folder)
             print(quality_table(results, budget, caches))
             out["quality"] = results
         if args.json:
