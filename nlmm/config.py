@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from nlmm.errors import NlmmError
 
@@ -412,6 +411,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"--set {text!r} has an empty key; write it as key.sub=value.")
+    import yaml  # here, not at the top: the CLI's quick commands import this module without it
+
     return key.split("."), yaml.safe_load(raw) if raw.strip() else None
 
 
@@ -499,6 +500,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass one of the files in configs/.")
+    import yaml
+
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -511,6 +514,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
+    import yaml
+
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

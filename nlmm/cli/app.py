@@ -15,6 +15,7 @@ from rich.markup import escape
 import nlmm
 from nlmm.cli.errors import describe, help_instead
 from nlmm.cli.help import use_readable_help
+from nlmm.config import OPTIMIZERS
 from nlmm.errors import NlmmError
 
 console = Console()
@@ -47,12 +48,8 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
-class Optim(str, Enum):
-    adamw = "adamw"
-    sgd = "sgd"
-    dmgd = "dmgd"
-    muon = "muon"
-    universal_anderson = "universal_anderson"
+# the optimizers the config accepts, named once in nlmm.config
+Optim = Enum("Optim", {name: name for name in OPTIMIZERS}, type=str)  # type: ignore[misc]
 
 
 class Split(str, Enum):
