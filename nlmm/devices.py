@@ -17,6 +17,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise NlmmError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu "
-                        "or auto.")
+        # one wording for the CLI's --device and the library's device= (load_bundle, serve)
+        raise NlmmError(f"device {name!r} was asked for but no CUDA GPU is visible; use 'cpu' or "
+                        f"'auto' (--device cpu or --device auto).")
     return torch.device(name)
