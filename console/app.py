@@ -21,7 +21,7 @@ from console.dialogs.new_run import NewRunForm, NewRunScreen
 from console.errors import ACTION_ERRORS
 from console.run.screen import RunScreen
 from console.runs.screen import RunsScreen
-from console.search.screen import SearchScreen
+from console.search.screen import OffersARun, SearchScreen
 from console.search.searchers import SearcherCache
 from nlmm import store
 from nlmm.paths import DB_URL_ENV
@@ -114,9 +114,10 @@ class NlmmDash(App[None]):
         self.theme = THEMES[1] if self.theme == THEMES[0] else THEMES[0]
 
     def action_search(self) -> None:
-        """Search with the best checkpoint of the screen's run (`search_run`), or of the latest
+        """Search with the best checkpoint of the screen's run (`OffersARun`), or of the latest
         finished run."""
-        self.push_screen(SearchScreen(self.searchers, run=getattr(self.screen, "search_run", None)))
+        run = self.screen.search_run if isinstance(self.screen, OffersARun) else None
+        self.push_screen(SearchScreen(self.searchers, run=run))
 
     @on(CheckpointsScreen.SearchRequested)
     def _search_checkpoint(self, request: CheckpointsScreen.SearchRequested) -> None:

@@ -376,6 +376,11 @@ async def test_every_screen_fits_80x24_with_all_its_keys(dash_store):
         await pilot.press("down", "down", "enter")  # flickr8k-muon
         await settle(pilot)
         assert isinstance(app.screen, RunScreen) and footer_keys_missing(app) == []
+        await pilot.press("s")  # the search starts with the run in view
+        await pilot.pause()
+        assert isinstance(app.screen, SearchScreen) and app.screen.run_ref == "flickr8k-muon"
+        await pilot.press("escape")
+        await pilot.pause()
         await pilot.press("p")
         await settle(pilot)
         assert isinstance(app.screen, CheckpointsScreen) and footer_keys_missing(app) == []

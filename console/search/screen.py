@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from textual import events, on, work
 from textual.app import App, ComposeResult
@@ -67,6 +67,14 @@ def hit_row(hit: SearchHit) -> Row:
     file = Path(hit.path).name if hit.path else ("-" if hit.modality == "text" else hit.item)
     return (str(hit.rank), (str(hit.rank), f"{hit.score:.3f}", hit.modality, file,
                             hit.caption or ""))
+
+
+@runtime_checkable
+class OffersARun(Protocol):
+    """A screen with a run in view: Ctrl+F's search starts with that run's best checkpoint."""
+
+    @property
+    def search_run(self) -> str | None: ...
 
 
 class SearchScreen(Screen[None]):
