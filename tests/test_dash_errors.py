@@ -4,7 +4,12 @@ worded by the error itself, and the screen that asked stays usable."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+
+from textual.pilot import Pilot
+from textual.screen import Screen
 
 from test_dash import add_run, dash_store, make_app, settle, table_rows, until  # noqa: F401
 
@@ -15,6 +20,16 @@ from console.run.screen import RunScreen
 from console.runs.screen import RunsScreen
 from nlmm import store
 from nlmm.errors import NlmmError
+
+
+@asynccontextmanager
+async def opened(screen: Screen) -> AsyncIterator[tuple[NlmmDash, Pilot]]:
+    """The dash with `screen` pushed over its runs list and settled."""
+    app = make_app()
+    async with app.run_test(size=(100, 40)) as pilot:
+        app.push_screen(screen)
+        await settle(pilot)
+        yield app, pilot
 
 
 def errors(app: NlmmDash) -> list[tuple[str, str]]:
@@ -32,10 +47,7 @@ async def test_a_failed_resume_is_one_titled_error_and_the_screen_stays(dash_sto
         raise NlmmError(sentence)
 
     monkeypatch.setattr(nlmm.train.launcher, "launch", launch)
-    app = make_app()
-    async with app.run_test(size=(100, 40)) as pilot:
-        app.push_screen(CheckpointsScreen(run.id))
-        await settle(pilot)
+    async with opened(CheckpointsScreen(run.id)) as (app, pilot):
         screen = app.screen
         await pilot.press("r")
         await until(pilot, lambda: bool(errors(app)), 10, "the error")
@@ -52,10 +64,7 @@ async def test_a_failed_export_is_one_titled_error_and_frees_the_screen(dash_sto
         raise OSError(f"[Errno 28] No space left on device: '{out}'")
 
     monkeypatch.setattr(nlmm.inference.export, "export_bundle", export_bundle)
-    app = make_app()
-    async with app.run_test(size=(100, 40)) as pilot:
-        app.push_screen(CheckpointsScreen(run.id))
-        await settle(pilot)
+    async with opened(CheckpointsScreen(run.id)) as (app, pilot):
         screen = app.screen
         await pilot.press("x")
         await until(pilot, lambda: not screen.busy, 10, "the export to end")
@@ -65,10 +74,7 @@ async def test_a_failed_export_is_one_titled_error_and_frees_the_screen(dash_sto
 
 async def test_a_run_on_another_host_cannot_be_stopped_from_here(dash_store):
     run = add_run("elsewhere", "running")  # its worker runs on another host
-    app = make_app()
-    async with app.run_test(size=(100, 40)) as pilot:
-        app.push_screen(RunScreen(run.id))
-        await settle(pilot)
+    async with opened(RunScreen(run.id)) as (app, pilot):
         await pilot.press("x")
         await pilot.pause()
         assert isinstance(app.screen, ConfirmScreen)
