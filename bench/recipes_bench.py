@@ -20,7 +20,7 @@ What is scaled, per recipe (`SCALE`; everything else is the recipe as shipped):
            torch.hub's cache already holds them; otherwise they keep their architecture and
            layer but start from random weights saved to local files: the ImageNet / LibriSpeech
            weights are a download (98 MB + 360 MB) and a bench, like the tests, never downloads.
-tiny_cpu is already CPU-sized and keeps its tokens and batch.
+tiny_cpu and tiny_nlmm are already CPU-sized and keep their tokens and batch.
 
 Each recipe trains in-process with the real step (`Trainer.train_step`: warmup + cosine, the
 level optimizer with its chunk rule, clipping, skipped non-finite steps), then applies every open
@@ -31,8 +31,8 @@ No checkpoint is written (a universal_anderson last.pt at these widths is ~11 GB
 Recorded per recipe: the first step's loss, the final train loss (mean of the last
 `--tail` steps) against ln(batch) (the loss of embeddings that tell nothing apart), dev mean R@1
 against chance (100 / the number of dev images: each direction's query has one positive group
-among that many), each CMS level's number of applied updates, its last relative update
-‖Δθ‖/‖θ‖ and mean |LayerScale gain| (the figures `runs show` prints per level), and a verdict.
+among that many), each CMS level's number of applied updates, its mean relative update
+‖Δθ‖/‖θ‖ (over the run's updates; a chunk-1 level's is measured every train.log_every steps) and mean |LayerScale gain| (the figures `runs show` prints per level), and a verdict.
 A recipe passes when its final loss is under `LOSS_MARK` x ln(batch) and its dev mean R@1
 exceeds 5x chance. Rows go to `bench/results/recipes.json` (by recipe: a rerun of one recipe
 replaces its row and keeps the others), and the tables printed are the whole file's.
@@ -49,6 +49,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -73,7 +74,7 @@ from nlmm.metric_names import DIRECTIONS  # noqa: E402
 from nlmm.model.cms import level_gain_means  # noqa: E402
 from nlmm.train.loop import Trainer  # noqa: E402
 
-# the CPU-sized data of the full-size recipes (tiny_cpu keeps its own)
+# the CPU-sized data of the full-size recipes (the tiny ones keep their own)
 TOKENS = ["data.image_size=32", "data.max_audio_seconds=2.0", "data.text_max_len=24"]
 SCALE: dict[str, list[str]] = {
     "flickr8k": [*TOKENS, "train.batch_size=8"],
@@ -81,6 +82,7 @@ SCALE: dict[str, list[str]] = {
     "flickr8k_sgd": [*TOKENS, "train.batch_size=8"],
     "flickr8k_pretrained": ["data.image_size=64", *TOKENS[1:], "train.batch_size=32"],
     "tiny_cpu": [],
+    "tiny_nlmm": [],
 }
 # every recipe: no checkpoints, no mid-run evaluation (the bench scores dev once, at the end)
 COMMON = ["train.checkpoint_minutes=0", "train.eval_every=1000"]
@@ -155,6 +157,8 @@ def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> 
     started = time.perf_counter()
     stream = batches(trainer)
     diverged = ""
+    ratios: dict[str, list[float]] = {}  # each level's ‖Δθ‖/‖θ‖ at the steps it was applied
+    chunks = {lvl.name: lvl.chunk_size for lvl in cfg.cms_levels}
     while trainer.progress.global_step < trainer.total_steps and not diverged:
         try:
             out = trainer.train_step([next(stream)])
@@ -165,6 +169,10 @@ def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> 
             skipped += 1
             continue
         losses.append(float(out["loss"]))
+        step = trainer.progress.global_step
+        for level, ratio in trainer.optimizer.update_ratios().items():
+            if level in chunks and step % chunks[level] == 0:
+                ratios.setdefault(level, []).append(ratio)
         if args.log_every and len(losses) % args.log_every == 0:
             window = losses[-args.log_every:]
             print(f"  {name} step {len(losses)}: loss {statistics.mean(window):.3f} "
@@ -176,11 +184,11 @@ def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> 
     steps_done = trainer.progress.global_step
     levels = [{"name": lvl.name, "shipped_chunk": shipped[lvl.name], "chunk": lvl.chunk_size,
                "updates": steps_done // lvl.chunk_size} for lvl in cfg.cms_levels]
-    ratios = trainer.optimizer.update_ratios()  # the last update applied during the run
     trainer.optimizer.flush()  # the open chunks are part of what the run learned (Eq. 31)
     gains = level_gain_means(trainer.model)
     for level in levels:
-        level["update_ratio"] = ratios.get(level["name"], math.nan)
+        applied = ratios.get(level["name"])
+        level["update_ratio"] = statistics.mean(applied) if applied else math.nan
         level["gain"] = gains.get(level["name"], math.nan)
     dev = trainer.evaluate("dev")
     n_dev = len(cache.split_images("dev"))
@@ -224,7 +232,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         cells = " | ".join(f"{r['dev'][f'{d}_r1']:.1f}" for d in DIRECTIONS)
         lines.append(f"| `{r['recipe']}` | {cells} | {r['dev']['mean_r1']:.1f} |")
-    lines += ["", "| recipe | level | chunk (shipped) | updates in the run | last ‖Δθ‖/‖θ‖ | "
+    lines += ["", "| recipe | level | chunk (shipped) | updates in the run | mean ‖Δθ‖/‖θ‖ of an update | "
               "mean \\|gain\\| after the flush |", "|" + "---|" * 6]
     for r in rows:
         for lvl in r["levels"]:
@@ -234,13 +242,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def merged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """This run's rows over RESULTS' (a recipe run again replaces its row), written back."""
+def merged(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """RESULTS' rows with `row` in (replacing an earlier run of its recipe), written back as soon
+    as a recipe ends, so that an interrupted bench keeps what it finished and several can run."""
     kept = json.loads(RESULTS.read_text()) if RESULTS.is_file() else []
-    fresh = {r["recipe"] for r in rows}
-    out = sorted([r for r in kept if r["recipe"] not in fresh] + rows, key=lambda r: r["recipe"])
+    out = sorted([r for r in kept if r["recipe"] != row["recipe"]] + [row],
+                 key=lambda r: r["recipe"])
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    partial = RESULTS.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    partial.replace(RESULTS)
     return out
 
 
@@ -274,20 +285,19 @@ def main() -> None:
           f"({f'{args.objects}-object grid' if args.objects else '1-2 objects'}), {args.steps} "
           f"steps, seed {args.seed}, torch threads {args.threads}, chunks cut to steps / "
           f"{args.level_updates}" if args.level_updates else "shipped chunks", flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="nlmm-recipes-") as tmp_name:
         tmp = Path(tmp_name)
         synth_corpus(tmp / "corpus", n_images=args.images, seed=args.seed, engine="builtin",
                      progress=False, objects=args.objects)
         for name in names:
             row = run_recipe(name, tmp / "corpus", args, tmp)
-            rows.append(row)
+            rows = merged(row)
             print(f"{name}: {row['steps']} steps at {row['s_per_step']:.2f} s, first loss "
                   f"{row['first']:.3f}, final {row['final']:.3f} (ln batch {row['ln_batch']:.3f}), "
                   f"dev mean R@1 {row['dev']['mean_r1']:.1f} (chance {row['chance']:.1f}), "
                   f"prepare {row['prepare_s']:.0f} s: {'pass' if row['passed'] else 'FAIL'}"
                   + (f" ({row['diverged']})" if row["diverged"] else ""), flush=True)
-    rows = merged(rows)
     print(f"\n{RESULTS} (every recipe run so far):\n")
     print(table(rows))
     print("\nscaled: " + "; ".join(f"{r['recipe']}: {r['scaled']}" for r in rows))
