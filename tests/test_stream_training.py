@@ -189,3 +189,43 @@ def test_a_streamed_run_killed_with_sigkill_resumes_with_the_same_samples(
     assert all(len(ids) == 8 for ids in want.values()) and min(rest) <= max(first) + 1
     # the resumed run ran on the ranks asked for, or without --nproc on the run's own
     assert all(r == set(range(int(after or before))) for r in ranks.values())
+
+
+@pytest.mark.slow
+def test_a_streamed_run_continued_on_a_prepared_corpus_is_scored_on_both(tmp_path: Path) -> None:
+    """A lineage whose first run streamed from a pack: `runs forgetting` scores the pack through
+    the streamed evaluation and the second corpus through the cache, with `nlmm eval`'s
+    figures."""
+    env = dict(os.environ, NLMM_RUNS_DIR=str(tmp_path / "runs"), COLUMNS="250",
+               OMP_NUM_THREADS="1")
+    env.pop("NLMM_DB_URL", None)
+
+    def nlmm(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "nlmm.cli", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    settings = ("--set", "data.image_size=32")
+    packed = tmp_path / "a-packed"
+    out = nlmm("data", "pack", str(layouts.write_coco(tmp_path / "a", (16, 6, 6)).path),
+               str(packed), "--config", "tiny_cpu", *settings)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = nlmm("train", "--data", str(packed), "--config", "tiny_cpu", "--device", "cpu",
+               "--steps", "3", "--set", "train.batch_size=8", *settings, "--name", "streamed")
+    assert out.returncode == 0, out.stdout + out.stderr
+    corpus_b = layouts.write_karpathy(tmp_path / "b", (12, 6, 6), seed=1).path
+    out = nlmm("train", "--resume", "streamed", "--data", str(corpus_b), "--steps", "3",
+               "--name", "cont")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = nlmm("runs", "forgetting", "cont", "--json", "--device", "cpu")
+    assert report.returncode == 0, report.stderr
+    scores = {(s["run"], s["corpus"]): s for s in json.loads(report.stdout)["scores"]}
+    assert sorted(scores) == [("cont", 0), ("cont", 1), ("streamed", 0), ("streamed", 1)]
+    for run, corpus, data in (("cont", 0, packed), ("streamed", 1, corpus_b)):
+        evaluated = nlmm("eval", scores[run, corpus]["checkpoint"], "--data", str(data), "--json",
+                         "--device", "cpu")
+        assert evaluated.returncode == 0, evaluated.stderr
+        metrics = json.loads(evaluated.stdout)["metrics"]
+        assert scores[run, corpus]["metrics"] == pytest.approx(
+            {k: v for k, v in metrics.items() if k.endswith("_r1") and "_own_" not in k})
+    both = nlmm("eval", "cont", "--data", str(packed), "--data", str(corpus_b))
+    assert both.returncode == 1 and "score a pack on its own" in both.stderr

@@ -497,7 +497,8 @@ def eval_(
         "checkpoint's config says, ttt.enable).")] = None,
     data: Annotated[Optional[list[Path]], typer.Option(
         metavar="PATH", help="Score on this corpus (any layout) instead of the run's own: "
-        "prepared with the run's data settings and tokenizer.")] = None,
+        "prepared with the run's data settings and tokenizer; a pack (`nlmm data pack`) is read "
+        "as it is, and must have been packed with the run's data settings.")] = None,
     format_: Annotated[Optional[list[str]], typer.Option("--format", help=FORMAT_HELP)] = None,
     columns: Annotated[Optional[str], typer.Option(help=COLUMNS_HELP)] = None,
     protocol: Annotated[Optional[str], typer.Option(

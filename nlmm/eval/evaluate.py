@@ -196,14 +196,22 @@ def evaluate_target(target: str, split: str = "test", ttt: bool | None = None,
     "ttt" says whether it was used, and "ttt_settings" with which eta / max_steps / rank. A
     cache of several corpora adds "sources": each corpus's own figures on the same split.
     """
+    from nlmm.data.pack_source import is_pack
     from nlmm.inference.load import load_for_inference, require_cache, training_pack
 
-    loaded = load_for_inference(target, device=device, data=data)
-    pack = training_pack(loaded) if data is None else None
+    named = [str(getattr(d, "path", d)) for d in (data if isinstance(data, list) else [data])
+             if d is not None]
+    packs = [d for d in named if is_pack(d)]
+    if packs and len(named) > 1:
+        raise NlmmError(f"--data names the pack {packs[0]} beside other corpora; score a pack "
+                        f"on its own, with one --data.")
+    # a pack is read as it is (its features were made at pack time), not prepared
+    loaded = load_for_inference(target, device=device, data=None if packs else data)
+    pack = packs[0] if packs else training_pack(loaded) if data is None else None
     if pack is not None:
         if protocol is not None or ttt:
-            raise NlmmError("a model trained from a pack is scored on the pack's split as it "
-                            "is; pass --data with the corpus for --protocol or --ttt.")
+            raise NlmmError("a pack is scored on its split as it is; pass --data with the "
+                            "corpus it was packed from for --protocol or --ttt.")
         metrics = evaluate_packed(loaded.model, pack, split, loaded.device, loaded.cfg.data,
                                   loaded.tokenizer)
         coverage = {key: int(metrics.pop(key)) for key in COVERAGE_KEYS.values()}
