@@ -133,6 +133,11 @@ def test_options_that_cannot_work_are_refused_before_anything_starts(synth_root)
                                                               rdzv_endpoint="h:1")
     assert "HOST:PORT" in launch_with(nnodes=2, rdzv_endpoint="no-port")
     assert store.list_runs() == []
+    store.create_run("parent", {}, "data", "cpu", 1, None)
+    # another corpus is prepared with the parent's tokenizer, which only node 0 holds
+    assert "runs on one node; drop --nnodes" in launch_with(nnodes=2, rdzv_endpoint="h:1",
+                                                            resume="parent")
+    assert [run.name for run in store.list_runs()] == ["parent"]
 
 
 def test_more_processes_than_gpus_are_refused_on_cuda(synth_root, device):

@@ -239,6 +239,11 @@ def _continue(req: TrainRequest, device: str, notify: Notify | None
     prepared with RUN's tokenizer; or RUN itself reopened when NEW is the corpus it trains on.
     Returns the run and what its worker adds to the plan."""
     parent = _resumable(req.resume)
+    if req.nnodes > 1:
+        # node 0 prepares NEW with the parent's tokenizer from its last.pt; a joining node has
+        # neither, and its own tokenizer would give other token ids (its cache key differs)
+        raise NlmmError(f"continuing run {parent.name} on another corpus runs on one node; "
+                        f"drop --nnodes (--nproc still uses every GPU of this node).")
     last = store.run_dir(parent.name) / "checkpoints" / "last.pt"
     if not last.is_file():
         raise NlmmError(f"run {parent.name} has no last.pt to continue from ({last}); resume it "
