@@ -4,6 +4,7 @@ device the device-aware tests run on."""
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 from corpus_factory import PublicCorpus, write_public_corpus
@@ -18,6 +19,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # tests start too, and threads that sleep while they wait instead of spinning.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# A script that starts the suite in the background (`make test &`) starts it with SIGINT ignored,
+# and an ignored signal stays ignored in every process started from it, so nlmm would never see
+# the Ctrl-C the signal tests send. A handler (unlike SIG_IGN) is reset to the default on exec.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
