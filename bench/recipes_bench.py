@@ -238,7 +238,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         for lvl in r["levels"]:
             lines.append(f"| `{r['recipe']}` | {lvl['name']} | {lvl['chunk']} "
                          f"({lvl['shipped_chunk']}) | {lvl['updates']} | "
-                         f"{lvl['update_ratio']:.2e} | {lvl['gain']:.3f} |")
+                         f"{lvl['update_ratio']:.2e} | {lvl['gain']:.1e} |")
     return "\n".join(lines)
 
 
