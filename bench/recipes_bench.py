@@ -65,7 +65,7 @@ from harness import stamp  # noqa: E402
 from quality_bench import NullSink  # noqa: E402
 
 from nlmm.backbones import BackboneSpec, build_full_network, named_weights_url  # noqa: E402
-from nlmm.config import CONFIG_DIR, Config, resolve_config, weights_is_file  # noqa: E402
+from nlmm.config import CONFIG_DIR, CMSLevel, Config, resolve_config, weights_is_file  # noqa: E402
 from nlmm.data.backbone_features import ensure_features  # noqa: E402
 from nlmm.data.cache import PreparedCache, prepare  # noqa: E402
 from nlmm.data.synth import synth_corpus  # noqa: E402
@@ -122,11 +122,10 @@ def offline_backbone_weights(cfg: Config, folder: Path) -> list[str]:
     return overrides
 
 
-def chunk_caps(name: str, steps: int, level_updates: int) -> list[str]:
+def chunk_caps(levels: list[CMSLevel], steps: int, level_updates: int) -> list[str]:
     """Overrides cutting each level's chunk to steps // level_updates where it is longer."""
     if not level_updates:
         return []
-    levels = resolve_config(name).cms_levels
     cap = max(1, steps // level_updates)
     if all(lvl.chunk_size <= cap for lvl in levels):
         return []
@@ -140,8 +139,10 @@ def batches(trainer: Trainer) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def run_recipe(name: str, corpus: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    shipped = {lvl.name: lvl.chunk_size for lvl in resolve_config(name).cms_levels}
-    overrides = [*SCALE.get(name, TOKENS), *chunk_caps(name, args.steps, args.level_updates),
+    shipped_levels = resolve_config(name).cms_levels
+    shipped = {lvl.name: lvl.chunk_size for lvl in shipped_levels}
+    overrides = [*SCALE.get(name, TOKENS),
+                 *chunk_caps(shipped_levels, args.steps, args.level_updates),
                  *COMMON, f"train_steps={args.steps}", f"train.seed={args.seed}"]
     cfg = resolve_config(name, overrides)
     random_weights = offline_backbone_weights(cfg, tmp)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.nn import Parameter
 
-from nlmm.config import OPTIMIZERS
+from nlmm.config import OPTIMIZERS, CMSLevel
 from nlmm.errors import NlmmError
 from nlmm.optim.anderson import UniversalAnderson
 from nlmm.optim.dmgd import DMGD
@@ -65,7 +65,7 @@ _BUILDERS: dict[str, Callable[[list[dict[str, Any]], float, float, float],
 
 
 def build_optimizer(name: str, params: list[Parameter], lr: float, weight_decay: float,
-                    no_decay: Collection[Parameter] = (), beta2: float = 0.98
+                    no_decay: Collection[Parameter] = (), beta2: float = CMSLevel.beta2
                     ) -> torch.optim.Optimizer:
     """The optimizer called `name` over `params` with this learning rate, decoupled weight
     decay and (Adam family) β2; the parameters in `no_decay` form a second group without
